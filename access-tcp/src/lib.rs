@@ -1,0 +1,275 @@
+//! access-tcp: the TLS TCP access node.
+//!
+//! It holds client connections (one task per connection, plus a writer task
+//! draining a bounded outbound queue), turns frames into calls on the
+//! services behind it, and delivers pushes to the connections it holds.
+//!
+//! Slow-consumer policy: the outbound queue of a connection is bounded
+//! ([`AccessConfig::outbound_queue`]). Responses wait for room (the client's
+//! own reads are slowed down); a push that finds the queue full closes the
+//! connection (disconnect-and-resync): every pushed message is still in the
+//! offline store, and the client pulls it after reconnecting.
+
+mod connection;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_dispatcher::DispatchService;
+use tern_group_svc::HistoryApi;
+use tern_offline_svc::{OfflineApi, PushGateway};
+use tern_proto::pb::{self, NoticeKind};
+use tern_proto::{DEFAULT_MAX_BODY_LEN, Frame, RequestType};
+use tern_router_auth::{ACCESS_TCP_ROLE, Identity, SessionAuthority};
+use tern_store::{NodeInfo, Placement, Registry, SessionStore};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+pub use connection::Outbound;
+
+/// Settings of one access node.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// Unique id of this node in the registry and in placements.
+    pub node_id: String,
+    /// Address clients are told to connect to (ipList).
+    pub advertise_addr: String,
+    /// Largest accepted frame body.
+    pub max_body_len: u32,
+    /// Heartbeat interval suggested to clients at login.
+    pub heartbeat_interval: Duration,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed for the TLS handshake and for the first frame.
+    pub handshake_timeout: Duration,
+    /// Frames queued per connection before the slow-consumer policy applies.
+    pub outbound_queue: usize,
+    /// A push not ACKed within this time makes the node tell the client to
+    /// pull (NOTICE SYNC); the message itself stays in the offline store.
+    pub push_ack_timeout: Duration,
+    /// How long a drain waits for connections to close.
+    pub drain_grace: Duration,
+    /// How often the live connection count is written to the registry.
+    pub load_report_interval: Duration,
+}
+
+impl AccessConfig {
+    pub fn new(node_id: impl Into<String>, advertise_addr: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            advertise_addr: advertise_addr.into(),
+            max_body_len: DEFAULT_MAX_BODY_LEN,
+            heartbeat_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            handshake_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+            push_ack_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(10),
+            load_report_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The services an access node calls.
+#[derive(Clone)]
+pub struct AccessServices {
+    pub auth: Arc<dyn SessionAuthority>,
+    pub dispatch: Arc<dyn DispatchService>,
+    pub offline: Arc<dyn OfflineApi>,
+    pub history: Arc<dyn HistoryApi>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub registry: Arc<dyn Registry>,
+}
+
+/// A connection as seen from outside its task.
+struct ConnHandle {
+    outbound: mpsc::Sender<Outbound>,
+    identity: Mutex<Option<Identity>>,
+    /// Pushed message ids not yet ACKed, with the time of the push.
+    unacked: Mutex<HashMap<u64, Instant>>,
+    cancel: CancellationToken,
+}
+
+/// One access node: its connections and the services behind it.
+pub struct AccessNode {
+    config: AccessConfig,
+    services: AccessServices,
+    connections: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    next_connection_id: AtomicU64,
+}
+
+impl AccessNode {
+    pub fn new(config: AccessConfig, services: AccessServices) -> Arc<Self> {
+        // Connection ids start from the clock so a restarted node does not
+        // reuse ids that stale placements might still name.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Arc::new(Self {
+            config,
+            services,
+            connections: Mutex::new(HashMap::new()),
+            next_connection_id: AtomicU64::new(start),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn config(&self) -> &AccessConfig {
+        &self.config
+    }
+
+    /// Live connections (logged in or not).
+    pub fn connection_count(&self) -> usize {
+        self.lock_connections().len()
+    }
+
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnHandle>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn connection(&self, id: u64) -> Option<Arc<ConnHandle>> {
+        self.lock_connections().get(&id).cloned()
+    }
+
+    /// Sends a notice to a connection and closes it.
+    fn close_with_notice(&self, connection_id: u64, kind: NoticeKind, reason: &str) {
+        if let Some(conn) = self.connection(connection_id) {
+            let notice = pb::Notice { kind: kind as i32, reason: reason.to_owned() };
+            let _ = conn.outbound.try_send(Outbound::Frame(Frame::new(RequestType::Notice, 0, &notice)));
+            conn.cancel.cancel();
+        }
+    }
+
+    async fn report_load(&self) {
+        let count = self.connection_count() as u64;
+        if let Err(e) = self.services.registry.update_connections(&self.config.node_id, count).await {
+            tracing::warn!(error = %e, "connection count not reported");
+        }
+    }
+
+    /// Accepts connections on `listener` until `shutdown` resolves, then
+    /// drains: deregisters, tells every client to reconnect elsewhere, clears
+    /// this node's placements and returns once the connections are closed or
+    /// the grace period is over. `tls` `None` serves plaintext.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let registry = &self.services.registry;
+        // Placements left by a previous run of this node (crash) are stale.
+        if let Err(e) = self.services.auth.detach_node(&self.config.node_id).await {
+            tracing::warn!(error = %e, "stale placements not cleared");
+        }
+        let info = NodeInfo {
+            node_id: self.config.node_id.clone(),
+            role: ACCESS_TCP_ROLE.to_owned(),
+            addr: self.config.advertise_addr.clone(),
+            connections: 0,
+        };
+        registry.register(&info).await.map_err(std::io::Error::other)?;
+        tracing::info!(node = %self.config.node_id, addr = %self.config.advertise_addr, tls = tls.is_some(), "access-tcp serving");
+
+        let stop_reporting = CancellationToken::new();
+        let reporter = {
+            let node = self.clone();
+            let stop = stop_reporting.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(node.config.load_report_interval);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => node.report_load().await,
+                    }
+                }
+            })
+        };
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let node = self.clone();
+                        let tls = tls.clone();
+                        tokio::spawn(async move { connection::serve(node, stream, peer, tls).await });
+                    }
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        stop_reporting.cancel();
+        let _ = reporter.await;
+        self.drain().await;
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        let node_id = &self.config.node_id;
+        if let Err(e) = self.services.registry.deregister(node_id).await {
+            tracing::warn!(error = %e, "deregistration failed");
+        }
+        let ids: Vec<u64> = self.lock_connections().keys().copied().collect();
+        tracing::info!(connections = ids.len(), "draining: telling clients to reconnect");
+        for id in ids {
+            self.close_with_notice(id, NoticeKind::Reconnect, "server is shutting down; reconnect");
+        }
+        let deadline = Instant::now() + self.config.drain_grace;
+        while self.connection_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match self.services.auth.detach_node(node_id).await {
+            Ok(n) => tracing::info!(placements = n, "drained"),
+            Err(e) => tracing::warn!(error = %e, "placements not cleared at drain"),
+        }
+    }
+}
+
+impl PushGateway for AccessNode {
+    fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
+        let Some(conn) = self.connection(placement.connection_id) else { return };
+        let matches = conn
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|id| id.user_id == placement.user_id && id.device_id == placement.device_id);
+        if !matches {
+            return;
+        }
+        conn.unacked.lock().unwrap_or_else(|e| e.into_inner()).entry(msg_id).or_insert_with(Instant::now);
+        let frame = Frame {
+            client_version: tern_proto::PROTOCOL_VERSION,
+            request_type: RequestType::PushMessage as u32,
+            sequence: 0,
+            body: message,
+        };
+        match conn.outbound.try_send(Outbound::Frame(frame)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(conn = placement.connection_id, user = %placement.user_id, "slow consumer: outbound queue full, disconnecting");
+                conn.cancel.cancel();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}

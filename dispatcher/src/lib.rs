@@ -1,0 +1,340 @@
+//! dispatcher: accepts messages from access nodes, gives each a message id
+//! and a per-conversation sequence, makes it durable on the bus, and answers
+//! with the ACK the sender waits for. It also owns group management.
+//!
+//! Delivery to receivers happens downstream: offline-svc consumes the bus,
+//! writes each receiver's offline set and pushes to online receivers (see
+//! ARCHITECTURE.md, "why the push follows the offline write").
+//!
+//! Architecture invariant: a message is acknowledged to its sender only after
+//! `Bus::publish` returned, i.e. after it is durable.
+
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use tern_idgen::Snowflake;
+use tern_proto::pb::{self, ConversationKind};
+use tern_proto::{
+    ErrorCode, ServiceError, ServiceResult, group_conversation_key, single_conversation_key, validate_id,
+};
+use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MetaStore, SequenceStore};
+use tokio::sync::Mutex;
+
+pub use tern_proto::MESSAGES_TOPIC;
+
+/// Longest accepted client message id, in bytes.
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
+
+/// What access nodes call. Implemented locally by [`Dispatcher`]; cluster mode
+/// adds a network client with the same trait.
+#[async_trait]
+pub trait DispatchService: Send + Sync + 'static {
+    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck>;
+    async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck>;
+    async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo>;
+    async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
+    async fn leave_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
+    async fn group_members(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
+    async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// How long a client message id is remembered for deduplicating retries.
+    pub dedup_ttl: Duration,
+    /// Largest group, counting the owner.
+    pub max_group_members: usize,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self { dedup_ttl: Duration::from_secs(24 * 3600), max_group_members: 2_000 }
+    }
+}
+
+/// Backends the dispatcher works on.
+#[derive(Clone)]
+pub struct DispatcherBackends {
+    pub meta: Arc<dyn MetaStore>,
+    pub sequences: Arc<dyn SequenceStore>,
+    pub dedup: Arc<dyn DedupStore>,
+    pub bus: Arc<dyn Bus>,
+}
+
+/// Number of lock stripes serialising conversations. Two conversations share
+/// a stripe only by hash collision, which costs throughput, never order.
+const LOCK_STRIPES: usize = 1024;
+
+pub struct Dispatcher {
+    backends: DispatcherBackends,
+    ids: Arc<Snowflake>,
+    config: DispatcherConfig,
+    /// Held from dedup check to publish, so one conversation's messages get
+    /// sequences and bus positions in the same order, and concurrent retries
+    /// of one client message id are stored once.
+    stripes: Vec<Mutex<()>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::internal(format!("backend failure: {e}"))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn group_info(group: GroupRecord) -> pb::GroupInfo {
+    pb::GroupInfo { group_id: group.group_id, name: group.name, owner: group.owner, members: group.members }
+}
+
+/// Checks the fields every send shares.
+fn check_send(sender: &str, claimed_sender: &str, client_msg_id: &str, content: &[u8]) -> ServiceResult<()> {
+    if !claimed_sender.is_empty() && claimed_sender != sender {
+        return Err(ServiceError::new(
+            ErrorCode::SenderMismatch,
+            format!("sender {claimed_sender:?} is not the logged-in user"),
+        ));
+    }
+    if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID_LEN {
+        return Err(ServiceError::invalid(format!(
+            "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_LEN} bytes"
+        )));
+    }
+    if content.is_empty() {
+        return Err(ServiceError::invalid("content must not be empty"));
+    }
+    Ok(())
+}
+
+/// A message waiting for its id and sequence.
+struct Draft {
+    kind: ConversationKind,
+    conversation: String,
+    sender: String,
+    receiver: String,
+    group_id: String,
+    client_msg_id: String,
+    content: Vec<u8>,
+    receivers: Vec<String>,
+}
+
+impl Dispatcher {
+    pub fn new(backends: DispatcherBackends, ids: Arc<Snowflake>, config: DispatcherConfig) -> Self {
+        Self { backends, ids, config, stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect() }
+    }
+
+    fn stripe(&self, conversation: &str) -> &Mutex<()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        conversation.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % LOCK_STRIPES]
+    }
+
+    async fn require_user(&self, user_id: &str) -> ServiceResult<()> {
+        match self.backends.meta.get_user(user_id).await.map_err(backend)? {
+            Some(_) => Ok(()),
+            None => Err(ServiceError::new(ErrorCode::NoSuchUser, format!("no user {user_id:?}"))),
+        }
+    }
+
+    async fn require_group(&self, group_id: &str) -> ServiceResult<GroupRecord> {
+        validate_id("group_id", group_id)?;
+        self.backends
+            .meta
+            .get_group(group_id)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, format!("no group {group_id:?}")))
+    }
+
+    fn not_member(group_id: &str) -> ServiceError {
+        ServiceError::new(ErrorCode::NotGroupMember, format!("you are not a member of group {group_id:?}"))
+    }
+
+    /// Dedup, sequence, id, publish: the one path every message takes.
+    async fn accept(&self, draft: Draft) -> ServiceResult<pb::SendAck> {
+        let _guard = self.stripe(&draft.conversation).lock().await;
+        let dedup = &self.backends.dedup;
+        if let Some(seen) = dedup.get(&draft.sender, &draft.client_msg_id).await.map_err(backend)? {
+            return Ok(pb::SendAck {
+                client_msg_id: draft.client_msg_id,
+                msg_id: seen.msg_id,
+                seq: seen.seq,
+                sent_at_ms: seen.sent_at_ms,
+                duplicate: true,
+            });
+        }
+        let sequences = &self.backends.sequences;
+        let seq = sequences.incr(&draft.conversation).await.map_err(backend)?;
+        let msg_id = match self.ids.next_id() {
+            Ok(id) => id,
+            Err(e) => {
+                self.undo_sequence(&draft.conversation, seq).await;
+                return Err(ServiceError::new(ErrorCode::Internal, e.to_string()));
+            }
+        };
+        let sent_at_ms = now_ms();
+        let message = pb::Message {
+            msg_id,
+            kind: draft.kind as i32,
+            sender: draft.sender.clone(),
+            receiver: draft.receiver,
+            group_id: draft.group_id,
+            seq,
+            content: draft.content,
+            sent_at_ms,
+            client_msg_id: draft.client_msg_id.clone(),
+        };
+        let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers };
+        let key = Bytes::from(draft.conversation.clone().into_bytes());
+        if let Err(e) = self.backends.bus.publish(MESSAGES_TOPIC, key, Bytes::from(envelope.encode_to_vec())).await {
+            self.undo_sequence(&draft.conversation, seq).await;
+            return Err(backend(e));
+        }
+        let record = DedupRecord { msg_id, seq, sent_at_ms };
+        // The message is durable already: a failed dedup write only weakens
+        // retry deduplication, so it is logged rather than failing the send.
+        if let Err(e) = dedup.put(&draft.sender, &draft.client_msg_id, record, self.config.dedup_ttl).await {
+            tracing::warn!(error = %e, "dedup record not stored");
+        }
+        Ok(pb::SendAck { client_msg_id: draft.client_msg_id, msg_id, seq, sent_at_ms, duplicate: false })
+    }
+
+    /// Keeps sequences gap-free when a message assigned `seq` was not published.
+    async fn undo_sequence(&self, conversation: &str, seq: u64) {
+        if let Err(e) = self.backends.sequences.rollback(conversation, seq).await {
+            tracing::warn!(error = %e, conversation, seq, "sequence rollback failed; a gap remains");
+        }
+    }
+
+    fn check_group_size(&self, members: usize) -> ServiceResult<()> {
+        if members > self.config.max_group_members {
+            return Err(ServiceError::invalid(format!(
+                "a group may have at most {} members",
+                self.config.max_group_members
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DispatchService for Dispatcher {
+    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
+        check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
+        validate_id("receiver", &req.receiver)?;
+        self.require_user(&req.receiver).await?;
+        self.accept(Draft {
+            kind: ConversationKind::Single,
+            conversation: single_conversation_key(sender, &req.receiver),
+            sender: sender.to_owned(),
+            receiver: req.receiver.clone(),
+            group_id: String::new(),
+            client_msg_id: req.client_msg_id,
+            content: req.content,
+            receivers: vec![req.receiver],
+        })
+        .await
+    }
+
+    async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
+        check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
+        let group = self.require_group(&req.group_id).await?;
+        if group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_err() {
+            return Err(Self::not_member(&req.group_id));
+        }
+        let receivers = group.members.into_iter().filter(|m| m != sender).collect();
+        self.accept(Draft {
+            kind: ConversationKind::Group,
+            conversation: group_conversation_key(&req.group_id),
+            sender: sender.to_owned(),
+            receiver: String::new(),
+            group_id: req.group_id,
+            client_msg_id: req.client_msg_id,
+            content: req.content,
+            receivers,
+        })
+        .await
+    }
+
+    async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {
+        let group_id = if req.group_id.is_empty() {
+            let id = self.ids.next_id().map_err(|e| ServiceError::new(ErrorCode::Internal, e.to_string()))?;
+            format!("grp-{id}")
+        } else {
+            req.group_id
+        };
+        validate_id("group_id", &group_id)?;
+        if req.name.chars().count() > 128 {
+            return Err(ServiceError::invalid("group name must be at most 128 characters"));
+        }
+        let mut members = BTreeSet::from([creator.to_owned()]);
+        for member in req.members {
+            validate_id("member", &member)?;
+            members.insert(member);
+        }
+        self.check_group_size(members.len())?;
+        for member in &members {
+            self.require_user(member).await?;
+        }
+        let record = GroupRecord {
+            name: if req.name.is_empty() { group_id.clone() } else { req.name },
+            group_id,
+            owner: creator.to_owned(),
+            members: members.into_iter().collect(),
+            created_at_ms: now_ms(),
+        };
+        if !self.backends.meta.create_group(&record).await.map_err(backend)? {
+            return Err(ServiceError::new(
+                ErrorCode::GroupExists,
+                format!("group {:?} already exists", record.group_id),
+            ));
+        }
+        Ok(group_info(record))
+    }
+
+    async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
+        let group = self.require_group(group_id).await?;
+        if group.members.iter().any(|m| m == user) {
+            return Ok(group_info(group));
+        }
+        self.check_group_size(group.members.len() + 1)?;
+        let updated = self.backends.meta.add_member(group_id, user).await.map_err(backend)?;
+        updated.map(group_info).ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, "group was deleted"))
+    }
+
+    async fn leave_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
+        let group = self.require_group(group_id).await?;
+        if !group.members.iter().any(|m| m == user) {
+            return Err(Self::not_member(group_id));
+        }
+        let updated = self.backends.meta.remove_member(group_id, user).await.map_err(backend)?;
+        updated.map(group_info).ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, "group was deleted"))
+    }
+
+    async fn group_members(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
+        let group = self.require_group(group_id).await?;
+        if !group.members.iter().any(|m| m == user) {
+            return Err(Self::not_member(group_id));
+        }
+        Ok(group_info(group))
+    }
+
+    async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>> {
+        let ids = self.backends.meta.groups_of(user).await.map_err(backend)?;
+        let mut groups = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(group) = self.backends.meta.get_group(&id).await.map_err(backend)? {
+                groups.push(group_info(group));
+            }
+        }
+        Ok(groups)
+    }
+}

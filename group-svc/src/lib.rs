@@ -1,0 +1,141 @@
+//! group-svc: durable group history.
+//!
+//! Its bus consumer stores every group message under its group, and
+//! [`HistoryService`] serves pages newest first to group members.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use tern_proto::pb::{self, ConversationKind};
+use tern_proto::{ErrorCode, MESSAGES_TOPIC, ServiceError, ServiceResult, validate_id};
+use tern_store::{Bus, HistoryStore, MetaStore};
+
+/// Consumer group name on the messages topic.
+pub const CONSUMER_GROUP: &str = "group-svc";
+
+/// Largest page a history query returns.
+pub const MAX_PAGE: u32 = 200;
+
+/// What access nodes call for history.
+#[async_trait]
+pub trait HistoryApi: Send + Sync + 'static {
+    /// Up to `limit` messages of `group_id` older than `before_msg_id` (0 =
+    /// newest), newest first, and whether older ones exist. Members only.
+    async fn history(
+        &self,
+        user: &str,
+        group_id: &str,
+        before_msg_id: u64,
+        limit: u32,
+    ) -> ServiceResult<(Vec<pb::Message>, bool)>;
+}
+
+pub struct HistoryService {
+    history: Arc<dyn HistoryStore>,
+    meta: Arc<dyn MetaStore>,
+}
+
+fn backend(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::internal(format!("backend failure: {e}"))
+}
+
+impl HistoryService {
+    pub fn new(history: Arc<dyn HistoryStore>, meta: Arc<dyn MetaStore>) -> Self {
+        Self { history, meta }
+    }
+}
+
+#[async_trait]
+impl HistoryApi for HistoryService {
+    async fn history(
+        &self,
+        user: &str,
+        group_id: &str,
+        before_msg_id: u64,
+        limit: u32,
+    ) -> ServiceResult<(Vec<pb::Message>, bool)> {
+        validate_id("group_id", group_id)?;
+        let group = self
+            .meta
+            .get_group(group_id)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, format!("no group {group_id:?}")))?;
+        if !group.members.iter().any(|m| m == user) {
+            return Err(ServiceError::new(
+                ErrorCode::NotGroupMember,
+                format!("you are not a member of group {group_id:?}"),
+            ));
+        }
+        let limit = if limit == 0 { 50 } else { limit.min(MAX_PAGE) } as usize;
+        let mut rows = self.history.page(group_id, before_msg_id, limit + 1).await.map_err(backend)?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let messages = rows
+            .into_iter()
+            .filter_map(|(msg_id, payload)| match pb::Message::decode(payload) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(msg_id, error = %e, "corrupt history row skipped");
+                    None
+                }
+            })
+            .collect();
+        Ok((messages, more))
+    }
+}
+
+/// Consumes the messages topic until `shutdown` resolves, storing group
+/// messages; commits after the writes, so a crash replays (idempotently).
+pub async fn run_consumer(
+    bus: Arc<dyn Bus>,
+    history: Arc<dyn HistoryStore>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tern_store::StoreError> {
+    let mut consumer = bus.subscribe(MESSAGES_TOPIC, CONSUMER_GROUP).await?;
+    tokio::pin!(shutdown);
+    loop {
+        let batch = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            batch = consumer.poll(512, Duration::from_millis(500)) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "group-svc poll failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(last) = batch.last().map(|r| r.offset) else { continue };
+        let mut rows = Vec::new();
+        for record in &batch {
+            match pb::BusEnvelope::decode(record.payload.clone()) {
+                Ok(pb::BusEnvelope { message: Some(message), .. }) => {
+                    if message.kind == ConversationKind::Group as i32 {
+                        let payload = Bytes::from(message.encode_to_vec());
+                        rows.push((message.group_id, message.msg_id, payload));
+                    }
+                }
+                Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
+            }
+        }
+        loop {
+            let writes = rows.iter().map(|(group, id, payload)| history.append(group, *id, payload.clone()));
+            match futures::future::try_join_all(writes).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "history write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        if let Err(e) = consumer.commit(last).await {
+            tracing::warn!(error = %e, "offset commit failed; the batch will be replayed");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! offline-svc: the per-receiver offline store.
+//!
+//! Its bus consumer writes every accepted message into the offline set of
+//! each receiver (write diffusion), then pushes it to the receivers that are
+//! online. Entries leave the set only when the client ACKs them, so a push
+//! that is lost, unacknowledged or sent to a device that just went away is
+//! still pulled at the next login.
+//!
+//! Architecture invariant: the push of a message happens after its offline
+//! write. A client that logs in after the write pulls it; one that logged in
+//! before the write is found by the placement lookup and pushed. No message
+//! falls between the two.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use tern_proto::{MESSAGES_TOPIC, pb};
+use tern_proto::{ServiceError, ServiceResult};
+use tern_store::{Bus, OfflineEntry, OfflineStore, Placement, SessionStore};
+
+/// Consumer group name on the messages topic.
+pub const CONSUMER_GROUP: &str = "offline-svc";
+
+/// Delivers a pushed message to the connection a placement names. Pushes are
+/// best effort: the offline set keeps the message until it is ACKed.
+pub trait PushGateway: Send + Sync + 'static {
+    /// `message` is an encoded `tern.v1.Message`.
+    fn push(&self, placement: &Placement, msg_id: u64, message: Bytes);
+}
+
+/// What access nodes call for pulls and ACKs.
+#[async_trait]
+pub trait OfflineApi: Send + Sync + 'static {
+    /// Up to `limit` waiting messages after `after_msg_id`, oldest first, and
+    /// whether more are waiting.
+    async fn pull(&self, user: &str, after_msg_id: u64, limit: u32) -> ServiceResult<(Vec<pb::Message>, bool)>;
+    /// The client has the messages: delete them.
+    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()>;
+    /// How many messages are waiting.
+    async fn pending(&self, user: &str) -> ServiceResult<u64>;
+}
+
+#[derive(Debug, Clone)]
+pub struct OfflineConfig {
+    /// Largest page a pull returns.
+    pub max_pull: u32,
+    /// How long an ACK for a message not yet written is remembered.
+    pub tombstone_ttl: Duration,
+    /// Most ids one ACK may carry.
+    pub max_ack_ids: usize,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        Self { max_pull: 200, tombstone_ttl: Duration::from_secs(3600), max_ack_ids: 1_000 }
+    }
+}
+
+pub struct OfflineService {
+    store: Arc<dyn OfflineStore>,
+    config: OfflineConfig,
+}
+
+fn backend(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::internal(format!("backend failure: {e}"))
+}
+
+impl OfflineService {
+    pub fn new(store: Arc<dyn OfflineStore>, config: OfflineConfig) -> Self {
+        Self { store, config }
+    }
+}
+
+#[async_trait]
+impl OfflineApi for OfflineService {
+    async fn pull(&self, user: &str, after_msg_id: u64, limit: u32) -> ServiceResult<(Vec<pb::Message>, bool)> {
+        let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
+        // One extra row tells whether another page exists.
+        let mut entries = self.store.pull(user, after_msg_id, limit + 1).await.map_err(backend)?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let mut messages = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match pb::Message::decode(entry.payload) {
+                Ok(m) => messages.push(m),
+                Err(e) => tracing::error!(msg_id = entry.msg_id, error = %e, "corrupt offline entry skipped"),
+            }
+        }
+        Ok((messages, more))
+    }
+
+    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()> {
+        if msg_ids.len() > self.config.max_ack_ids {
+            return Err(ServiceError::invalid(format!(
+                "at most {} ids per ACK",
+                self.config.max_ack_ids
+            )));
+        }
+        self.store.ack(user, msg_ids, self.config.tombstone_ttl).await.map_err(backend)
+    }
+
+    async fn pending(&self, user: &str) -> ServiceResult<u64> {
+        self.store.count(user).await.map_err(backend)
+    }
+}
+
+/// Consumes the messages topic until `shutdown` resolves: offline write for
+/// every receiver, then pushes to online receivers, then the offset commit.
+/// A crash before the commit replays the batch; the writes are idempotent and
+/// clients drop duplicate pushes by message id.
+pub async fn run_consumer(
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn OfflineStore>,
+    sessions: Arc<dyn SessionStore>,
+    pushes: Arc<dyn PushGateway>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tern_store::StoreError> {
+    let mut consumer = bus.subscribe(MESSAGES_TOPIC, CONSUMER_GROUP).await?;
+    tokio::pin!(shutdown);
+    loop {
+        let batch = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            batch = consumer.poll(512, Duration::from_millis(500)) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "offline-svc poll failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(last) = batch.last().map(|r| r.offset) else { continue };
+        let mut decoded = Vec::with_capacity(batch.len());
+        for record in &batch {
+            match pb::BusEnvelope::decode(record.payload.clone()) {
+                Ok(pb::BusEnvelope { message: Some(message), receivers }) => {
+                    let entry = OfflineEntry { msg_id: message.msg_id, payload: Bytes::from(message.encode_to_vec()) };
+                    decoded.push((receivers, entry));
+                }
+                Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
+            }
+        }
+        // Retry the writes until they succeed: committing past a failed write
+        // would lose the message.
+        loop {
+            let writes = decoded.iter().map(|(receivers, entry)| store.insert(receivers, entry));
+            match futures::future::try_join_all(writes).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "offline write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        for (receivers, entry) in &decoded {
+            for receiver in receivers {
+                match sessions.get(receiver).await {
+                    Ok(placements) => {
+                        for placement in &placements {
+                            pushes.push(placement, entry.msg_id, entry.payload.clone());
+                        }
+                    }
+                    // The entry is stored; the receiver pulls it at its next sync.
+                    Err(e) => tracing::warn!(error = %e, "placement lookup failed; push skipped"),
+                }
+            }
+        }
+        if let Err(e) = consumer.commit(last).await {
+            tracing::warn!(error = %e, "offset commit failed; the batch will be replayed");
+        }
+    }
+}

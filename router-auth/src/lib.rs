@@ -1,0 +1,238 @@
+//! router-auth: accounts, login tokens, the `ipList` lookup and session
+//! placement.
+//!
+//! [`AuthService`] holds the logic; [`http::serve`] exposes it as the HTTP API
+//! clients use before they connect (register, login, ipList), and access
+//! nodes call it through the [`SessionAuthority`] trait to turn a token into
+//! a placed session when a client logs in on a connection.
+
+pub mod http;
+mod token;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use async_trait::async_trait;
+use tern_proto::{ErrorCode, ServiceError, ServiceResult, validate_id};
+use tern_store::{MetaStore, NodeInfo, Placement, Registry, SessionStore, UserRecord};
+
+pub use token::{Claims, TokenSigner};
+
+/// Registry role name of TLS TCP access nodes.
+pub const ACCESS_TCP_ROLE: &str = "access-tcp";
+
+pub const MIN_PASSWORD_LEN: usize = 6;
+pub const MAX_PASSWORD_LEN: usize = 128;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Why a register or login call failed. Kept apart from the wire
+/// [`ErrorCode`]s: these only travel over the HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("user id {0:?} is already registered")]
+    UserExists(String),
+    #[error("unknown user or wrong password")]
+    BadCredentials,
+    #[error("backend failure: {0}")]
+    Internal(String),
+}
+
+/// A freshly issued token.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IssuedToken {
+    pub user_id: String,
+    pub token: String,
+    pub expires_at_ms: u64,
+}
+
+/// The identity a valid token and device resolve to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+/// What an access node needs from router-auth: verify a token and place the
+/// session, and clear placements when connections end.
+#[async_trait]
+pub trait SessionAuthority: Send + Sync + 'static {
+    /// Verifies `token` and records that `device_id` of its user is on
+    /// `node_id` as `connection_id`. A previous placement of the same device
+    /// is replaced; the previous placement, if any, is returned so the caller
+    /// can close the connection it names.
+    async fn attach(
+        &self,
+        token: &str,
+        device_id: &str,
+        node_id: &str,
+        connection_id: u64,
+    ) -> ServiceResult<(Identity, Option<Placement>)>;
+    /// Removes a placement if it is still the current one for its device.
+    async fn detach(&self, placement: &Placement) -> ServiceResult<()>;
+    /// Removes every placement on a node (drain, or start after a crash).
+    async fn detach_node(&self, node_id: &str) -> ServiceResult<usize>;
+}
+
+/// Settings for [`AuthService`].
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub token_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { token_ttl: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// Accounts, tokens, placement and the access-node lookup.
+pub struct AuthService {
+    meta: Arc<dyn MetaStore>,
+    sessions: Arc<dyn SessionStore>,
+    registry: Arc<dyn Registry>,
+    signer: TokenSigner,
+    config: AuthConfig,
+}
+
+fn backend(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::internal(format!("backend failure: {e}"))
+}
+
+impl AuthService {
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        sessions: Arc<dyn SessionStore>,
+        registry: Arc<dyn Registry>,
+        signer: TokenSigner,
+        config: AuthConfig,
+    ) -> Self {
+        Self { meta, sessions, registry, signer, config }
+    }
+
+    pub fn signer(&self) -> &TokenSigner {
+        &self.signer
+    }
+
+    /// Creates an account.
+    pub async fn register(&self, user_id: &str, password: &str) -> Result<(), AccountError> {
+        validate_id("user_id", user_id).map_err(|e| AccountError::Invalid(e.message))?;
+        if !(MIN_PASSWORD_LEN..=MAX_PASSWORD_LEN).contains(&password.chars().count()) {
+            return Err(AccountError::Invalid(format!(
+                "password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
+            )));
+        }
+        if self.meta.get_user(user_id).await.map_err(|e| AccountError::Internal(e.to_string()))?.is_some() {
+            return Err(AccountError::UserExists(user_id.to_owned()));
+        }
+        let password = password.to_owned();
+        // Hashing is CPU-heavy by design: keep it off the async workers.
+        let password_hash = tokio::task::spawn_blocking(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+        })
+        .await
+        .map_err(|e| AccountError::Internal(e.to_string()))?
+        .map_err(|e| AccountError::Internal(e.to_string()))?;
+        let record = UserRecord { user_id: user_id.to_owned(), password_hash, created_at_ms: now_ms() };
+        match self.meta.create_user(&record).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AccountError::UserExists(user_id.to_owned())),
+            Err(e) => Err(AccountError::Internal(e.to_string())),
+        }
+    }
+
+    /// Checks a password and issues a token.
+    pub async fn login(&self, user_id: &str, password: &str) -> Result<IssuedToken, AccountError> {
+        if validate_id("user_id", user_id).is_err() || password.len() > MAX_PASSWORD_LEN * 4 {
+            return Err(AccountError::BadCredentials);
+        }
+        let user = self
+            .meta
+            .get_user(user_id)
+            .await
+            .map_err(|e| AccountError::Internal(e.to_string()))?
+            .ok_or(AccountError::BadCredentials)?;
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&user.password_hash)
+                .map(|hash| Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(|e| AccountError::Internal(e.to_string()))?;
+        if !ok {
+            return Err(AccountError::BadCredentials);
+        }
+        Ok(self.issue_token(user_id))
+    }
+
+    /// Issues a token without a password check (trusted callers and tests).
+    pub fn issue_token(&self, user_id: &str) -> IssuedToken {
+        let (token, claims) = self.signer.issue(user_id, now_ms(), self.config.token_ttl.as_millis() as u64);
+        IssuedToken { user_id: user_id.to_owned(), token, expires_at_ms: claims.exp }
+    }
+
+    /// Live access nodes, the fewest connections first (ties by node id).
+    pub async fn ip_list(&self) -> ServiceResult<Vec<NodeInfo>> {
+        let mut nodes = self.registry.list(ACCESS_TCP_ROLE).await.map_err(backend)?;
+        nodes.sort_by(|a, b| a.connections.cmp(&b.connections).then_with(|| a.node_id.cmp(&b.node_id)));
+        Ok(nodes)
+    }
+
+    /// Whether a user exists (for receivers and group members).
+    pub async fn user_exists(&self, user_id: &str) -> ServiceResult<bool> {
+        Ok(self.meta.get_user(user_id).await.map_err(backend)?.is_some())
+    }
+}
+
+#[async_trait]
+impl SessionAuthority for AuthService {
+    async fn attach(
+        &self,
+        token: &str,
+        device_id: &str,
+        node_id: &str,
+        connection_id: u64,
+    ) -> ServiceResult<(Identity, Option<Placement>)> {
+        let claims = self.signer.verify(token, now_ms())?;
+        let device_id = if device_id.is_empty() { "default" } else { device_id };
+        validate_id("device_id", device_id)?;
+        // A token outlives nothing: an account that is gone cannot log in.
+        if self.meta.get_user(&claims.sub).await.map_err(backend)?.is_none() {
+            return Err(ServiceError::new(ErrorCode::InvalidToken, "invalid token: unknown user"));
+        }
+        let previous = self
+            .sessions
+            .get(&claims.sub)
+            .await
+            .map_err(backend)?
+            .into_iter()
+            .find(|p| p.device_id == device_id);
+        let placement = Placement {
+            user_id: claims.sub.clone(),
+            device_id: device_id.to_owned(),
+            node_id: node_id.to_owned(),
+            connection_id,
+        };
+        self.sessions.put(&placement).await.map_err(backend)?;
+        Ok((Identity { user_id: claims.sub, device_id: device_id.to_owned() }, previous))
+    }
+
+    async fn detach(&self, placement: &Placement) -> ServiceResult<()> {
+        self.sessions.remove(placement).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn detach_node(&self, node_id: &str) -> ServiceResult<usize> {
+        self.sessions.remove_node(node_id).await.map_err(backend)
+    }
+}

@@ -1,0 +1,499 @@
+//! The high-level client: logs in over HTTP, connects, keeps the connection
+//! alive and reconnects, pulls offline messages, ACKs and deduplicates
+//! pushes, and retries sends until the server ACKs them.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tern_proto::pb::{self, NoticeKind};
+use tern_proto::{ErrorCode, RequestType, ServiceError};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{ConnectOptions, Connection, ServerEvent, TlsMode};
+use crate::http::{AuthClient, IssuedToken};
+use crate::ClientError;
+
+/// How a [`Client`] logs in and connects.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// router-auth base URL, e.g. `http://127.0.0.1:7880`.
+    pub auth_url: String,
+    pub user_id: String,
+    pub password: String,
+    pub device_id: String,
+    pub tls: TlsMode,
+    /// Certificate name to check; defaults to the host of the access address.
+    pub server_name: Option<String>,
+    /// Access node `host:port`; `None` asks ipList and takes the least loaded.
+    pub access_addr: Option<String>,
+    /// Create the account when the login says it does not exist.
+    pub register_if_missing: bool,
+    pub request_timeout: Duration,
+    /// How many times a send is tried before giving up.
+    pub send_attempts: u32,
+    /// Reconnect after the connection drops.
+    pub reconnect: bool,
+}
+
+impl ClientConfig {
+    pub fn new(auth_url: impl Into<String>, user_id: impl Into<String>, password: impl Into<String>, tls: TlsMode) -> Self {
+        Self {
+            auth_url: auth_url.into(),
+            user_id: user_id.into(),
+            password: password.into(),
+            device_id: "default".into(),
+            tls,
+            server_name: None,
+            access_addr: None,
+            register_if_missing: false,
+            request_timeout: Duration::from_secs(10),
+            send_attempts: 8,
+            reconnect: true,
+        }
+    }
+}
+
+/// What the application is told.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A new message (pulled or pushed), shown once: duplicates are dropped.
+    Message(pb::Message),
+    /// The connection dropped; the client is reconnecting if configured to.
+    Disconnected(Option<ServiceError>),
+    /// A new connection is logged in and the offline store was pulled.
+    Reconnected,
+    /// Another login of the same device replaced this one; the client stops.
+    Kicked(String),
+}
+
+/// Message ids already shown, bounded so memory stays flat.
+struct SeenIds {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl SeenIds {
+    fn new(capacity: usize) -> Self {
+        Self { set: HashSet::new(), order: VecDeque::new(), capacity }
+    }
+
+    /// True the first time an id is seen.
+    fn insert(&mut self, id: u64) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+struct Shared {
+    config: ClientConfig,
+    auth: AuthClient,
+    token: Mutex<Option<IssuedToken>>,
+    connection: watch::Sender<Option<Connection>>,
+    seen: Mutex<SeenIds>,
+    events: mpsc::Sender<Event>,
+    closed: CancellationToken,
+    client_msg_counter: AtomicU64,
+    client_msg_prefix: String,
+    login: Mutex<Option<pb::LoginResponse>>,
+}
+
+/// A logged-in tern client. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether a failed send may be retried with the same client message id.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server(s) => matches!(s.code, ErrorCode::Internal | ErrorCode::Unavailable),
+        ClientError::Timeout | ClientError::Closed | ClientError::Io(_) | ClientError::NotConnected => true,
+        _ => false,
+    }
+}
+
+impl Client {
+    /// Logs in, connects, pulls the offline store and starts the background
+    /// task that keeps the connection. Events (messages, offline ones first)
+    /// arrive on the returned receiver.
+    pub async fn connect(config: ClientConfig) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
+        let (events, events_rx) = mpsc::channel(4096);
+        let (connection, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            auth: AuthClient::new(config.auth_url.clone()),
+            client_msg_prefix: format!("{}-{:016x}", config.device_id, rand::random::<u64>()),
+            config,
+            token: Mutex::new(None),
+            connection,
+            seen: Mutex::new(SeenIds::new(100_000)),
+            events,
+            closed: CancellationToken::new(),
+            client_msg_counter: AtomicU64::new(0),
+            login: Mutex::new(None),
+        });
+        let (conn, server_events) = shared.establish().await?;
+        let client = Client { shared: shared.clone() };
+        shared.connection.send_replace(Some(conn.clone()));
+        shared.sync_offline(&conn).await?;
+        tokio::spawn(shared.supervise(conn, server_events));
+        Ok((client, events_rx))
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.shared.config.user_id
+    }
+
+    /// The last LOGIN response (connection id, pending count, intervals).
+    pub fn login_info(&self) -> Option<pb::LoginResponse> {
+        self.shared.login.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A fresh client message id, unique for this client.
+    pub fn new_client_msg_id(&self) -> String {
+        let n = self.shared.client_msg_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.shared.client_msg_prefix)
+    }
+
+    /// The current connection, waiting up to the request timeout while a
+    /// reconnect is in progress.
+    async fn connection(&self) -> Result<Connection, ClientError> {
+        let mut rx = self.shared.connection.subscribe();
+        let wait = rx.wait_for(|c| c.is_some());
+        match tokio::time::timeout(self.shared.config.request_timeout, wait).await {
+            Ok(Ok(conn)) => Ok(conn.clone().expect("waited for Some")),
+            _ => Err(ClientError::NotConnected),
+        }
+    }
+
+    /// One request on the current connection.
+    pub async fn request<Req, Resp>(&self, kind: RequestType, body: &Req) -> Result<Resp, ClientError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        self.connection().await?.request(kind, body).await
+    }
+
+    async fn send_with_retry<Req: prost::Message>(&self, kind: RequestType, body: Req) -> Result<pb::SendAck, ClientError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            let result = match self.connection().await {
+                Ok(conn) => conn.request(kind, &body).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) => return Ok(ack),
+                Err(e) if retryable(&e) && attempt < self.shared.config.send_attempts => {
+                    tracing::debug!(error = %e, attempt, "send not acknowledged; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends a 1:1 message; returns once the server has it durably. Retries
+    /// (with the same client message id, so it is stored once) across
+    /// timeouts and reconnects.
+    pub async fn send_single(&self, receiver: &str, content: impl Into<Vec<u8>>) -> Result<pb::SendAck, ClientError> {
+        let body = pb::SendSingleRequest {
+            client_msg_id: self.new_client_msg_id(),
+            sender: String::new(),
+            receiver: receiver.to_owned(),
+            content: content.into(),
+        };
+        self.send_with_retry(RequestType::SendSingle, body).await
+    }
+
+    /// Sends a group message; see [`Client::send_single`].
+    pub async fn send_group(&self, group_id: &str, content: impl Into<Vec<u8>>) -> Result<pb::SendAck, ClientError> {
+        let body = pb::SendGroupRequest {
+            client_msg_id: self.new_client_msg_id(),
+            sender: String::new(),
+            group_id: group_id.to_owned(),
+            content: content.into(),
+        };
+        self.send_with_retry(RequestType::SendGroup, body).await
+    }
+
+    pub async fn create_group(&self, group_id: &str, name: &str, members: &[&str]) -> Result<pb::GroupInfo, ClientError> {
+        let body = pb::CreateGroupRequest {
+            group_id: group_id.to_owned(),
+            name: name.to_owned(),
+            members: members.iter().map(|m| (*m).to_owned()).collect(),
+        };
+        self.request(RequestType::CreateGroup, &body).await
+    }
+
+    pub async fn join_group(&self, group_id: &str) -> Result<pb::GroupInfo, ClientError> {
+        self.request(RequestType::JoinGroup, &pb::GroupRequest { group_id: group_id.to_owned() }).await
+    }
+
+    pub async fn leave_group(&self, group_id: &str) -> Result<pb::GroupInfo, ClientError> {
+        self.request(RequestType::LeaveGroup, &pb::GroupRequest { group_id: group_id.to_owned() }).await
+    }
+
+    pub async fn group_members(&self, group_id: &str) -> Result<pb::GroupInfo, ClientError> {
+        self.request(RequestType::GroupMembers, &pb::GroupRequest { group_id: group_id.to_owned() }).await
+    }
+
+    pub async fn list_groups(&self) -> Result<Vec<pb::GroupInfo>, ClientError> {
+        let response: pb::ListGroupsResponse = self.request(RequestType::ListGroups, &pb::Empty {}).await?;
+        Ok(response.groups)
+    }
+
+    /// A page of group history, newest first; `before_msg_id` 0 = newest.
+    pub async fn group_history(
+        &self,
+        group_id: &str,
+        before_msg_id: u64,
+        limit: u32,
+    ) -> Result<pb::GroupHistoryResponse, ClientError> {
+        let body = pb::GroupHistoryRequest { group_id: group_id.to_owned(), before_msg_id, limit };
+        self.request(RequestType::GroupHistory, &body).await
+    }
+
+    pub async fn online_users(&self) -> Result<Vec<String>, ClientError> {
+        let response: pb::OnlineUsersResponse = self.request(RequestType::OnlineUsers, &pb::Empty {}).await?;
+        Ok(response.user_ids)
+    }
+
+    /// Stops the background task and closes the connection.
+    pub async fn close(&self) {
+        self.shared.closed.cancel();
+        if let Some(conn) = self.shared.connection.send_replace(None) {
+            conn.close().await;
+        }
+    }
+}
+
+impl Shared {
+    async fn token(&self) -> Result<String, ClientError> {
+        {
+            let token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = token.as_ref()
+                && t.expires_at_ms > now_ms() + 60_000
+            {
+                return Ok(t.token.clone());
+            }
+        }
+        let config = &self.config;
+        let issued = if config.register_if_missing {
+            self.auth.login_or_register(&config.user_id, &config.password).await?
+        } else {
+            self.auth.login(&config.user_id, &config.password).await?
+        };
+        let token = issued.token.clone();
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(issued);
+        Ok(token)
+    }
+
+    async fn access_addr(&self) -> Result<String, ClientError> {
+        if let Some(addr) = &self.config.access_addr {
+            return Ok(addr.clone());
+        }
+        let nodes = self.auth.ip_list().await?;
+        nodes.into_iter().next().map(|n| n.addr).ok_or(ClientError::NoAccessNode)
+    }
+
+    /// Connects and logs in once.
+    async fn establish(&self) -> Result<(Connection, mpsc::UnboundedReceiver<ServerEvent>), ClientError> {
+        let token = self.token().await?;
+        let addr = self.access_addr().await?;
+        let mut options = ConnectOptions::new(addr, self.config.tls.clone());
+        options.server_name = self.config.server_name.clone();
+        options.request_timeout = self.config.request_timeout;
+        let (conn, events) = Connection::connect(&options).await?;
+        let login = pb::LoginRequest { token, device_id: self.config.device_id.clone() };
+        match conn.request::<_, pb::LoginResponse>(RequestType::Login, &login).await {
+            Ok(response) => {
+                *self.login.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
+                Ok((conn, events))
+            }
+            Err(e) => {
+                if let ClientError::Server(s) = &e
+                    && matches!(s.code, ErrorCode::InvalidToken | ErrorCode::TokenExpired)
+                {
+                    // Next attempt logs in over HTTP again.
+                    *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Shows a message unless it was shown already. Either way the caller
+    /// ACKs it, so the server drops a duplicate too.
+    async fn deliver(&self, message: pb::Message) {
+        let fresh = self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(message.msg_id);
+        if fresh {
+            let _ = self.events.send(Event::Message(message)).await;
+        }
+    }
+
+    /// Pulls every page of the offline store, shows and ACKs it.
+    async fn sync_offline(&self, conn: &Connection) -> Result<(), ClientError> {
+        let mut after = 0;
+        loop {
+            let page: pb::PullOfflineResponse = conn
+                .request(RequestType::PullOffline, &pb::PullOfflineRequest { after_msg_id: after, limit: 200 })
+                .await?;
+            let ids: Vec<u64> = page.messages.iter().map(|m| m.msg_id).collect();
+            if let Some(last) = ids.last() {
+                after = *last;
+            }
+            for message in page.messages {
+                self.deliver(message).await;
+            }
+            if !ids.is_empty() {
+                let _: pb::Empty = conn.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: ids }).await?;
+            }
+            if !page.more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Keeps a connection: handles its events, heartbeats, and reconnects
+    /// when it drops.
+    async fn supervise(self: Arc<Self>, mut conn: Connection, mut events: mpsc::UnboundedReceiver<ServerEvent>) {
+        loop {
+            let reason = self.serve_connection(&conn, &mut events).await;
+            self.connection.send_replace(None);
+            match reason {
+                EndReason::Closed => return,
+                EndReason::Kicked(why) => {
+                    let _ = self.events.send(Event::Kicked(why)).await;
+                    return;
+                }
+                EndReason::Dropped(error) => {
+                    let _ = self.events.send(Event::Disconnected(error)).await;
+                    if !self.config.reconnect {
+                        return;
+                    }
+                }
+            }
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    _ = self.closed.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                match self.establish().await {
+                    Ok((new_conn, new_events)) => {
+                        self.connection.send_replace(Some(new_conn.clone()));
+                        if let Err(e) = self.sync_offline(&new_conn).await {
+                            tracing::debug!(error = %e, "offline sync after reconnect failed");
+                        }
+                        let _ = self.events.send(Event::Reconnected).await;
+                        conn = new_conn;
+                        events = new_events;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconnect failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(&self, conn: &Connection, events: &mut mpsc::UnboundedReceiver<ServerEvent>) -> EndReason {
+        let interval = self
+            .login
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| Duration::from_millis(u64::from(l.heartbeat_interval_ms.max(1_000))))
+            .unwrap_or(Duration::from_secs(30));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            let event = tokio::select! {
+                _ = self.closed.cancelled() => {
+                    conn.close().await;
+                    return EndReason::Closed;
+                }
+                _ = heartbeat.tick() => {
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        let _ = conn.request::<_, pb::Heartbeat>(RequestType::Heartbeat, &pb::Heartbeat {}).await;
+                    });
+                    continue;
+                }
+                event = events.recv() => event,
+            };
+            let mut batch = vec![];
+            let mut next = event;
+            // Handle everything already received as one batch: one ACK frame.
+            while let Some(event) = next.take() {
+                match event {
+                    ServerEvent::Message(message) => {
+                        batch.push(message.msg_id);
+                        self.deliver(message).await;
+                    }
+                    ServerEvent::Notice(notice) => match NoticeKind::try_from(notice.kind) {
+                        Ok(NoticeKind::Sync) => {
+                            if let Err(e) = self.sync_offline(conn).await {
+                                tracing::debug!(error = %e, "sync after notice failed");
+                            }
+                        }
+                        Ok(NoticeKind::Kicked) => return EndReason::Kicked(notice.reason),
+                        // RECONNECT: the server closes the connection next;
+                        // the Closed event below starts the reconnect.
+                        _ => {}
+                    },
+                    ServerEvent::Closed(error) => {
+                        self.ack(conn, batch);
+                        return EndReason::Dropped(error);
+                    }
+                }
+                next = events.try_recv().ok();
+            }
+            self.ack(conn, batch);
+        }
+    }
+
+    fn ack(&self, conn: &Connection, msg_ids: Vec<u64>) {
+        if msg_ids.is_empty() {
+            return;
+        }
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let ack = pb::AckMessagesRequest { msg_ids };
+            if let Err(e) = conn.request::<_, pb::Empty>(RequestType::AckMessages, &ack).await {
+                // Unacked messages stay in the offline store and come back
+                // at the next sync, where they are deduplicated.
+                tracing::debug!(error = %e, "ACK failed");
+            }
+        });
+    }
+}
+
+enum EndReason {
+    Closed,
+    Kicked(String),
+    Dropped(Option<ServiceError>),
+}

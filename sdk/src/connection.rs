@@ -1,0 +1,263 @@
+//! One framed connection to an access node: TLS or plaintext, requests
+//! matched to responses by `sequence`, and server-initiated frames (pushes,
+//! notices, connection-level errors) handed out as [`ServerEvent`]s.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tern_proto::pb;
+use tern_proto::{ErrorCode, Frame, FrameCodec, RequestType, ServiceError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::ClientError;
+
+/// How to secure the connection.
+#[derive(Debug, Clone)]
+pub enum TlsMode {
+    /// Plaintext; only for servers started with plaintext explicitly enabled.
+    Plain,
+    /// TLS, trusting the CA certificate(s) in this PEM file (e.g. the
+    /// `tls/ca.pem` that `tern standalone` writes into its data directory).
+    CaFile(PathBuf),
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `host:port` of the access node.
+    pub addr: String,
+    pub tls: TlsMode,
+    /// Name checked against the server certificate; defaults to the host
+    /// part of `addr`.
+    pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_body_len: u32,
+}
+
+impl ConnectOptions {
+    pub fn new(addr: impl Into<String>, tls: TlsMode) -> Self {
+        Self {
+            addr: addr.into(),
+            tls,
+            server_name: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_body_len: tern_proto::DEFAULT_MAX_BODY_LEN,
+        }
+    }
+}
+
+/// Something the server sent on its own.
+#[derive(Debug, Clone)]
+pub enum ServerEvent {
+    Message(pb::Message),
+    Notice(pb::Notice),
+    /// The connection ended; the error frame that preceded it, if any.
+    Closed(Option<ServiceError>),
+}
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Frame, ServiceError>>>>>;
+type Sink = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, FrameCodec>;
+
+/// A live connection. Cheap to clone; all clones share the socket.
+#[derive(Clone)]
+pub struct Connection {
+    sink: Arc<tokio::sync::Mutex<Sink>>,
+    pending: Pending,
+    next_sequence: Arc<AtomicU32>,
+    request_timeout: Duration,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_connector(ca: &PathBuf) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    let pem = std::fs::read(ca).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM in {}: {e}", ca.display())))?;
+        roots.add(cert).map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Tls(format!("no certificate in {}", ca.display())));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+impl Connection {
+    /// Connects (and completes the TLS handshake). Events arrive on the
+    /// returned receiver until the connection closes, ending with
+    /// [`ServerEvent::Closed`].
+    pub async fn connect(
+        options: &ConnectOptions,
+    ) -> Result<(Connection, mpsc::UnboundedReceiver<ServerEvent>), ClientError> {
+        let tcp = tokio::time::timeout(options.connect_timeout, TcpStream::connect(&options.addr))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        tcp.set_nodelay(true)?;
+        Self::over_stream(tcp, options).await
+    }
+
+    /// Like [`Connection::connect`] over an already connected socket (the
+    /// benchmark binds sockets to chosen source addresses).
+    pub async fn over_stream(
+        tcp: TcpStream,
+        options: &ConnectOptions,
+    ) -> Result<(Connection, mpsc::UnboundedReceiver<ServerEvent>), ClientError> {
+        match &options.tls {
+            TlsMode::Plain => Ok(Self::start(tcp, options)),
+            TlsMode::CaFile(ca) => {
+                let connector = tls_connector(ca)?;
+                let host = match &options.server_name {
+                    Some(name) => name.clone(),
+                    None => options.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&options.addr).to_owned(),
+                };
+                let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|_| ClientError::Tls(format!("invalid server name {host:?}")))?;
+                let stream = tokio::time::timeout(options.connect_timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ClientError::Timeout)?
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                Ok(Self::start(stream, options))
+            }
+        }
+    }
+
+    fn start<S>(stream: S, options: &ConnectOptions) -> (Connection, mpsc::UnboundedReceiver<ServerEvent>)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read_half, write_half) = tokio::io::split(stream);
+        let codec = FrameCodec::new(options.max_body_len);
+        let sink: Sink = FramedWrite::new(Box::new(write_half), codec);
+        let pending: Pending = Arc::default();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_loop(FramedRead::new(read_half, codec), pending.clone(), events_tx));
+        let conn = Connection {
+            sink: Arc::new(tokio::sync::Mutex::new(sink)),
+            pending,
+            next_sequence: Arc::new(AtomicU32::new(1)),
+            request_timeout: options.request_timeout,
+        };
+        (conn, events_rx)
+    }
+
+    /// Sends a raw frame (tests use this to send malformed input).
+    pub async fn send_frame(&self, frame: Frame) -> Result<(), ClientError> {
+        let mut sink = self.sink.lock().await;
+        sink.send(frame).await.map_err(|e| ClientError::Io(std::io::Error::other(e.to_string())))
+    }
+
+    /// Sends `body` as `kind` and waits for the matching response.
+    pub async fn request<Req, Resp>(&self, kind: RequestType, body: &Req) -> Result<Resp, ClientError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let frame = self.request_frame(kind, body).await?;
+        frame.decode().map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))
+    }
+
+    async fn request_frame<Req: prost::Message>(&self, kind: RequestType, body: &Req) -> Result<Frame, ClientError> {
+        let mut sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        if sequence == 0 {
+            // 0 is reserved for server-initiated frames.
+            sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.lock_pending().insert(sequence, tx);
+        let sent = self.send_frame(Frame::new(kind, sequence, body)).await;
+        if let Err(e) = sent {
+            self.lock_pending().remove(&sequence);
+            return Err(e);
+        }
+        let outcome = tokio::time::timeout(self.request_timeout, rx).await;
+        self.lock_pending().remove(&sequence);
+        match outcome {
+            Err(_) => Err(ClientError::Timeout),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Ok(Err(service))) => Err(ClientError::Server(service)),
+            Ok(Ok(Ok(frame))) => Ok(frame),
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u32, oneshot::Sender<Result<Frame, ServiceError>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the write side; the server then closes the connection.
+    pub async fn close(&self) {
+        let _ = self.sink.lock().await.close().await;
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut frames: FramedRead<R, FrameCodec>,
+    pending: Pending,
+    events: mpsc::UnboundedSender<ServerEvent>,
+) {
+    let mut last_error = None;
+    while let Some(next) = frames.next().await {
+        let frame = match next {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection read failed");
+                break;
+            }
+        };
+        match frame.kind() {
+            Some(RequestType::PushMessage) => match frame.decode::<pb::Message>() {
+                Ok(message) => {
+                    let _ = events.send(ServerEvent::Message(message));
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable push dropped"),
+            },
+            Some(RequestType::Notice) => {
+                if let Ok(notice) = frame.decode::<pb::Notice>() {
+                    let _ = events.send(ServerEvent::Notice(notice));
+                }
+            }
+            Some(RequestType::Error) => {
+                let body: pb::ErrorBody = frame.decode().unwrap_or_default();
+                let code = ErrorCode::from_u32(body.code).unwrap_or(ErrorCode::Internal);
+                let error = ServiceError::new(code, body.message);
+                let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.sequence);
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(Err(error.clone()));
+                    }
+                    None => tracing::debug!(%error, "connection-level error"),
+                }
+                if code.closes_connection() {
+                    last_error = Some(error);
+                }
+            }
+            _ => {
+                let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&frame.sequence);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Ok(frame));
+                }
+            }
+        }
+    }
+    // Fail every request still waiting.
+    pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let _ = events.send(ServerEvent::Closed(last_error));
+}

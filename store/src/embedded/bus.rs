@@ -1,0 +1,360 @@
+//! The in-process bus of a standalone process: a durable append-only log per
+//! topic in `bus.redb`, consumed by named groups that commit offsets.
+//!
+//! Tables:
+//! - `records`: (topic, offset) → (key, payload); offsets start at 0;
+//! - `heads`: topic → next offset to assign;
+//! - `group_offsets`: (topic, group) → next offset the group has not yet
+//!   committed (0 when nothing was committed). A group gets a row as soon as
+//!   it subscribes, so records it has not consumed are never trimmed.
+//!
+//! `publish` returns once its record is committed (group commit, see
+//! [`super::writer`]). Each topic has a `watch` channel holding its committed
+//! head, advanced on the writer thread right after each commit, so a waiting
+//! consumer wakes immediately instead of polling the file.
+//!
+//! Records below the smallest committed offset of every group that ever
+//! subscribed to a topic are deleted every [`TRIM_EVERY_COMMITS`] commits
+//! (or on [`EmbeddedBus::trim`]), so the log does not grow forever.
+//!
+//! Unlike Kafka there are no partitions: every consumer of a group reads the
+//! whole topic from the group's committed offset, so a group should have one
+//! live consumer per topic (standalone runs one per service).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::writer::{Schema, Store, db_err};
+use crate::{Bus, BusConsumer, BusRecord, StoreError, StoreResult};
+
+/// (topic, offset): the log of every topic, in offset order.
+type RecordKey = (&'static str, u64);
+/// (key, payload) of a record.
+type RecordValue = (&'static [u8], &'static [u8]);
+
+const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("records");
+const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
+const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("group_offsets");
+
+/// A trim of the committed topic runs with every this many commits.
+const TRIM_EVERY_COMMITS: u64 = 256;
+
+pub(crate) struct BusSchema;
+
+pub(crate) struct BusTables<'t> {
+    records: Table<'t, RecordKey, RecordValue>,
+    heads: Table<'t, &'static str, u64>,
+    group_offsets: Table<'t, (&'static str, &'static str), u64>,
+}
+
+impl Schema for BusSchema {
+    const NAME: &'static str = "bus";
+    type Tables<'t> = BusTables<'t>;
+
+    fn open_tables(txn: &WriteTransaction) -> StoreResult<BusTables<'_>> {
+        Ok(BusTables {
+            records: txn.open_table(RECORDS).map_err(db_err)?,
+            heads: txn.open_table(HEADS).map_err(db_err)?,
+            group_offsets: txn.open_table(GROUP_OFFSETS).map_err(db_err)?,
+        })
+    }
+}
+
+impl BusTables<'_> {
+    fn head(&self, topic: &str) -> StoreResult<u64> {
+        Ok(self
+            .heads
+            .get(topic)
+            .map_err(db_err)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Deletes the records of `topic` below the smallest committed offset of
+    /// its groups; returns how many were deleted.
+    fn trim_topic(&mut self, topic: &str) -> StoreResult<u64> {
+        let mut low: Option<u64> = None;
+        for entry in self.group_offsets.range((topic, "")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if k.value().0 != topic {
+                break;
+            }
+            low = Some(low.map_or(v.value(), |l| l.min(v.value())));
+        }
+        let Some(low) = low.filter(|&l| l > 0) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        self.records
+            .retain_in((topic, 0)..(topic, low), |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(db_err)?;
+        Ok(removed)
+    }
+}
+
+/// State shared by the bus and its consumers.
+struct Shared {
+    store: Store<BusSchema>,
+    /// Committed head (next offset) of each topic, for waking consumers.
+    heads: Mutex<HashMap<String, watch::Sender<u64>>>,
+    commits: AtomicU64,
+}
+
+impl Shared {
+    fn head_channel(&self, topic: &str) -> watch::Sender<u64> {
+        let mut heads = self
+            .heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        heads
+            .entry(topic.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+}
+
+/// [`Bus`] persisted in redb.
+pub struct EmbeddedBus {
+    shared: Arc<Shared>,
+}
+
+impl EmbeddedBus {
+    /// Opens (creating if needed) the bus file at `path`. Blocking.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let store = Store::<BusSchema>::open(path, super::LARGE_CACHE_BYTES)?;
+        let heads = store.read_blocking(|txn| {
+            let table = txn.open_table(HEADS).map_err(db_err)?;
+            let mut heads = HashMap::new();
+            for entry in table.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                heads.insert(k.value().to_owned(), watch::channel(v.value()).0);
+            }
+            Ok(heads)
+        })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                heads: Mutex::new(heads),
+                commits: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Deletes, in every topic, the records every subscribed group has
+    /// committed. Runs on its own every few hundred commits; returns how many
+    /// records were deleted.
+    pub async fn trim(&self) -> StoreResult<u64> {
+        self.shared
+            .store
+            .write(|t: &mut BusTables<'_>| {
+                let mut low: BTreeMap<String, u64> = BTreeMap::new();
+                for entry in t.group_offsets.iter().map_err(db_err)? {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let topic = k.value().0;
+                    let l = low.entry(topic.to_owned()).or_insert(u64::MAX);
+                    *l = (*l).min(v.value());
+                }
+                let mut removed = 0;
+                for topic in low.keys() {
+                    removed += t.trim_topic(topic)?;
+                }
+                Ok(removed)
+            })
+            .await
+    }
+
+    /// Number of records of `topic` still stored (not yet trimmed).
+    pub async fn retained(&self, topic: &str) -> StoreResult<u64> {
+        let topic = topic.to_owned();
+        self.shared
+            .store
+            .read(move |txn| {
+                let table = txn.open_table(RECORDS).map_err(db_err)?;
+                let t = topic.as_str();
+                let mut n = 0;
+                for entry in table.range((t, 0)..=(t, u64::MAX)).map_err(db_err)? {
+                    entry.map_err(db_err)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    async fn publish(&self, topic: &str, key: Bytes, payload: Bytes) -> StoreResult<()> {
+        let head = self.shared.head_channel(topic);
+        let topic = topic.to_owned();
+        self.shared
+            .store
+            .write_then(
+                move |t: &mut BusTables<'_>| {
+                    let offset = t.head(&topic)?;
+                    t.records
+                        .insert((topic.as_str(), offset), (key.as_ref(), payload.as_ref()))
+                        .map_err(db_err)?;
+                    t.heads.insert(topic.as_str(), offset + 1).map_err(db_err)?;
+                    Ok(offset)
+                },
+                // On the writer thread, in commit order, even if this
+                // publisher's future is dropped: consumers never miss a wake.
+                move |&offset| {
+                    head.send_if_modified(|h| {
+                        let advanced = *h <= offset;
+                        *h = (*h).max(offset + 1);
+                        advanced
+                    });
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> StoreResult<Box<dyn BusConsumer>> {
+        // Watch first, then read the start: a record committed in between is
+        // both in the read range and signalled, never lost.
+        let head = self.shared.head_channel(topic).subscribe();
+        let (t, g) = (topic.to_owned(), group.to_owned());
+        let position = self
+            .shared
+            .store
+            .write(move |tables: &mut BusTables<'_>| {
+                let key = (t.as_str(), g.as_str());
+                let committed = tables
+                    .group_offsets
+                    .get(key)
+                    .map_err(db_err)?
+                    .map(|v| v.value());
+                match committed {
+                    Some(next) => Ok(next),
+                    None => {
+                        // Registers the group so nothing it has not read is trimmed.
+                        tables.group_offsets.insert(key, 0).map_err(db_err)?;
+                        Ok(0)
+                    }
+                }
+            })
+            .await?;
+        Ok(Box::new(EmbeddedConsumer {
+            shared: self.shared.clone(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            position,
+            head,
+        }))
+    }
+}
+
+/// A consumer of one topic of an [`EmbeddedBus`]. Keeps the bus file open
+/// while it lives.
+pub struct EmbeddedConsumer {
+    shared: Arc<Shared>,
+    topic: String,
+    group: String,
+    /// Next offset to deliver.
+    position: u64,
+    head: watch::Receiver<u64>,
+}
+
+impl EmbeddedConsumer {
+    async fn read_from(&self, max: usize) -> StoreResult<Vec<BusRecord>> {
+        let (topic, from) = (self.topic.clone(), self.position);
+        self.shared
+            .store
+            .read(move |txn| {
+                let table = txn.open_table(RECORDS).map_err(db_err)?;
+                let t = topic.as_str();
+                let mut out = Vec::new();
+                for entry in table
+                    .range((t, from)..=(t, u64::MAX))
+                    .map_err(db_err)?
+                    .take(max)
+                {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let (key, payload) = v.value();
+                    out.push(BusRecord {
+                        offset: k.value().1,
+                        key: Bytes::copy_from_slice(key),
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl BusConsumer for EmbeddedConsumer {
+    async fn poll(&mut self, max: usize, wait: Duration) -> StoreResult<Vec<BusRecord>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            // Mark the current head as seen before reading, so a commit after
+            // the read still wakes the `changed()` below.
+            let head = *self.head.borrow_and_update();
+            if head > self.position {
+                let records = self.read_from(max).await?;
+                match records.last() {
+                    Some(last) => {
+                        self.position = last.offset + 1;
+                        return Ok(records);
+                    }
+                    // Everything from our position on was trimmed (committed
+                    // by this group through another consumer): skip ahead.
+                    None => self.position = head,
+                }
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, self.head.changed()).await {
+                Err(_elapsed) => return Ok(Vec::new()),
+                Ok(Ok(())) => {}
+                Ok(Err(_closed)) => {
+                    return Err(StoreError::Unavailable("bus closed".into()));
+                }
+            }
+        }
+    }
+
+    async fn commit(&mut self, offset: u64) -> StoreResult<()> {
+        let trim = self.shared.commits.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY_COMMITS
+            == TRIM_EVERY_COMMITS - 1;
+        let (topic, group) = (self.topic.clone(), self.group.clone());
+        self.shared
+            .store
+            .write(move |t: &mut BusTables<'_>| {
+                let key = (topic.as_str(), group.as_str());
+                let current = t
+                    .group_offsets
+                    .get(key)
+                    .map_err(db_err)?
+                    .map_or(0, |v| v.value());
+                // Never beyond what exists (so trimming cannot delete records
+                // not yet written) and never backwards.
+                let next = offset.saturating_add(1).min(t.head(&topic)?).max(current);
+                if next != current {
+                    t.group_offsets.insert(key, next).map_err(db_err)?;
+                }
+                if trim {
+                    t.trim_topic(&topic)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+}

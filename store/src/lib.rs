@@ -1,0 +1,246 @@
+//! Backend traits for every piece of state tern keeps, with embedded
+//! implementations.
+//!
+//! Each trait is implemented twice: by the embedded backend here (redb files
+//! under the data directory, an in-process bus and registry) used by
+//! `tern standalone`, and by a real engine (Redis, Kafka, ZooKeeper, ScyllaDB,
+//! MongoDB) in cluster mode. [`conformance`] holds one test suite per trait;
+//! every implementation must pass it.
+//!
+//! Stored messages are opaque bytes (protobuf-encoded `tern.v1.Message`) so
+//! the backends know nothing of the wire protocol.
+
+pub mod conformance;
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Failure of a backend. Callers map it to `ErrorCode::Internal`: the request
+/// may be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("backend error: {0}")]
+    Backend(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Where one logged-in device is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub user_id: String,
+    pub device_id: String,
+    /// Id of the access node holding the connection.
+    pub node_id: String,
+    /// Connection id, unique within the access node.
+    pub connection_id: u64,
+}
+
+/// Session placement: user → device → (access node, connection).
+/// Redis in cluster mode.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Records a placement, replacing any placement of the same (user, device).
+    async fn put(&self, placement: &Placement) -> StoreResult<()>;
+    /// Removes the (user, device) placement only if it still names this node
+    /// and connection, so a stale disconnect never removes a newer login.
+    /// Returns whether something was removed.
+    async fn remove(&self, placement: &Placement) -> StoreResult<bool>;
+    /// All devices of a user.
+    async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>>;
+    /// Removes every placement on an access node (drain or crash recovery).
+    /// Returns how many were removed.
+    async fn remove_node(&self, node_id: &str) -> StoreResult<usize>;
+    /// Up to `limit` online user ids, sorted.
+    async fn online_users(&self, limit: usize) -> StoreResult<Vec<String>>;
+}
+
+/// Per-conversation counters (Redis INCR in cluster mode).
+#[async_trait]
+pub trait SequenceStore: Send + Sync + 'static {
+    /// Increments the counter and returns the new value; the first call on a
+    /// key returns 1.
+    async fn incr(&self, key: &str) -> StoreResult<u64>;
+    /// The current value, 0 for an unknown key.
+    async fn current(&self, key: &str) -> StoreResult<u64>;
+    /// Sets the counter back from `expected` to `expected - 1` if it still is
+    /// `expected` (undoing an increment whose message could not be
+    /// published). Returns whether it did.
+    async fn rollback(&self, key: &str, expected: u64) -> StoreResult<bool>;
+}
+
+/// What an accepted message was assigned; returned again for a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub msg_id: u64,
+    pub seq: u64,
+    pub sent_at_ms: u64,
+}
+
+/// Remembers accepted client message ids so retries are not stored twice.
+#[async_trait]
+pub trait DedupStore: Send + Sync + 'static {
+    async fn get(&self, sender: &str, client_msg_id: &str) -> StoreResult<Option<DedupRecord>>;
+    /// Remembers the record for at least `ttl`.
+    async fn put(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+        record: DedupRecord,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+}
+
+/// One message in a receiver's offline set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineEntry {
+    pub msg_id: u64,
+    pub payload: Bytes,
+}
+
+/// Per-receiver ordered offline sets (Redis sorted sets in cluster mode),
+/// ordered by message id.
+#[async_trait]
+pub trait OfflineStore: Send + Sync + 'static {
+    /// Adds `entry` to each receiver's set (write diffusion). Idempotent per
+    /// (receiver, msg_id). An entry that was already acknowledged (see
+    /// [`OfflineStore::ack`]) is not added again.
+    async fn insert(&self, receivers: &[String], entry: &OfflineEntry) -> StoreResult<()>;
+    /// Up to `limit` entries with `msg_id > after`, oldest first.
+    async fn pull(
+        &self,
+        receiver: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<OfflineEntry>>;
+    /// Deletes entries. An id that is not there yet is remembered for
+    /// `tombstone_ttl` so a late insert of it is ignored (the push of a
+    /// message can overtake its write to this store).
+    async fn ack(
+        &self,
+        receiver: &str,
+        msg_ids: &[u64],
+        tombstone_ttl: Duration,
+    ) -> StoreResult<()>;
+    /// Number of entries waiting for `receiver`.
+    async fn count(&self, receiver: &str) -> StoreResult<u64>;
+}
+
+/// Durable group message history (ScyllaDB rows keyed by group id and
+/// reversed message id in cluster mode).
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Stores a message; idempotent per (group, msg_id).
+    async fn append(&self, group_id: &str, msg_id: u64, payload: Bytes) -> StoreResult<()>;
+    /// Up to `limit` messages with `msg_id < before` (`before == 0` means from
+    /// the newest), newest first.
+    async fn page(
+        &self,
+        group_id: &str,
+        before: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<(u64, Bytes)>>;
+}
+
+/// A registered user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user_id: String,
+    /// PHC-format password hash.
+    pub password_hash: String,
+    pub created_at_ms: u64,
+}
+
+/// A group and its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub group_id: String,
+    pub name: String,
+    pub owner: String,
+    /// Sorted, without duplicates.
+    pub members: Vec<String>,
+    pub created_at_ms: u64,
+}
+
+/// Users, groups and memberships (MongoDB in cluster mode).
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Creates the user; `false` if the id is taken (nothing changes then).
+    async fn create_user(&self, user: &UserRecord) -> StoreResult<bool>;
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>>;
+    /// Creates the group; `false` if the id is taken.
+    async fn create_group(&self, group: &GroupRecord) -> StoreResult<bool>;
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>>;
+    /// Adds a member; returns the updated group, `None` if there is no group.
+    async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>>;
+    /// Removes a member; returns the updated group, `None` if there is no group.
+    async fn remove_member(
+        &self,
+        group_id: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<GroupRecord>>;
+    /// Ids of the groups the user belongs to, sorted.
+    async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<String>>;
+}
+
+/// One record read from the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusRecord {
+    pub offset: u64,
+    pub key: Bytes,
+    pub payload: Bytes,
+}
+
+/// The message bus between dispatchers and storage services (Kafka in
+/// cluster mode): durable, ordered per key, consumed by named groups that
+/// commit offsets after processing.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends a record and returns once it is durable.
+    async fn publish(&self, topic: &str, key: Bytes, payload: Bytes) -> StoreResult<()>;
+    /// A consumer in `group` that starts after the group's committed offset.
+    async fn subscribe(&self, topic: &str, group: &str) -> StoreResult<Box<dyn BusConsumer>>;
+}
+
+/// A consumer of one topic. Records are delivered at least once: after a
+/// crash, everything after the last commit is delivered again.
+#[async_trait]
+pub trait BusConsumer: Send + 'static {
+    /// Waits up to `wait` for records and returns at most `max` of them, in
+    /// order; an empty batch means nothing arrived in time.
+    async fn poll(&mut self, max: usize, wait: Duration) -> StoreResult<Vec<BusRecord>>;
+    /// Marks everything up to and including `offset` as processed.
+    async fn commit(&mut self, offset: u64) -> StoreResult<()>;
+}
+
+/// A live node as seen in the registry (ZooKeeper in cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: String,
+    /// Role name, e.g. "access-tcp" or "dispatcher".
+    pub role: String,
+    /// Address clients or peers connect to.
+    pub addr: String,
+    /// Live connection count (access nodes).
+    pub connections: u64,
+}
+
+/// Registry of live nodes.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Registers or replaces a node.
+    async fn register(&self, node: &NodeInfo) -> StoreResult<()>;
+    /// Updates a registered node's connection count.
+    async fn update_connections(&self, node_id: &str, connections: u64) -> StoreResult<()>;
+    async fn deregister(&self, node_id: &str) -> StoreResult<()>;
+    /// Live nodes of a role, sorted by node id.
+    async fn list(&self, role: &str) -> StoreResult<Vec<NodeInfo>>;
+}

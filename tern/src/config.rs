@@ -1,0 +1,187 @@
+//! Configuration of `tern standalone`: a TOML file (every field optional,
+//! unknown fields rejected) with command-line and environment overrides
+//! applied on top. `tern config defaults` prints the defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandaloneConfig {
+    /// Where every embedded backend, the token secret and the generated TLS
+    /// files live.
+    pub data_dir: PathBuf,
+    pub access_tcp: AccessTcpConfig,
+    pub router_auth: RouterAuthConfig,
+    pub dispatcher: DispatcherSection,
+    /// Seconds a SIGTERM drain may take before the process exits anyway.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessTcpConfig {
+    /// Address the TLS TCP listener binds.
+    pub listen: String,
+    /// Address given to clients by ipList; empty = the bound address.
+    pub advertise: String,
+    /// Serve plaintext TCP instead of TLS. Only for trusted networks.
+    pub plaintext: bool,
+    /// PEM certificate chain; empty = generate a private CA and a server
+    /// certificate under `<data_dir>/tls` on first start.
+    pub tls_cert: String,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: String,
+    /// Largest accepted frame body in bytes.
+    pub max_body_bytes: u32,
+    pub heartbeat_interval_ms: u64,
+    /// Connections silent for this long are closed.
+    pub idle_timeout_ms: u64,
+    /// Frames queued per connection before a slow consumer is disconnected.
+    pub outbound_queue: usize,
+    /// Pushes not ACKed within this time make the client pull.
+    pub push_ack_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterAuthConfig {
+    /// Address of the HTTP API (register, login, ipList).
+    pub listen: String,
+    /// Lifetime of login tokens.
+    pub token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatcherSection {
+    pub max_group_members: usize,
+    /// How long client message ids are remembered to drop retried sends.
+    pub dedup_ttl_secs: u64,
+}
+
+impl Default for StandaloneConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./tern-data"),
+            access_tcp: AccessTcpConfig::default(),
+            router_auth: RouterAuthConfig::default(),
+            dispatcher: DispatcherSection::default(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for AccessTcpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7800".into(),
+            advertise: String::new(),
+            plaintext: false,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            max_body_bytes: tern_proto::DEFAULT_MAX_BODY_LEN,
+            heartbeat_interval_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            outbound_queue: 1024,
+            push_ack_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for RouterAuthConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:7880".into(), token_ttl_secs: 24 * 3600 }
+    }
+}
+
+impl Default for DispatcherSection {
+    fn default() -> Self {
+        let defaults = tern_dispatcher::DispatcherConfig::default();
+        Self { max_group_members: defaults.max_group_members, dedup_ttl_secs: defaults.dedup_ttl.as_secs() }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl StandaloneConfig {
+    /// Reads a TOML file; missing fields take their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// Rejects values that would make the server misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.access_tcp;
+        if a.max_body_bytes < 1024 || a.max_body_bytes > 16 * 1024 * 1024 {
+            return Err(ConfigError("access_tcp.max_body_bytes must be between 1 KiB and 16 MiB".into()));
+        }
+        if a.heartbeat_interval_ms == 0 || a.idle_timeout_ms <= a.heartbeat_interval_ms {
+            return Err(ConfigError(
+                "access_tcp.idle_timeout_ms must be greater than heartbeat_interval_ms (> 0)".into(),
+            ));
+        }
+        if a.outbound_queue == 0 || a.push_ack_timeout_ms == 0 {
+            return Err(ConfigError("access_tcp.outbound_queue and push_ack_timeout_ms must be > 0".into()));
+        }
+        if a.tls_cert.is_empty() != a.tls_key.is_empty() {
+            return Err(ConfigError("access_tcp.tls_cert and tls_key go together".into()));
+        }
+        if self.router_auth.token_ttl_secs == 0 {
+            return Err(ConfigError("router_auth.token_ttl_secs must be > 0".into()));
+        }
+        if self.dispatcher.max_group_members < 2 {
+            return Err(ConfigError("dispatcher.max_group_members must be at least 2".into()));
+        }
+        Ok(())
+    }
+
+    pub fn access_config(&self, node_id: &str, advertise: String) -> tern_access_tcp::AccessConfig {
+        let a = &self.access_tcp;
+        let mut config = tern_access_tcp::AccessConfig::new(node_id, advertise);
+        config.max_body_len = a.max_body_bytes;
+        config.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms);
+        config.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
+        config.outbound_queue = a.outbound_queue;
+        config.push_ack_timeout = Duration::from_millis(a.push_ack_timeout_ms);
+        config.drain_grace = Duration::from_secs(self.shutdown_grace_secs).saturating_sub(Duration::from_secs(1));
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        let text = StandaloneConfig::default().to_toml();
+        let parsed: StandaloneConfig = toml::from_str(&text).unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.access_tcp.listen, "127.0.0.1:7800");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = toml::from_str::<StandaloneConfig>("[access_tcp]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let mut config = StandaloneConfig::default();
+        config.access_tcp.idle_timeout_ms = 10;
+        assert!(config.validate().is_err());
+    }
+}
