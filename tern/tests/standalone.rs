@@ -1,0 +1,207 @@
+//! End-to-end behaviour of `tern standalone` over real TLS sockets: 1:1 and
+//! group chat, offline delivery, durability across SIGKILL, SIGTERM drain.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Server, next_message, no_message, text};
+use tern_sdk::pb::{self, NoticeKind};
+use tern_sdk::{Event, ServerEvent};
+use tern_store::SessionStore;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn alice_and_bob_chat_one_to_one() {
+    let (server, _dir) = Server::start();
+    let (alice, mut alice_events) = server.client("alice").await;
+    let (bob, mut bob_events) = server.client("bob").await;
+
+    let ack = alice.send_single("bob", "hi bob").await.unwrap();
+    assert_eq!(ack.seq, 1);
+    assert!(!ack.duplicate);
+    let m = next_message(&mut bob_events, WAIT).await;
+    assert_eq!((m.sender.as_str(), m.receiver.as_str(), text(&m).as_str()), ("alice", "bob", "hi bob"));
+    assert_eq!((m.msg_id, m.seq), (ack.msg_id, 1));
+
+    let ack = bob.send_single("alice", "hi alice").await.unwrap();
+    assert_eq!(ack.seq, 2, "both directions share the conversation sequence");
+    let m = next_message(&mut alice_events, WAIT).await;
+    assert_eq!((m.sender.as_str(), text(&m).as_str(), m.seq), ("bob", "hi alice", 2));
+
+    // ACKed pushes leave the offline store: a new login finds nothing.
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (bob_again, mut bob_again_events) = server.client("bob").await;
+    assert_eq!(bob_again.login_info().unwrap().pending_offline, 0);
+    no_message(&mut bob_again_events, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn group_of_three_sees_one_order() {
+    let (server, _dir) = Server::start();
+    let names = ["alice", "bob", "carol"];
+    let mut clients = Vec::new();
+    for name in names {
+        clients.push(server.client(name).await);
+    }
+    let info = clients[0].0.create_group("trio", "Trio", &["bob", "carol"]).await.unwrap();
+    assert_eq!(info.members, ["alice", "bob", "carol"]);
+
+    // Everyone sends at once, so the dispatcher interleaves the senders.
+    const PER_SENDER: usize = 10;
+    let senders = clients.iter().map(|(client, _)| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_SENDER {
+                let body = format!("{} #{i}", client.user_id());
+                seqs.push(client.send_group("trio", body).await.unwrap().seq);
+            }
+            seqs
+        })
+    });
+    let mut own_seqs = Vec::new();
+    for handle in senders.collect::<Vec<_>>() {
+        own_seqs.push(handle.await.unwrap());
+    }
+    let total = PER_SENDER * names.len();
+
+    for (i, (_, events)) in clients.iter_mut().enumerate() {
+        let mut received = Vec::new();
+        for _ in 0..(total - PER_SENDER) {
+            let m = next_message(events, WAIT).await;
+            assert_eq!(m.group_id, "trio");
+            assert_ne!(m.sender, names[i], "a sender does not get its own message pushed");
+            received.push(m.seq);
+        }
+        assert!(received.windows(2).all(|w| w[0] < w[1]), "{} saw {received:?}", names[i]);
+        let all: BTreeSet<u64> = received.iter().chain(own_seqs[i].iter()).copied().collect();
+        assert_eq!(all, (1..=total as u64).collect(), "{} missed or duplicated a sequence", names[i]);
+        no_message(events, Duration::from_millis(300)).await;
+    }
+
+    // History has every message, newest first.
+    let page = clients[1].0.group_history("trio", 0, 200).await.unwrap();
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=total as u64).rev().collect::<Vec<_>>());
+    assert!(!page.more);
+}
+
+#[tokio::test]
+async fn offline_receiver_gets_exactly_three_in_order_once() {
+    let (server, _dir) = Server::start();
+    server.token("bob").await; // bob exists but is offline
+    let (alice, _alice_events) = server.client("alice").await;
+    for i in 1..=3 {
+        alice.send_single("bob", format!("while you were away {i}")).await.unwrap();
+    }
+
+    let (bob, mut bob_events) = server.client("bob").await;
+    assert_eq!(bob.login_info().unwrap().pending_offline, 3);
+    for i in 1..=3 {
+        let m = next_message(&mut bob_events, WAIT).await;
+        assert_eq!(text(&m), format!("while you were away {i}"));
+        assert_eq!(m.seq, i);
+    }
+    no_message(&mut bob_events, Duration::from_millis(500)).await;
+
+    // Pulled and ACKed: the next login finds nothing.
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (bob_again, mut bob_again_events) = server.client("bob").await;
+    assert_eq!(bob_again.login_info().unwrap().pending_offline, 0);
+    no_message(&mut bob_again_events, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn acknowledged_message_survives_sigkill() {
+    let (server, dir) = Server::start();
+    server.token("bob").await;
+    let (alice, _alice_events) = server.client("alice").await;
+    alice.create_group("crash", "", &["bob"]).await.unwrap();
+    let single = alice.send_single("bob", "survive this").await.unwrap();
+    let group = alice.send_group("crash", "and this").await.unwrap();
+    // SIGKILL right after the ACKs: no drain, no orderly shutdown.
+    server.kill();
+
+    let server = Server::start_in(dir.path(), "");
+    let (bob, mut bob_events) = server.client("bob").await;
+    let first = next_message(&mut bob_events, WAIT).await;
+    let second = next_message(&mut bob_events, WAIT).await;
+    assert_eq!((first.msg_id, text(&first).as_str()), (single.msg_id, "survive this"));
+    assert_eq!((second.msg_id, text(&second).as_str()), (group.msg_id, "and this"));
+    no_message(&mut bob_events, Duration::from_millis(500)).await;
+    let history = bob.group_history("crash", 0, 10).await.unwrap();
+    assert_eq!(history.messages.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [group.msg_id]);
+
+    // Sequences continue where they were.
+    let (alice, _alice_events) = server.client("alice").await;
+    assert_eq!(alice.send_single("bob", "after restart").await.unwrap().seq, 2);
+}
+
+#[tokio::test]
+async fn sigterm_drains_clients_and_placements() {
+    let (server, dir) = Server::start_with_config("shutdown_grace_secs = 5\n");
+    let (_alice_conn, mut alice_raw) = server.raw_logged_in("alice").await;
+    let (bob, mut bob_events) = server.client("bob").await;
+    assert_eq!(bob.online_users().await.unwrap(), ["alice", "bob"]);
+
+    let started = std::time::Instant::now();
+    let status = server.terminate(Duration::from_secs(10)).expect("exits within the grace period");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+
+    // The raw client was told to reconnect, then the connection closed.
+    let mut saw_reconnect = false;
+    while let Ok(Some(event)) = tokio::time::timeout(WAIT, alice_raw.recv()).await {
+        match event {
+            ServerEvent::Notice(n) if n.kind == NoticeKind::Reconnect as i32 => saw_reconnect = true,
+            ServerEvent::Closed(_) => break,
+            _ => {}
+        }
+    }
+    assert!(saw_reconnect, "no RECONNECT notice before close");
+    // The SDK client noticed and is trying to reconnect.
+    let disconnected = tokio::time::timeout(WAIT, async {
+        while let Some(event) = bob_events.recv().await {
+            if matches!(event, Event::Disconnected(_)) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(disconnected, Ok(true));
+    bob.close().await;
+
+    // Placements were cleared by the drain itself (read the store directly).
+    let sessions = tern_store::embedded::EmbeddedSessionStore::open(&dir.path().join("data/sessions.redb")).unwrap();
+    assert!(sessions.get("alice").await.unwrap().is_empty());
+    assert!(sessions.get("bob").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn retried_send_is_stored_once() {
+    let (server, _dir) = Server::start();
+    server.token("bob").await;
+    let (conn, _events) = server.raw_logged_in("alice").await;
+    let send = pb::SendSingleRequest {
+        client_msg_id: "retry-1".into(),
+        sender: String::new(),
+        receiver: "bob".into(),
+        content: b"once".to_vec(),
+    };
+    let first: pb::SendAck = conn.request(tern_proto::RequestType::SendSingle, &send).await.unwrap();
+    let second: pb::SendAck = conn.request(tern_proto::RequestType::SendSingle, &send).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!((first.msg_id, first.seq), (second.msg_id, second.seq));
+
+    let (bob, mut bob_events) = server.client("bob").await;
+    assert_eq!(bob.login_info().unwrap().pending_offline, 1);
+    assert_eq!(text(&next_message(&mut bob_events, WAIT).await), "once");
+    no_message(&mut bob_events, Duration::from_millis(500)).await;
+}
