@@ -5,7 +5,7 @@
 //! `dedup.redb`, `offline.redb`, `history.redb`, `meta.redb`, `bus.redb`)
 //! because redb serializes writers per file: separate files let the hot
 //! paths (sequence numbers, bus appends, offline inserts) commit in parallel.
-//! Every file has one writer thread that group-commits (see [`writer`]), so a
+//! Every file has one writer thread that group-commits (module `writer`), so a
 //! write that returned `Ok` is on disk and survives a crash of the process.
 //!
 //! Opening is blocking (it may replay or repair a file after a crash): call

@@ -393,3 +393,140 @@ async fn bus_trims_committed_records() {
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].offset, records[9].offset + 1);
 }
+
+/// Environment variable naming the data directory of [`sigkill_child`].
+const CHILD_DIR_ENV: &str = "TERN_STORE_SIGKILL_CHILD_DIR";
+
+/// Run by [`acknowledged_writes_survive_sigkill`] in a child process: writes
+/// as fast as it can from many tasks and prints `ACK` for every write that
+/// returned `Ok`, until it is killed. A no-op when run normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_child() {
+    let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
+        return;
+    };
+    let b = Arc::new(EmbeddedBackends::open(std::path::Path::new(&dir)).expect("open"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..32u64 {
+        let b = b.clone();
+        tasks.spawn(async move {
+            for i in 0.. {
+                // Offline ids start at 1: `pull(after = 0)` excludes 0.
+                let id = task * 1_000_000 + i + 1;
+                let seq = b.sequences.incr("conv").await.expect("incr");
+                println!("ACK seq {seq}");
+                b.bus
+                    .publish("t", Bytes::new(), Bytes::from(id.to_string()))
+                    .await
+                    .expect("publish");
+                println!("ACK bus {id}");
+                let entry = OfflineEntry {
+                    msg_id: id,
+                    payload: Bytes::from_static(b"x"),
+                };
+                b.offline
+                    .insert(&["dave".to_owned()], &entry)
+                    .await
+                    .expect("insert");
+                println!("ACK offline {id}");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Every write acknowledged before a SIGKILL is found after reopening.
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    use std::collections::BTreeSet;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(std::env::current_exe().expect("current exe"))
+        .args([
+            "--exact",
+            "sigkill_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let (mut max_seq, mut bus, mut offline) = (0u64, BTreeSet::new(), BTreeSet::new());
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read child output");
+        let mut words = line.split_whitespace();
+        if words.next() != Some("ACK") {
+            continue;
+        }
+        let (kind, value) = (
+            words.next(),
+            words.next().and_then(|v| v.parse::<u64>().ok()),
+        );
+        match (kind, value) {
+            (Some("seq"), Some(v)) => max_seq = max_seq.max(v),
+            (Some("bus"), Some(v)) => {
+                bus.insert(v);
+            }
+            (Some("offline"), Some(v)) => {
+                offline.insert(v);
+            }
+            _ => {}
+        }
+        if offline.len() >= 2_000 {
+            // std's Child::kill is SIGKILL on Unix: no destructor runs.
+            child.kill().expect("kill child");
+            break;
+        }
+    }
+    child.wait().expect("wait child");
+    assert!(offline.len() >= 2_000, "the child stopped early");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let b = EmbeddedBackends::open(dir.path()).expect("reopen after SIGKILL");
+        assert!(
+            b.sequences.current("conv").await.expect("current") >= max_seq,
+            "an acknowledged increment was lost"
+        );
+        let mut consumer = b.bus.subscribe("t", "check").await.expect("subscribe");
+        let mut published = BTreeSet::new();
+        loop {
+            let batch = consumer
+                .poll(10_000, Duration::from_millis(200))
+                .await
+                .expect("poll");
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch {
+                let text = String::from_utf8(r.payload.to_vec()).expect("utf8");
+                published.insert(text.parse::<u64>().expect("id"));
+            }
+        }
+        assert!(
+            bus.is_subset(&published),
+            "an acknowledged publish was lost"
+        );
+        let stored: BTreeSet<u64> = b
+            .offline
+            .pull("dave", 0, usize::MAX)
+            .await
+            .expect("pull")
+            .into_iter()
+            .map(|e| e.msg_id)
+            .collect();
+        assert!(
+            offline.is_subset(&stored),
+            "an acknowledged offline insert was lost"
+        );
+        assert_eq!(
+            b.offline.count("dave").await.expect("count"),
+            stored.len() as u64,
+            "count matches the stored entries after a crash"
+        );
+    });
+}
