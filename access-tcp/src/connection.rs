@@ -163,9 +163,9 @@ impl Connection {
     {
         let config = &self.node.config;
         let mut ack_check = tokio::time::interval(config.push_ack_timeout / 2);
-        // Until LOGIN, the handshake timeout bounds how long a silent
-        // connection may hold a slot.
-        let mut wait = config.handshake_timeout;
+        // A connection must log in within the handshake timeout, whatever it
+        // sends before; after LOGIN, each frame restarts the idle timeout.
+        let mut deadline = tokio::time::Instant::now() + config.handshake_timeout;
         loop {
             let next = tokio::select! {
                 _ = self.handle.cancel.cancelled() => return,
@@ -173,7 +173,7 @@ impl Connection {
                     self.check_unacked().await;
                     continue;
                 }
-                next = tokio::time::timeout(wait, frames.next()) => next,
+                next = tokio::time::timeout_at(deadline, frames.next()) => next,
             };
             let frame = match next {
                 Err(_) => {
@@ -193,7 +193,7 @@ impl Connection {
                 return;
             }
             if self.identity().is_some() {
-                wait = config.idle_timeout;
+                deadline = tokio::time::Instant::now() + config.idle_timeout;
             }
         }
     }

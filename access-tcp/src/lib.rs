@@ -47,7 +47,8 @@ pub struct AccessConfig {
     pub heartbeat_interval: Duration,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
-    /// Time allowed for the TLS handshake and for the first frame.
+    /// Time allowed for the TLS handshake, and then again for a successful
+    /// LOGIN (heartbeats before it do not extend it).
     pub handshake_timeout: Duration,
     /// Frames queued per connection before the slow-consumer policy applies.
     pub outbound_queue: usize,
