@@ -27,13 +27,19 @@ pub enum Outbound {
     Close,
 }
 
-pub(crate) async fn serve(node: Arc<AccessNode>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+pub(crate) async fn serve(
+    node: Arc<AccessNode>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
     let id = node.next_connection_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let span = tracing::info_span!("conn", %peer, conn = id, user = tracing::field::Empty);
     async move {
         match tls {
             Some(acceptor) => {
-                let handshake = tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(stream)).await;
+                let handshake =
+                    tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(stream)).await;
                 match handshake {
                     Ok(Ok(stream)) => run(node, stream, id).await,
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -150,7 +156,12 @@ impl Connection {
         if error.code.closes_connection() { Flow::Close } else { flow }
     }
 
-    async fn reply<M: prost::Message>(&self, frame: &Frame, kind: RequestType, result: ServiceResult<M>) -> Flow {
+    async fn reply<M: prost::Message>(
+        &self,
+        frame: &Frame,
+        kind: RequestType,
+        result: ServiceResult<M>,
+    ) -> Flow {
         match result {
             Ok(body) => self.send(Frame::new(kind, frame.sequence, &body)).await,
             Err(e) => self.fail(frame.sequence, &e).await,
@@ -210,8 +221,10 @@ impl Connection {
             overdue
         };
         if overdue {
-            let notice = pb::Notice { kind: NoticeKind::Sync as i32, reason: "unacknowledged messages: pull".into() };
-            let _ = self.handle.outbound.try_send(Outbound::Frame(Frame::new(RequestType::Notice, 0, &notice)));
+            let notice =
+                pb::Notice { kind: NoticeKind::Sync as i32, reason: "unacknowledged messages: pull".into() };
+            let _ =
+                self.handle.outbound.try_send(Outbound::Frame(Frame::new(RequestType::Notice, 0, &notice)));
         }
     }
 
@@ -224,7 +237,9 @@ impl Connection {
             return self.fail(frame.sequence, &e).await;
         };
         match kind {
-            RequestType::Heartbeat => self.send(Frame::new(RequestType::Heartbeat, frame.sequence, &pb::Heartbeat {})).await,
+            RequestType::Heartbeat => {
+                self.send(Frame::new(RequestType::Heartbeat, frame.sequence, &pb::Heartbeat {})).await
+            }
             RequestType::Login => self.login(&frame).await,
             RequestType::PushMessage | RequestType::Notice | RequestType::Error => {
                 let e = ServiceError::new(
@@ -253,7 +268,8 @@ impl Connection {
             Err(e) => return self.fail(frame.sequence, &e).await,
         };
         let node = &self.node;
-        let attached = node.services.auth.attach(&req.token, &req.device_id, &node.config.node_id, self.id).await;
+        let attached =
+            node.services.auth.attach(&req.token, &req.device_id, &node.config.node_id, self.id).await;
         let (identity, previous) = match attached {
             Ok(ok) => ok,
             Err(e) => return self.fail(frame.sequence, &e).await,
@@ -263,7 +279,11 @@ impl Connection {
         if let Some(previous) = previous {
             // The same device logged in again: the newer connection wins.
             if previous.node_id == node.config.node_id && previous.connection_id != self.id {
-                node.close_with_notice(previous.connection_id, NoticeKind::Kicked, "logged in again from the same device");
+                node.close_with_notice(
+                    previous.connection_id,
+                    NoticeKind::Kicked,
+                    "logged in again from the same device",
+                );
             }
         }
         let pending = node.services.offline.pending(&identity.user_id).await.unwrap_or(0);
@@ -375,4 +395,3 @@ fn decode<M: prost::Message + Default>(frame: &Frame) -> ServiceResult<M> {
         )
     })
 }
-

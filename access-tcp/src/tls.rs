@@ -85,7 +85,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds the acceptor from PEM files.
 pub fn acceptor(paths: &CertPaths) -> Result<TlsAcceptor, TlsError> {
-    let read = |path: &Path| fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
+    let read =
+        |path: &Path| fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
     let pem_err = |path: &Path, message: String| TlsError::Pem { path: path.to_owned(), message };
     let cert_pem = read(&paths.cert)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)

@@ -194,7 +194,9 @@ impl Dispatcher {
         };
         let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers };
         let key = Bytes::from(draft.conversation.clone().into_bytes());
-        if let Err(e) = self.backends.bus.publish(MESSAGES_TOPIC, key, Bytes::from(envelope.encode_to_vec())).await {
+        if let Err(e) =
+            self.backends.bus.publish(MESSAGES_TOPIC, key, Bytes::from(envelope.encode_to_vec())).await
+        {
             self.undo_sequence(&draft.conversation, seq).await;
             return Err(backend(e));
         }

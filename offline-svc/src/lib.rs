@@ -37,7 +37,12 @@ pub trait PushGateway: Send + Sync + 'static {
 pub trait OfflineApi: Send + Sync + 'static {
     /// Up to `limit` waiting messages after `after_msg_id`, oldest first, and
     /// whether more are waiting.
-    async fn pull(&self, user: &str, after_msg_id: u64, limit: u32) -> ServiceResult<(Vec<pb::Message>, bool)>;
+    async fn pull(
+        &self,
+        user: &str,
+        after_msg_id: u64,
+        limit: u32,
+    ) -> ServiceResult<(Vec<pb::Message>, bool)>;
     /// The client has the messages: delete them.
     async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()>;
     /// How many messages are waiting.
@@ -77,7 +82,12 @@ impl OfflineService {
 
 #[async_trait]
 impl OfflineApi for OfflineService {
-    async fn pull(&self, user: &str, after_msg_id: u64, limit: u32) -> ServiceResult<(Vec<pb::Message>, bool)> {
+    async fn pull(
+        &self,
+        user: &str,
+        after_msg_id: u64,
+        limit: u32,
+    ) -> ServiceResult<(Vec<pb::Message>, bool)> {
         let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
         // One extra row tells whether another page exists.
         let mut entries = self.store.pull(user, after_msg_id, limit + 1).await.map_err(backend)?;
@@ -95,10 +105,7 @@ impl OfflineApi for OfflineService {
 
     async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()> {
         if msg_ids.len() > self.config.max_ack_ids {
-            return Err(ServiceError::invalid(format!(
-                "at most {} ids per ACK",
-                self.config.max_ack_ids
-            )));
+            return Err(ServiceError::invalid(format!("at most {} ids per ACK", self.config.max_ack_ids)));
         }
         self.store.ack(user, msg_ids, self.config.tombstone_ttl).await.map_err(backend)
     }
@@ -139,7 +146,10 @@ pub async fn run_consumer(
         for record in &batch {
             match pb::BusEnvelope::decode(record.payload.clone()) {
                 Ok(pb::BusEnvelope { message: Some(message), receivers }) => {
-                    let entry = OfflineEntry { msg_id: message.msg_id, payload: Bytes::from(message.encode_to_vec()) };
+                    let entry = OfflineEntry {
+                        msg_id: message.msg_id,
+                        payload: Bytes::from(message.encode_to_vec()),
+                    };
                     decoded.push((receivers, entry));
                 }
                 Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),

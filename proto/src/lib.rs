@@ -12,7 +12,7 @@
 mod codec;
 mod error;
 
-pub use codec::{Frame, FrameCodec, FrameError, FrameHeader, DEFAULT_MAX_BODY_LEN, HEADER_LEN};
+pub use codec::{DEFAULT_MAX_BODY_LEN, Frame, FrameCodec, FrameError, FrameHeader, HEADER_LEN};
 pub use error::{ErrorCode, ServiceError, ServiceResult};
 
 /// Generated protobuf bodies (package `tern.v1`).
@@ -89,11 +89,7 @@ impl From<RequestType> for u32 {
 /// two user ids sorted, so both directions of a 1:1 chat share one sequence,
 /// and `g:<group id>` for groups.
 pub fn single_conversation_key(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("p:{a}:{b}")
-    } else {
-        format!("p:{b}:{a}")
-    }
+    if a <= b { format!("p:{a}:{b}") } else { format!("p:{b}:{a}") }
 }
 
 /// See [`single_conversation_key`].
@@ -108,13 +104,8 @@ pub fn validate_id(kind: &str, id: &str) -> ServiceResult<()> {
     if id.is_empty() || id.len() > 64 {
         return Err(ServiceError::invalid(format!("{kind} must be 1 to 64 characters")));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
-    {
-        return Err(ServiceError::invalid(format!(
-            "{kind} may only contain letters, digits and _ - . @"
-        )));
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@')) {
+        return Err(ServiceError::invalid(format!("{kind} may only contain letters, digits and _ - . @")));
     }
     Ok(())
 }

@@ -12,9 +12,9 @@ mod token;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use async_trait::async_trait;
 use tern_proto::{ErrorCode, ServiceError, ServiceResult, validate_id};
 use tern_store::{MetaStore, NodeInfo, Placement, Registry, SessionStore, UserRecord};

@@ -12,9 +12,9 @@ use tern_proto::{ErrorCode, RequestType, ServiceError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::ClientError;
 use crate::connection::{ConnectOptions, Connection, ServerEvent, TlsMode};
 use crate::http::{AuthClient, IssuedToken};
-use crate::ClientError;
 
 /// How a [`Client`] logs in and connects.
 #[derive(Debug, Clone)]
@@ -39,7 +39,12 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(auth_url: impl Into<String>, user_id: impl Into<String>, password: impl Into<String>, tls: TlsMode) -> Self {
+    pub fn new(
+        auth_url: impl Into<String>,
+        user_id: impl Into<String>,
+        password: impl Into<String>,
+        tls: TlsMode,
+    ) -> Self {
         Self {
             auth_url: auth_url.into(),
             user_id: user_id.into(),
@@ -193,7 +198,11 @@ impl Client {
         self.connection().await?.request(kind, body).await
     }
 
-    async fn send_with_retry<Req: prost::Message>(&self, kind: RequestType, body: Req) -> Result<pb::SendAck, ClientError> {
+    async fn send_with_retry<Req: prost::Message>(
+        &self,
+        kind: RequestType,
+        body: Req,
+    ) -> Result<pb::SendAck, ClientError> {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
@@ -217,7 +226,11 @@ impl Client {
     /// Sends a 1:1 message; returns once the server has it durably. Retries
     /// (with the same client message id, so it is stored once) across
     /// timeouts and reconnects.
-    pub async fn send_single(&self, receiver: &str, content: impl Into<Vec<u8>>) -> Result<pb::SendAck, ClientError> {
+    pub async fn send_single(
+        &self,
+        receiver: &str,
+        content: impl Into<Vec<u8>>,
+    ) -> Result<pb::SendAck, ClientError> {
         let body = pb::SendSingleRequest {
             client_msg_id: self.new_client_msg_id(),
             sender: String::new(),
@@ -228,7 +241,11 @@ impl Client {
     }
 
     /// Sends a group message; see [`Client::send_single`].
-    pub async fn send_group(&self, group_id: &str, content: impl Into<Vec<u8>>) -> Result<pb::SendAck, ClientError> {
+    pub async fn send_group(
+        &self,
+        group_id: &str,
+        content: impl Into<Vec<u8>>,
+    ) -> Result<pb::SendAck, ClientError> {
         let body = pb::SendGroupRequest {
             client_msg_id: self.new_client_msg_id(),
             sender: String::new(),
@@ -238,7 +255,12 @@ impl Client {
         self.send_with_retry(RequestType::SendGroup, body).await
     }
 
-    pub async fn create_group(&self, group_id: &str, name: &str, members: &[&str]) -> Result<pb::GroupInfo, ClientError> {
+    pub async fn create_group(
+        &self,
+        group_id: &str,
+        name: &str,
+        members: &[&str],
+    ) -> Result<pb::GroupInfo, ClientError> {
         let body = pb::CreateGroupRequest {
             group_id: group_id.to_owned(),
             name: name.to_owned(),
@@ -358,7 +380,10 @@ impl Shared {
         let mut after = 0;
         loop {
             let page: pb::PullOfflineResponse = conn
-                .request(RequestType::PullOffline, &pb::PullOfflineRequest { after_msg_id: after, limit: 200 })
+                .request(
+                    RequestType::PullOffline,
+                    &pb::PullOfflineRequest { after_msg_id: after, limit: 200 },
+                )
                 .await?;
             let ids: Vec<u64> = page.messages.iter().map(|m| m.msg_id).collect();
             if let Some(last) = ids.last() {
@@ -368,7 +393,8 @@ impl Shared {
                 self.deliver(message).await;
             }
             if !ids.is_empty() {
-                let _: pb::Empty = conn.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: ids }).await?;
+                let _: pb::Empty =
+                    conn.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: ids }).await?;
             }
             if !page.more {
                 return Ok(());
@@ -378,7 +404,11 @@ impl Shared {
 
     /// Keeps a connection: handles its events, heartbeats, and reconnects
     /// when it drops.
-    async fn supervise(self: Arc<Self>, mut conn: Connection, mut events: mpsc::UnboundedReceiver<ServerEvent>) {
+    async fn supervise(
+        self: Arc<Self>,
+        mut conn: Connection,
+        mut events: mpsc::UnboundedReceiver<ServerEvent>,
+    ) {
         loop {
             let reason = self.serve_connection(&conn, &mut events).await;
             self.connection.send_replace(None);
@@ -421,7 +451,11 @@ impl Shared {
         }
     }
 
-    async fn serve_connection(&self, conn: &Connection, events: &mut mpsc::UnboundedReceiver<ServerEvent>) -> EndReason {
+    async fn serve_connection(
+        &self,
+        conn: &Connection,
+        events: &mut mpsc::UnboundedReceiver<ServerEvent>,
+    ) -> EndReason {
         let interval = self
             .login
             .lock()

@@ -83,7 +83,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn tls_connector(ca: &PathBuf) -> Result<tokio_rustls::TlsConnector, ClientError> {
-    let pem = std::fs::read(ca).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", ca.display())))?;
+    let pem =
+        std::fs::read(ca).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", ca.display())))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM in {}: {e}", ca.display())))?;
@@ -175,7 +176,11 @@ impl Connection {
         frame.decode().map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))
     }
 
-    async fn request_frame<Req: prost::Message>(&self, kind: RequestType, body: &Req) -> Result<Frame, ClientError> {
+    async fn request_frame<Req: prost::Message>(
+        &self,
+        kind: RequestType,
+        body: &Req,
+    ) -> Result<Frame, ClientError> {
         let mut sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
         if sequence == 0 {
             // 0 is reserved for server-initiated frames.
@@ -198,7 +203,9 @@ impl Connection {
         }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u32, oneshot::Sender<Result<Frame, ServiceError>>>> {
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u32, oneshot::Sender<Result<Frame, ServiceError>>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -54,7 +54,9 @@ impl AuthClient {
         let status = response.status().as_u16();
         match response.json::<ApiError>().await {
             Ok(e) => Err(ClientError::Http { status, code: e.error, message: e.message }),
-            Err(_) => Err(ClientError::Http { status, code: "HTTP".into(), message: format!("status {status}") }),
+            Err(_) => {
+                Err(ClientError::Http { status, code: "HTTP".into(), message: format!("status {status}") })
+            }
         }
     }
 
@@ -109,7 +111,8 @@ impl AuthClient {
 
     /// Access nodes, least loaded first.
     pub async fn ip_list(&self) -> Result<Vec<AccessNodeInfo>, ClientError> {
-        let response = self.http.get(format!("{}/v1/ipList", self.base)).send().await.map_err(Self::transport)?;
+        let response =
+            self.http.get(format!("{}/v1/ipList", self.base)).send().await.map_err(Self::transport)?;
         Ok(Self::check(response).await?.json::<IpList>().await.map_err(Self::transport)?.nodes)
     }
 }

@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::{
-    Bus, BusConsumer, BusRecord, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore,
-    NodeInfo, OfflineEntry, OfflineStore, Placement, Registry, SequenceStore, SessionStore,
-    UserRecord,
+    Bus, BusConsumer, BusRecord, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore, NodeInfo,
+    OfflineEntry, OfflineStore, Placement, Registry, SequenceStore, SessionStore, UserRecord,
 };
 
 /// How long a suite waits for something a backend should do "soon" (a bus
@@ -31,9 +30,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// id alphabet `[A-Za-z0-9_.@-]` and at most 64 bytes for short prefixes.
 pub fn unique_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{nanos:x}-{:x}-{n}", std::process::id())
 }
@@ -61,10 +59,7 @@ pub async fn session_store(store: &dyn SessionStore) {
         connection_id,
     };
 
-    assert!(
-        store.get(&user).await.expect("get").is_empty(),
-        "session: an unknown user has no placements"
-    );
+    assert!(store.get(&user).await.expect("get").is_empty(), "session: an unknown user has no placements");
 
     let phone = place(&user, "phone", &node_a, 1);
     let laptop = place(&user, "laptop", &node_a, 2);
@@ -91,10 +86,7 @@ pub async fn session_store(store: &dyn SessionStore) {
         "session: remove of a stale placement (other node) returns false"
     );
     assert!(
-        !store
-            .remove(&place(&user, "phone", &node_b, 99))
-            .await
-            .expect("remove"),
+        !store.remove(&place(&user, "phone", &node_b, 99)).await.expect("remove"),
         "session: remove of a stale placement (other connection) returns false"
     );
     assert_eq!(
@@ -122,35 +114,22 @@ pub async fn session_store(store: &dyn SessionStore) {
     store.put(&other_web).await.expect("put");
     store.put(&other_tab).await.expect("put");
     let online = store.online_users(1_000_000).await.expect("online_users");
-    assert!(
-        online.windows(2).all(|w| w[0] < w[1]),
-        "session: online_users is sorted and without duplicates"
-    );
+    assert!(online.windows(2).all(|w| w[0] < w[1]), "session: online_users is sorted and without duplicates");
     assert!(
         online.contains(&user) && online.contains(&other),
         "session: online_users lists users with a placement"
     );
     let first = store.online_users(1).await.expect("online_users");
     assert_eq!(first.len(), 1, "session: online_users honours its limit");
-    assert_eq!(
-        first[0], online[0],
-        "session: online_users with a limit returns the first ids in order"
-    );
+    assert_eq!(first[0], online[0], "session: online_users with a limit returns the first ids in order");
     assert!(
-        store
-            .online_users(0)
-            .await
-            .expect("online_users")
-            .is_empty(),
+        store.online_users(0).await.expect("online_users").is_empty(),
         "session: online_users(0) is empty"
     );
 
     // remove_node removes every placement on that node and only those.
     let removed = store.remove_node(&node_a).await.expect("remove_node");
-    assert_eq!(
-        removed, 2,
-        "session: remove_node returns how many placements it removed"
-    );
+    assert_eq!(removed, 2, "session: remove_node returns how many placements it removed");
     assert!(
         store.get(&user).await.expect("get").is_empty(),
         "session: remove_node removes the node's placements"
@@ -178,59 +157,28 @@ pub async fn session_store(store: &dyn SessionStore) {
 /// concurrent increments.
 pub async fn sequence_store(store: &dyn SequenceStore) {
     let key = unique_id("seq");
-    assert_eq!(
-        store.current(&key).await.expect("current"),
-        0,
-        "sequence: an unknown key is 0"
-    );
-    assert_eq!(
-        store.incr(&key).await.expect("incr"),
-        1,
-        "sequence: the first incr returns 1"
-    );
-    assert_eq!(
-        store.incr(&key).await.expect("incr"),
-        2,
-        "sequence: incr adds 1"
-    );
-    assert_eq!(
-        store.current(&key).await.expect("current"),
-        2,
-        "sequence: current after incr"
-    );
+    assert_eq!(store.current(&key).await.expect("current"), 0, "sequence: an unknown key is 0");
+    assert_eq!(store.incr(&key).await.expect("incr"), 1, "sequence: the first incr returns 1");
+    assert_eq!(store.incr(&key).await.expect("incr"), 2, "sequence: incr adds 1");
+    assert_eq!(store.current(&key).await.expect("current"), 2, "sequence: current after incr");
 
     assert!(
         !store.rollback(&key, 1).await.expect("rollback"),
         "sequence: rollback with a stale expected value does nothing"
     );
-    assert_eq!(
-        store.current(&key).await.expect("current"),
-        2,
-        "sequence: failed rollback keeps the value"
-    );
+    assert_eq!(store.current(&key).await.expect("current"), 2, "sequence: failed rollback keeps the value");
     assert!(
         store.rollback(&key, 2).await.expect("rollback"),
         "sequence: rollback of the current value succeeds"
     );
-    assert_eq!(
-        store.current(&key).await.expect("current"),
-        1,
-        "sequence: rollback decrements by one"
-    );
+    assert_eq!(store.current(&key).await.expect("current"), 1, "sequence: rollback decrements by one");
     assert!(
         !store.rollback(&key, 2).await.expect("rollback"),
         "sequence: rollback twice of the same value fails the second time"
     );
-    assert_eq!(
-        store.incr(&key).await.expect("incr"),
-        2,
-        "sequence: incr after rollback reuses the value"
-    );
+    assert_eq!(store.incr(&key).await.expect("incr"), 2, "sequence: incr after rollback reuses the value");
     assert!(
-        !store
-            .rollback(&unique_id("seq"), 1)
-            .await
-            .expect("rollback"),
+        !store.rollback(&unique_id("seq"), 1).await.expect("rollback"),
         "sequence: rollback of an unknown key does nothing"
     );
 
@@ -244,22 +192,11 @@ pub async fn sequence_store(store: &dyn SequenceStore) {
         }
         values
     };
-    let (a, b, c, d, e, f, g, h) = tokio::join!(
-        worker(),
-        worker(),
-        worker(),
-        worker(),
-        worker(),
-        worker(),
-        worker(),
-        worker()
-    );
+    let (a, b, c, d, e, f, g, h) =
+        tokio::join!(worker(), worker(), worker(), worker(), worker(), worker(), worker(), worker());
     let all = [a, b, c, d, e, f, g, h];
     for values in &all {
-        assert!(
-            values.windows(2).all(|w| w[0] < w[1]),
-            "sequence: values seen by one caller increase"
-        );
+        assert!(values.windows(2).all(|w| w[0] < w[1]), "sequence: values seen by one caller increase");
     }
     let mut merged: Vec<u64> = all.concat();
     merged.sort_unstable();
@@ -268,55 +205,33 @@ pub async fn sequence_store(store: &dyn SequenceStore) {
         (1..=800).collect::<Vec<u64>>(),
         "sequence: concurrent increments hand out every value exactly once"
     );
-    assert_eq!(
-        store.current(&key).await.expect("current"),
-        800,
-        "sequence: current after concurrent incr"
-    );
+    assert_eq!(store.current(&key).await.expect("current"), 800, "sequence: current after concurrent incr");
 }
 
 /// Checks every rule of [`DedupStore`], including expiry (takes ~1.5 s).
 pub async fn dedup_store(store: &dyn DedupStore) {
     let sender = unique_id("ds");
-    let record = DedupRecord {
-        msg_id: 42,
-        seq: 7,
-        sent_at_ms: now_ms(),
-    };
+    let record = DedupRecord { msg_id: 42, seq: 7, sent_at_ms: now_ms() };
     assert_eq!(
         store.get(&sender, "c1").await.expect("get"),
         None,
         "dedup: an unknown client id has no record"
     );
-    store
-        .put(&sender, "c1", record, Duration::from_secs(600))
-        .await
-        .expect("put");
+    store.put(&sender, "c1", record, Duration::from_secs(600)).await.expect("put");
     assert_eq!(
         store.get(&sender, "c1").await.expect("get"),
         Some(record),
         "dedup: get returns what put stored"
     );
-    assert_eq!(
-        store.get(&unique_id("ds"), "c1").await.expect("get"),
-        None,
-        "dedup: records are per sender"
-    );
+    assert_eq!(store.get(&unique_id("ds"), "c1").await.expect("get"), None, "dedup: records are per sender");
     assert_eq!(
         store.get(&sender, "c2").await.expect("get"),
         None,
         "dedup: records are per client message id"
     );
 
-    let short = DedupRecord {
-        msg_id: 43,
-        seq: 8,
-        sent_at_ms: now_ms(),
-    };
-    store
-        .put(&sender, "c-short", short, Duration::from_millis(500))
-        .await
-        .expect("put");
+    let short = DedupRecord { msg_id: 43, seq: 8, sent_at_ms: now_ms() };
+    store.put(&sender, "c-short", short, Duration::from_millis(500)).await.expect("put");
     assert_eq!(
         store.get(&sender, "c-short").await.expect("get"),
         Some(short),
@@ -336,10 +251,7 @@ pub async fn dedup_store(store: &dyn DedupStore) {
 }
 
 fn entry(msg_id: u64) -> OfflineEntry {
-    OfflineEntry {
-        msg_id,
-        payload: Bytes::from(format!("offline-{msg_id}")),
-    }
+    OfflineEntry { msg_id, payload: Bytes::from(format!("offline-{msg_id}")) }
 }
 
 fn ids(entries: &[OfflineEntry]) -> Vec<u64> {
@@ -352,11 +264,7 @@ pub async fn offline_store(store: &dyn OfflineStore) {
     let both = [r1.clone(), r2.clone()];
     let ttl = Duration::from_secs(600);
 
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        0,
-        "offline: an unknown receiver has 0 entries"
-    );
+    assert_eq!(store.count(&r1).await.expect("count"), 0, "offline: an unknown receiver has 0 entries");
     assert!(
         store.pull(&r1, 0, 10).await.expect("pull").is_empty(),
         "offline: an unknown receiver has nothing to pull"
@@ -367,33 +275,14 @@ pub async fn offline_store(store: &dyn OfflineStore) {
         store.insert(&both, &entry(id)).await.expect("insert");
     }
     let pulled = store.pull(&r1, 0, 10).await.expect("pull");
-    assert_eq!(
-        ids(&pulled),
-        vec![10, 20, 30],
-        "offline: pull returns entries oldest first"
-    );
-    assert_eq!(
-        pulled[1],
-        entry(20),
-        "offline: pull returns the inserted payload"
-    );
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        3,
-        "offline: count of a receiver"
-    );
+    assert_eq!(ids(&pulled), vec![10, 20, 30], "offline: pull returns entries oldest first");
+    assert_eq!(pulled[1], entry(20), "offline: pull returns the inserted payload");
+    assert_eq!(store.count(&r1).await.expect("count"), 3, "offline: count of a receiver");
 
     // Idempotent per (receiver, msg_id).
     store.insert(&both, &entry(20)).await.expect("insert");
-    store
-        .insert(&[r1.clone(), r1.clone()], &entry(20))
-        .await
-        .expect("insert");
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        3,
-        "offline: a repeated insert is not counted twice"
-    );
+    store.insert(&[r1.clone(), r1.clone()], &entry(20)).await.expect("insert");
+    assert_eq!(store.count(&r1).await.expect("count"), 3, "offline: a repeated insert is not counted twice");
     assert_eq!(
         ids(&store.pull(&r1, 0, 10).await.expect("pull")),
         vec![10, 20, 30],
@@ -401,11 +290,7 @@ pub async fn offline_store(store: &dyn OfflineStore) {
     );
 
     // Paging.
-    assert_eq!(
-        ids(&store.pull(&r1, 0, 2).await.expect("pull")),
-        vec![10, 20],
-        "offline: pull honours limit"
-    );
+    assert_eq!(ids(&store.pull(&r1, 0, 2).await.expect("pull")), vec![10, 20], "offline: pull honours limit");
     assert_eq!(
         ids(&store.pull(&r1, 10, 1).await.expect("pull")),
         vec![20],
@@ -416,28 +301,13 @@ pub async fn offline_store(store: &dyn OfflineStore) {
         vec![20, 30],
         "offline: `after` need not be an id"
     );
-    assert!(
-        store.pull(&r1, 30, 10).await.expect("pull").is_empty(),
-        "offline: nothing after the last id"
-    );
+    assert!(store.pull(&r1, 30, 10).await.expect("pull").is_empty(), "offline: nothing after the last id");
 
     // Ack deletes, only for that receiver.
     store.ack(&r1, &[10, 20], ttl).await.expect("ack");
-    assert_eq!(
-        ids(&store.pull(&r1, 0, 10).await.expect("pull")),
-        vec![30],
-        "offline: ack deletes entries"
-    );
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        1,
-        "offline: ack decrements count"
-    );
-    assert_eq!(
-        store.count(&r2).await.expect("count"),
-        3,
-        "offline: ack affects only its receiver"
-    );
+    assert_eq!(ids(&store.pull(&r1, 0, 10).await.expect("pull")), vec![30], "offline: ack deletes entries");
+    assert_eq!(store.count(&r1).await.expect("count"), 1, "offline: ack decrements count");
+    assert_eq!(store.count(&r2).await.expect("count"), 3, "offline: ack affects only its receiver");
 
     // A redelivered insert of an acknowledged entry is not added again.
     store.insert(&both, &entry(10)).await.expect("insert");
@@ -455,11 +325,7 @@ pub async fn offline_store(store: &dyn OfflineStore) {
     // Ack before insert: the tombstone blocks the late insert, for that
     // receiver only.
     store.ack(&r1, &[40], ttl).await.expect("ack");
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        1,
-        "offline: ack of a missing id changes no count"
-    );
+    assert_eq!(store.count(&r1).await.expect("count"), 1, "offline: ack of a missing id changes no count");
     store.insert(&both, &entry(40)).await.expect("insert");
     assert_eq!(
         ids(&store.pull(&r1, 0, 10).await.expect("pull")),
@@ -471,23 +337,12 @@ pub async fn offline_store(store: &dyn OfflineStore) {
         vec![10, 20, 30, 40],
         "offline: a tombstone of one receiver does not block another"
     );
-    assert_eq!(
-        store.count(&r2).await.expect("count"),
-        4,
-        "offline: count after insert"
-    );
+    assert_eq!(store.count(&r2).await.expect("count"), 4, "offline: count after insert");
 
     store.ack(&r1, &[30], ttl).await.expect("ack");
     store.ack(&r2, &[10, 20, 30, 40], ttl).await.expect("ack");
-    assert_eq!(
-        store.count(&r1).await.expect("count"),
-        0,
-        "offline: count is 0 once all are acked"
-    );
-    assert!(
-        store.pull(&r2, 0, 10).await.expect("pull").is_empty(),
-        "offline: nothing left after acking all"
-    );
+    assert_eq!(store.count(&r1).await.expect("count"), 0, "offline: count is 0 once all are acked");
+    assert!(store.pull(&r2, 0, 10).await.expect("pull").is_empty(), "offline: nothing left after acking all");
 }
 
 /// Checks every rule of [`HistoryStore`].
@@ -511,11 +366,7 @@ pub async fn history_store(store: &dyn HistoryStore) {
         vec![5, 4, 3, 2, 1],
         "history: page with before=0 returns newest first, only this group"
     );
-    assert_eq!(
-        page[0].1,
-        payload(5),
-        "history: page returns the appended payload"
-    );
+    assert_eq!(page[0].1, payload(5), "history: page returns the appended payload");
     assert_eq!(
         page_ids(store.page(&group, 0, 2).await.expect("page")),
         vec![5, 4],
@@ -526,15 +377,8 @@ pub async fn history_store(store: &dyn HistoryStore) {
         vec![3, 2],
         "history: page is below `before`"
     );
-    assert_eq!(
-        page_ids(store.page(&group, 2, 10).await.expect("page")),
-        vec![1],
-        "history: last page"
-    );
-    assert!(
-        store.page(&group, 1, 10).await.expect("page").is_empty(),
-        "history: nothing below the oldest"
-    );
+    assert_eq!(page_ids(store.page(&group, 2, 10).await.expect("page")), vec![1], "history: last page");
+    assert!(store.page(&group, 1, 10).await.expect("page").is_empty(), "history: nothing below the oldest");
 
     store.append(&group, 3, payload(3)).await.expect("append");
     assert_eq!(
@@ -551,11 +395,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_owned(),
         created_at_ms: now_ms(),
     };
-    assert_eq!(
-        store.get_user(&user.user_id).await.expect("get_user"),
-        None,
-        "meta: unknown user"
-    );
+    assert_eq!(store.get_user(&user.user_id).await.expect("get_user"), None, "meta: unknown user");
     assert!(
         store.create_user(&user).await.expect("create_user"),
         "meta: create_user of a new id returns true"
@@ -565,10 +405,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         Some(user.clone()),
         "meta: get_user returns the created user"
     );
-    let impostor = UserRecord {
-        password_hash: "other".to_owned(),
-        ..user.clone()
-    };
+    let impostor = UserRecord { password_hash: "other".to_owned(), ..user.clone() };
     assert!(
         !store.create_user(&impostor).await.expect("create_user"),
         "meta: create_user of a taken id returns false"
@@ -579,12 +416,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         "meta: a refused create_user changes nothing"
     );
 
-    let (a, b, c, d) = (
-        unique_id("ma"),
-        unique_id("mb"),
-        unique_id("mc"),
-        unique_id("md"),
-    );
+    let (a, b, c, d) = (unique_id("ma"), unique_id("mb"), unique_id("mc"), unique_id("md"));
     let group = GroupRecord {
         group_id: unique_id("mg"),
         name: "conformance".to_owned(),
@@ -592,15 +424,8 @@ pub async fn meta_store(store: &dyn MetaStore) {
         members: vec![c.clone(), a.clone(), b.clone(), a.clone()],
         created_at_ms: now_ms(),
     };
-    let mut expected = GroupRecord {
-        members: vec![a.clone(), b.clone(), c.clone()],
-        ..group.clone()
-    };
-    assert_eq!(
-        store.get_group(&group.group_id).await.expect("get_group"),
-        None,
-        "meta: unknown group"
-    );
+    let mut expected = GroupRecord { members: vec![a.clone(), b.clone(), c.clone()], ..group.clone() };
+    assert_eq!(store.get_group(&group.group_id).await.expect("get_group"), None, "meta: unknown group");
     assert!(
         store.create_group(&group).await.expect("create_group"),
         "meta: create_group of a new id returns true"
@@ -610,11 +435,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         Some(expected.clone()),
         "meta: group members are stored sorted and without duplicates"
     );
-    let taken = GroupRecord {
-        name: "other".to_owned(),
-        members: vec![d.clone()],
-        ..group.clone()
-    };
+    let taken = GroupRecord { name: "other".to_owned(), members: vec![d.clone()], ..group.clone() };
     assert!(
         !store.create_group(&taken).await.expect("create_group"),
         "meta: create_group of a taken id returns false"
@@ -637,10 +458,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         members: vec![b.clone()],
         created_at_ms: now_ms(),
     };
-    assert!(
-        store.create_group(&group2).await.expect("create_group"),
-        "meta: create second group"
-    );
+    assert!(store.create_group(&group2).await.expect("create_group"), "meta: create second group");
     let mut both = vec![group.group_id.clone(), group2.group_id.clone()];
     both.sort();
     assert_eq!(
@@ -657,18 +475,12 @@ pub async fn meta_store(store: &dyn MetaStore) {
     // add_member keeps members sorted, unique.
     expected.members = vec![a.clone(), b.clone(), c.clone(), d.clone()];
     assert_eq!(
-        store
-            .add_member(&group.group_id, &d)
-            .await
-            .expect("add_member"),
+        store.add_member(&group.group_id, &d).await.expect("add_member"),
         Some(expected.clone()),
         "meta: add_member returns the updated group"
     );
     assert_eq!(
-        store
-            .add_member(&group.group_id, &d)
-            .await
-            .expect("add_member"),
+        store.add_member(&group.group_id, &d).await.expect("add_member"),
         Some(expected.clone()),
         "meta: adding an existing member changes nothing"
     );
@@ -686,37 +498,24 @@ pub async fn meta_store(store: &dyn MetaStore) {
     let mut with_early = expected.clone();
     with_early.members.insert(0, early.clone());
     assert_eq!(
-        store
-            .add_member(&group.group_id, &early)
-            .await
-            .expect("add_member"),
+        store.add_member(&group.group_id, &early).await.expect("add_member"),
         Some(with_early),
         "meta: add_member inserts in sorted position"
     );
     assert!(
-        store
-            .remove_member(&group.group_id, &early)
-            .await
-            .expect("remove_member")
-            .is_some(),
+        store.remove_member(&group.group_id, &early).await.expect("remove_member").is_some(),
         "meta: remove_member of a member"
     );
 
     // remove_member.
     expected.members = vec![a.clone(), c.clone(), d.clone()];
     assert_eq!(
-        store
-            .remove_member(&group.group_id, &b)
-            .await
-            .expect("remove_member"),
+        store.remove_member(&group.group_id, &b).await.expect("remove_member"),
         Some(expected.clone()),
         "meta: remove_member returns the updated group"
     );
     assert_eq!(
-        store
-            .remove_member(&group.group_id, &b)
-            .await
-            .expect("remove_member"),
+        store.remove_member(&group.group_id, &b).await.expect("remove_member"),
         Some(expected.clone()),
         "meta: removing a non-member changes nothing"
     );
@@ -738,10 +537,7 @@ pub async fn meta_store(store: &dyn MetaStore) {
         "meta: add_member to an unknown group is None"
     );
     assert_eq!(
-        store
-            .remove_member(&missing, &a)
-            .await
-            .expect("remove_member"),
+        store.remove_member(&missing, &a).await.expect("remove_member"),
         None,
         "meta: remove_member from an unknown group is None"
     );
@@ -758,14 +554,8 @@ async fn poll_n(consumer: &mut dyn BusConsumer, n: usize, max: usize) -> Vec<Bus
     let deadline = Instant::now() + PATIENCE;
     let mut out = Vec::new();
     while out.len() < n && Instant::now() < deadline {
-        let batch = consumer
-            .poll(max, Duration::from_secs(1))
-            .await
-            .expect("poll");
-        assert!(
-            batch.len() <= max,
-            "bus: poll returns at most `max` records"
-        );
+        let batch = consumer.poll(max, Duration::from_secs(1)).await.expect("poll");
+        assert!(batch.len() <= max, "bus: poll returns at most `max` records");
         out.extend(batch);
     }
     out
@@ -776,10 +566,7 @@ fn payloads(records: &[BusRecord]) -> Vec<Bytes> {
 }
 
 fn assert_increasing(records: &[BusRecord], rule: &str) {
-    assert!(
-        records.windows(2).all(|w| w[0].offset < w[1].offset),
-        "bus: {rule}"
-    );
+    assert!(records.windows(2).all(|w| w[0].offset < w[1].offset), "bus: {rule}");
 }
 
 /// Checks every rule of [`Bus`] and [`BusConsumer`] on a fresh topic.
@@ -792,24 +579,15 @@ pub async fn bus(bus: &dyn Bus) {
     let sent: Vec<Bytes> = (0..5).map(payload).collect();
 
     for p in &sent {
-        bus.publish(&topic, key.clone(), p.clone())
-            .await
-            .expect("publish");
+        bus.publish(&topic, key.clone(), p.clone()).await.expect("publish");
     }
 
     // A new group reads everything, in order.
     let mut a1 = bus.subscribe(&topic, &group_a).await.expect("subscribe");
     let got = poll_n(&mut *a1, 5, 100).await;
-    assert_eq!(
-        payloads(&got),
-        sent,
-        "bus: a new group receives every record in publish order"
-    );
+    assert_eq!(payloads(&got), sent, "bus: a new group receives every record in publish order");
     assert_increasing(&got, "offsets increase in publish order");
-    assert!(
-        got.iter().all(|r| r.key == key),
-        "bus: records keep their key"
-    );
+    assert!(got.iter().all(|r| r.key == key), "bus: records keep their key");
 
     // Commit the third record; a new consumer of the group resumes after it
     // and receives again what was delivered but not committed.
@@ -822,37 +600,21 @@ pub async fn bus(bus: &dyn Bus) {
         got[3..].to_vec(),
         "bus: a new consumer resumes right after the committed offset, redelivering uncommitted records"
     );
-    let extra = a2
-        .poll(100, Duration::from_millis(300))
-        .await
-        .expect("poll");
-    assert!(
-        extra.is_empty(),
-        "bus: nothing is delivered twice to one consumer"
-    );
+    let extra = a2.poll(100, Duration::from_millis(300)).await.expect("poll");
+    assert!(extra.is_empty(), "bus: nothing is delivered twice to one consumer");
 
     // Another group sees everything, independently of group A's commits;
     // `max` bounds each batch.
     let mut b1 = bus.subscribe(&topic, &group_b).await.expect("subscribe");
     let all_b = poll_n(&mut *b1, 5, 2).await;
-    assert_eq!(
-        payloads(&all_b),
-        sent,
-        "bus: a second group receives every record"
-    );
+    assert_eq!(payloads(&all_b), sent, "bus: a second group receives every record");
     assert_eq!(all_b, got, "bus: both groups see the same offsets");
 
     // An idle poll returns an empty batch within about `wait`.
     let started = Instant::now();
-    let empty = a2
-        .poll(100, Duration::from_millis(200))
-        .await
-        .expect("poll");
+    let empty = a2.poll(100, Duration::from_millis(200)).await.expect("poll");
     assert!(empty.is_empty(), "bus: an idle poll returns an empty batch");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "bus: an idle poll returns after about `wait`"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "bus: an idle poll returns after about `wait`");
 
     // A waiting poll wakes on publish, well before its wait runs out.
     let started = Instant::now();
@@ -862,48 +624,27 @@ pub async fn bus(bus: &dyn Bus) {
     });
     published.expect("publish");
     let woken = woken.expect("poll");
-    assert_eq!(
-        payloads(&woken),
-        vec![payload(5)],
-        "bus: a waiting poll returns the new record"
-    );
+    assert_eq!(payloads(&woken), vec![payload(5)], "bus: a waiting poll returns the new record");
     assert!(
         started.elapsed() < PATIENCE / 3,
         "bus: a waiting poll wakes promptly on publish ({:?})",
         started.elapsed()
     );
-    assert!(
-        woken[0].offset > got[4].offset,
-        "bus: offsets keep increasing"
-    );
+    assert!(woken[0].offset > got[4].offset, "bus: offsets keep increasing");
 
     // Everything committed: a new consumer of the group has nothing to read.
     a2.commit(woken[0].offset).await.expect("commit");
     drop(a2);
     let mut a3 = bus.subscribe(&topic, &group_a).await.expect("subscribe");
-    let none = a3
-        .poll(100, Duration::from_millis(500))
-        .await
-        .expect("poll");
-    assert!(
-        none.is_empty(),
-        "bus: committed records are not redelivered"
-    );
+    let none = a3.poll(100, Duration::from_millis(500)).await.expect("poll");
+    assert!(none.is_empty(), "bus: committed records are not redelivered");
 
     // Group B has not committed: a new consumer starts from the beginning.
     drop(b1);
     let mut b2 = bus.subscribe(&topic, &group_b).await.expect("subscribe");
     let replay = poll_n(&mut *b2, 6, 100).await;
-    assert_eq!(
-        replay.len(),
-        6,
-        "bus: without a commit, a group's records are all redelivered"
-    );
-    assert_eq!(
-        replay[..5].to_vec(),
-        got,
-        "bus: redelivery keeps offsets and order"
-    );
+    assert_eq!(replay.len(), 6, "bus: without a commit, a group's records are all redelivered");
+    assert_eq!(replay[..5].to_vec(), got, "bus: redelivery keeps offsets and order");
 }
 
 /// Checks every rule of [`Registry`].
@@ -918,10 +659,7 @@ pub async fn registry(registry: &dyn Registry) {
         connections: 0,
     };
 
-    assert!(
-        registry.list(&role).await.expect("list").is_empty(),
-        "registry: an unused role lists nothing"
-    );
+    assert!(registry.list(&role).await.expect("list").is_empty(), "registry: an unused role lists nothing");
     // Registered out of order, listed sorted by node id.
     let b = node(&id_b, &role, "127.0.0.1:2");
     let a = node(&id_a, &role, "127.0.0.1:1");
@@ -943,29 +681,14 @@ pub async fn registry(registry: &dyn Registry) {
         "registry: register replaces a node with the same id"
     );
 
-    registry
-        .update_connections(&id_b, 42)
-        .await
-        .expect("update_connections");
+    registry.update_connections(&id_b, 42).await.expect("update_connections");
     let listed = registry.list(&role).await.expect("list");
-    assert_eq!(
-        listed[1].connections, 42,
-        "registry: update_connections is visible in list"
-    );
-    assert_eq!(
-        listed[1].addr, b.addr,
-        "registry: update_connections keeps the rest of the node"
-    );
+    assert_eq!(listed[1].connections, 42, "registry: update_connections is visible in list");
+    assert_eq!(listed[1].addr, b.addr, "registry: update_connections keeps the rest of the node");
 
     registry.deregister(&id_a).await.expect("deregister");
     assert_eq!(
-        registry
-            .list(&role)
-            .await
-            .expect("list")
-            .iter()
-            .map(|n| n.node_id.clone())
-            .collect::<BTreeSet<_>>(),
+        registry.list(&role).await.expect("list").iter().map(|n| n.node_id.clone()).collect::<BTreeSet<_>>(),
         BTreeSet::from([id_b.clone()]),
         "registry: deregister removes the node"
     );
@@ -975,12 +698,6 @@ pub async fn registry(registry: &dyn Registry) {
         "registry: list filters by role"
     );
     registry.deregister(&id_b).await.expect("deregister");
-    registry
-        .deregister(&elsewhere.node_id)
-        .await
-        .expect("deregister");
-    assert!(
-        registry.list(&role).await.expect("list").is_empty(),
-        "registry: all nodes deregistered"
-    );
+    registry.deregister(&elsewhere.node_id).await.expect("deregister");
+    assert!(registry.list(&role).await.expect("list").is_empty(), "registry: all nodes deregistered");
 }

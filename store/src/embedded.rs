@@ -56,9 +56,8 @@ pub struct EmbeddedBackends {
 impl EmbeddedBackends {
     /// Opens (creating as needed) every backend under `dir`. Blocking.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            crate::StoreError::Unavailable(format!("creating {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         Ok(Self {
             sessions: Arc::new(EmbeddedSessionStore::open(&dir.join("sessions.redb"))?),
             sequences: Arc::new(EmbeddedSequenceStore::open(&dir.join("sequences.redb"))?),

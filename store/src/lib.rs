@@ -115,21 +115,11 @@ pub trait OfflineStore: Send + Sync + 'static {
     /// [`OfflineStore::ack`]) is not added again.
     async fn insert(&self, receivers: &[String], entry: &OfflineEntry) -> StoreResult<()>;
     /// Up to `limit` entries with `msg_id > after`, oldest first.
-    async fn pull(
-        &self,
-        receiver: &str,
-        after: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<OfflineEntry>>;
+    async fn pull(&self, receiver: &str, after: u64, limit: usize) -> StoreResult<Vec<OfflineEntry>>;
     /// Deletes entries. An id that is not there yet is remembered for
     /// `tombstone_ttl` so a late insert of it is ignored (the push of a
     /// message can overtake its write to this store).
-    async fn ack(
-        &self,
-        receiver: &str,
-        msg_ids: &[u64],
-        tombstone_ttl: Duration,
-    ) -> StoreResult<()>;
+    async fn ack(&self, receiver: &str, msg_ids: &[u64], tombstone_ttl: Duration) -> StoreResult<()>;
     /// Number of entries waiting for `receiver`.
     async fn count(&self, receiver: &str) -> StoreResult<u64>;
 }
@@ -142,12 +132,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn append(&self, group_id: &str, msg_id: u64, payload: Bytes) -> StoreResult<()>;
     /// Up to `limit` messages with `msg_id < before` (`before == 0` means from
     /// the newest), newest first.
-    async fn page(
-        &self,
-        group_id: &str,
-        before: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<(u64, Bytes)>>;
+    async fn page(&self, group_id: &str, before: u64, limit: usize) -> StoreResult<Vec<(u64, Bytes)>>;
 }
 
 /// A registered user.
@@ -182,11 +167,7 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Adds a member; returns the updated group, `None` if there is no group.
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>>;
     /// Removes a member; returns the updated group, `None` if there is no group.
-    async fn remove_member(
-        &self,
-        group_id: &str,
-        user_id: &str,
-    ) -> StoreResult<Option<GroupRecord>>;
+    async fn remove_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>>;
     /// Ids of the groups the user belongs to, sorted.
     async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<String>>;
 }

@@ -87,16 +87,8 @@ async fn data_survives_reopen() {
         node_id: "access-1".into(),
         connection_id: 7,
     };
-    let dedup = DedupRecord {
-        msg_id: 100,
-        seq: 3,
-        sent_at_ms: 1,
-    };
-    let user = UserRecord {
-        user_id: "alice".into(),
-        password_hash: "hash".into(),
-        created_at_ms: 1,
-    };
+    let dedup = DedupRecord { msg_id: 100, seq: 3, sent_at_ms: 1 };
+    let user = UserRecord { user_id: "alice".into(), password_hash: "hash".into(), created_at_ms: 1 };
     let group = GroupRecord {
         group_id: "g1".into(),
         name: "friends".into(),
@@ -115,30 +107,18 @@ async fn data_survives_reopen() {
         b.dedup.put("alice", "c1", dedup, ttl).await.expect("put");
         let receivers = ["bob".to_owned()];
         for id in [1, 2] {
-            let entry = OfflineEntry {
-                msg_id: id,
-                payload: Bytes::from(format!("m{id}")),
-            };
+            let entry = OfflineEntry { msg_id: id, payload: Bytes::from(format!("m{id}")) };
             b.offline.insert(&receivers, &entry).await.expect("insert");
         }
         b.offline.ack("bob", &[9], ttl).await.expect("ack");
-        b.history
-            .append("g1", 5, Bytes::from_static(b"h5"))
-            .await
-            .expect("append");
+        b.history.append("g1", 5, Bytes::from_static(b"h5")).await.expect("append");
         assert!(b.meta.create_user(&user).await.expect("create_user"));
         assert!(b.meta.create_group(&group).await.expect("create_group"));
         for i in 0..4u8 {
-            b.bus
-                .publish("topic", Bytes::from_static(b"k"), Bytes::from(vec![i]))
-                .await
-                .expect("publish");
+            b.bus.publish("topic", Bytes::from_static(b"k"), Bytes::from(vec![i])).await.expect("publish");
         }
         let mut consumer = b.bus.subscribe("topic", "svc").await.expect("subscribe");
-        let records = consumer
-            .poll(10, Duration::from_secs(5))
-            .await
-            .expect("poll");
+        let records = consumer.poll(10, Duration::from_secs(5)).await.expect("poll");
         assert_eq!(records.len(), 4);
         committed = records[1].offset;
         consumer.commit(committed).await.expect("commit");
@@ -150,82 +130,35 @@ async fn data_survives_reopen() {
     let b = EmbeddedBackends::open(dir.path()).expect("reopen");
     assert_eq!(b.sessions.get("alice").await.expect("get"), vec![placement]);
     assert_eq!(b.sequences.current("conv").await.expect("current"), 3);
-    assert_eq!(
-        b.sequences.incr("conv").await.expect("incr"),
-        4,
-        "sequences continue after reopen"
-    );
+    assert_eq!(b.sequences.incr("conv").await.expect("incr"), 4, "sequences continue after reopen");
     assert_eq!(b.dedup.get("alice", "c1").await.expect("get"), Some(dedup));
     assert_eq!(b.offline.count("bob").await.expect("count"), 2);
     let pulled = b.offline.pull("bob", 0, 10).await.expect("pull");
-    assert_eq!(
-        pulled.iter().map(|e| e.msg_id).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(pulled.iter().map(|e| e.msg_id).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(pulled[1].payload, Bytes::from_static(b"m2"));
-    let late = OfflineEntry {
-        msg_id: 9,
-        payload: Bytes::from_static(b"late"),
-    };
-    b.offline
-        .insert(&["bob".to_owned()], &late)
-        .await
-        .expect("insert");
-    assert_eq!(
-        b.offline.count("bob").await.expect("count"),
-        2,
-        "tombstones survive reopen"
-    );
-    assert_eq!(
-        b.history.page("g1", 0, 10).await.expect("page"),
-        vec![(5, Bytes::from_static(b"h5"))]
-    );
-    assert_eq!(
-        b.meta.get_user("alice").await.expect("get_user"),
-        Some(user)
-    );
-    let stored = b
-        .meta
-        .get_group("g1")
-        .await
-        .expect("get_group")
-        .expect("group");
+    let late = OfflineEntry { msg_id: 9, payload: Bytes::from_static(b"late") };
+    b.offline.insert(&["bob".to_owned()], &late).await.expect("insert");
+    assert_eq!(b.offline.count("bob").await.expect("count"), 2, "tombstones survive reopen");
+    assert_eq!(b.history.page("g1", 0, 10).await.expect("page"), vec![(5, Bytes::from_static(b"h5"))]);
+    assert_eq!(b.meta.get_user("alice").await.expect("get_user"), Some(user));
+    let stored = b.meta.get_group("g1").await.expect("get_group").expect("group");
     assert_eq!(stored.members, vec!["alice".to_owned(), "bob".to_owned()]);
-    assert_eq!(
-        b.meta.groups_of("bob").await.expect("groups_of"),
-        vec!["g1".to_owned()]
-    );
+    assert_eq!(b.meta.groups_of("bob").await.expect("groups_of"), vec!["g1".to_owned()]);
 
     // Bus: the committed offset survives, so the group resumes after it.
     let mut consumer = b.bus.subscribe("topic", "svc").await.expect("subscribe");
-    let records = consumer
-        .poll(10, Duration::from_secs(5))
-        .await
-        .expect("poll");
+    let records = consumer.poll(10, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(
-        records
-            .iter()
-            .map(|r| r.payload.to_vec())
-            .collect::<Vec<_>>(),
+        records.iter().map(|r| r.payload.to_vec()).collect::<Vec<_>>(),
         vec![vec![2], vec![3]],
         "the group resumes after its committed offset"
     );
     assert_eq!(records[0].offset, committed + 1);
     // New records continue the offsets.
-    b.bus
-        .publish("topic", Bytes::from_static(b"k"), Bytes::from_static(&[4]))
-        .await
-        .expect("publish");
-    let next = consumer
-        .poll(10, Duration::from_secs(5))
-        .await
-        .expect("poll");
+    b.bus.publish("topic", Bytes::from_static(b"k"), Bytes::from_static(&[4])).await.expect("publish");
+    let next = consumer.poll(10, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(next.len(), 1);
-    assert_eq!(
-        next[0].offset,
-        records[1].offset + 1,
-        "offsets continue after reopen"
-    );
+    assert_eq!(next[0].offset, records[1].offset + 1, "offsets continue after reopen");
     // Another group still sees every record published before the reopen.
     let mut fresh = b.bus.subscribe("topic", "other").await.expect("subscribe");
     let all = fresh.poll(10, Duration::from_secs(5)).await.expect("poll");
@@ -242,12 +175,7 @@ async fn concurrent_publishes_are_group_committed() {
     for i in 0..1_000u32 {
         let bus = bus.clone();
         tasks.spawn(async move {
-            bus.publish(
-                "load",
-                Bytes::from(i.to_be_bytes().to_vec()),
-                Bytes::from(format!("p{i}")),
-            )
-            .await
+            bus.publish("load", Bytes::from(i.to_be_bytes().to_vec()), Bytes::from(format!("p{i}"))).await
         });
     }
     let started = std::time::Instant::now();
@@ -259,10 +187,7 @@ async fn concurrent_publishes_are_group_committed() {
     let mut consumer = bus.subscribe("load", "reader").await.expect("subscribe");
     let mut records = Vec::new();
     while records.len() < 1_000 {
-        let batch = consumer
-            .poll(300, Duration::from_secs(5))
-            .await
-            .expect("poll");
+        let batch = consumer.poll(300, Duration::from_secs(5)).await.expect("poll");
         assert!(!batch.is_empty(), "records missing after {}", records.len());
         records.extend(batch);
     }
@@ -271,37 +196,18 @@ async fn concurrent_publishes_are_group_committed() {
         records.windows(2).all(|w| w[0].offset + 1 == w[1].offset),
         "offsets are distinct, increasing and dense"
     );
-    let mut keys: Vec<u32> = records
-        .iter()
-        .map(|r| u32::from_be_bytes(r.key[..].try_into().expect("4-byte key")))
-        .collect();
+    let mut keys: Vec<u32> =
+        records.iter().map(|r| u32::from_be_bytes(r.key[..].try_into().expect("4-byte key"))).collect();
     for r in &records {
         let i = u32::from_be_bytes(r.key[..].try_into().expect("4-byte key"));
-        assert_eq!(
-            r.payload,
-            Bytes::from(format!("p{i}")),
-            "payload matches key"
-        );
+        assert_eq!(r.payload, Bytes::from(format!("p{i}")), "payload matches key");
     }
     keys.sort_unstable();
-    assert_eq!(
-        keys,
-        (0..1_000).collect::<Vec<_>>(),
-        "every publish stored once"
-    );
+    assert_eq!(keys, (0..1_000).collect::<Vec<_>>(), "every publish stored once");
     // One fsync per publish would take far longer on any disk than a few
     // batched commits; this only guards against losing batching entirely.
-    assert!(
-        publish_time < Duration::from_secs(20),
-        "1,000 publishes took {publish_time:?}"
-    );
-    assert!(
-        consumer
-            .poll(10, Duration::from_millis(100))
-            .await
-            .expect("poll")
-            .is_empty()
-    );
+    assert!(publish_time < Duration::from_secs(20), "1,000 publishes took {publish_time:?}");
+    assert!(consumer.poll(10, Duration::from_millis(100)).await.expect("poll").is_empty());
 }
 
 /// A tombstone blocks a late insert only for its ttl, and expired
@@ -311,31 +217,15 @@ async fn offline_tombstones_expire() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedOfflineStore::open(&dir.path().join("offline.redb")).expect("open");
     let receivers = ["carol".to_owned()];
-    let entry = |msg_id| OfflineEntry {
-        msg_id,
-        payload: Bytes::from_static(b"x"),
-    };
-    store
-        .ack("carol", &[1, 2], Duration::from_millis(300))
-        .await
-        .expect("ack");
+    let entry = |msg_id| OfflineEntry { msg_id, payload: Bytes::from_static(b"x") };
+    store.ack("carol", &[1, 2], Duration::from_millis(300)).await.expect("ack");
     store.insert(&receivers, &entry(1)).await.expect("insert");
-    assert_eq!(
-        store.count("carol").await.expect("count"),
-        0,
-        "tombstone blocks"
-    );
+    assert_eq!(store.count("carol").await.expect("count"), 0, "tombstone blocks");
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     // This write runs the lazy cleanup (more than a second since the last).
     store.insert(&receivers, &entry(2)).await.expect("insert");
     assert_eq!(
-        store
-            .pull("carol", 0, 10)
-            .await
-            .expect("pull")
-            .iter()
-            .map(|e| e.msg_id)
-            .collect::<Vec<_>>(),
+        store.pull("carol", 0, 10).await.expect("pull").iter().map(|e| e.msg_id).collect::<Vec<_>>(),
         vec![2],
         "an expired tombstone no longer blocks the insert"
     );
@@ -348,26 +238,16 @@ async fn bus_trims_committed_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bus = EmbeddedBus::open(&dir.path().join("bus.redb")).expect("open");
     for i in 0..10u8 {
-        bus.publish("t", Bytes::new(), Bytes::from(vec![i]))
-            .await
-            .expect("publish");
+        bus.publish("t", Bytes::new(), Bytes::from(vec![i])).await.expect("publish");
     }
     let mut fast = bus.subscribe("t", "fast").await.expect("subscribe");
     let mut slow = bus.subscribe("t", "slow").await.expect("subscribe");
     let records = fast.poll(100, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(records.len(), 10);
     fast.commit(records[9].offset).await.expect("commit");
-    assert_eq!(
-        bus.trim().await.expect("trim"),
-        0,
-        "the slow group has committed nothing"
-    );
+    assert_eq!(bus.trim().await.expect("trim"), 0, "the slow group has committed nothing");
     slow.commit(records[3].offset).await.expect("commit");
-    assert_eq!(
-        bus.trim().await.expect("trim"),
-        4,
-        "records 0..=3 are committed by all"
-    );
+    assert_eq!(bus.trim().await.expect("trim"), 4, "records 0..=3 are committed by all");
     assert_eq!(bus.retained("t").await.expect("retained"), 6);
     // The slow group still gets everything it has not committed.
     drop(slow);
@@ -380,15 +260,9 @@ async fn bus_trims_committed_records() {
     for _ in 0..300 {
         slow.commit(records[9].offset).await.expect("commit");
     }
-    assert_eq!(
-        bus.retained("t").await.expect("retained"),
-        0,
-        "trimmed automatically"
-    );
+    assert_eq!(bus.retained("t").await.expect("retained"), 0, "trimmed automatically");
     // Offsets continue after the log was emptied by a trim.
-    bus.publish("t", Bytes::new(), Bytes::from_static(&[10]))
-        .await
-        .expect("publish");
+    bus.publish("t", Bytes::new(), Bytes::from_static(&[10])).await.expect("publish");
     let last = fast.poll(100, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].offset, records[9].offset + 1);
@@ -415,19 +289,10 @@ async fn sigkill_child() {
                 let id = task * 1_000_000 + i + 1;
                 let seq = b.sequences.incr("conv").await.expect("incr");
                 println!("ACK seq {seq}");
-                b.bus
-                    .publish("t", Bytes::new(), Bytes::from(id.to_string()))
-                    .await
-                    .expect("publish");
+                b.bus.publish("t", Bytes::new(), Bytes::from(id.to_string())).await.expect("publish");
                 println!("ACK bus {id}");
-                let entry = OfflineEntry {
-                    msg_id: id,
-                    payload: Bytes::from_static(b"x"),
-                };
-                b.offline
-                    .insert(&["dave".to_owned()], &entry)
-                    .await
-                    .expect("insert");
+                let entry = OfflineEntry { msg_id: id, payload: Bytes::from_static(b"x") };
+                b.offline.insert(&["dave".to_owned()], &entry).await.expect("insert");
                 println!("ACK offline {id}");
             }
         });
@@ -444,12 +309,7 @@ fn acknowledged_writes_survive_sigkill() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(std::env::current_exe().expect("current exe"))
-        .args([
-            "--exact",
-            "sigkill_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "sigkill_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR_ENV, dir.path())
         .stdout(Stdio::piped())
         .spawn()
@@ -462,10 +322,7 @@ fn acknowledged_writes_survive_sigkill() {
         if words.next() != Some("ACK") {
             continue;
         }
-        let (kind, value) = (
-            words.next(),
-            words.next().and_then(|v| v.parse::<u64>().ok()),
-        );
+        let (kind, value) = (words.next(), words.next().and_then(|v| v.parse::<u64>().ok()));
         match (kind, value) {
             (Some("seq"), Some(v)) => max_seq = max_seq.max(v),
             (Some("bus"), Some(v)) => {
@@ -495,10 +352,7 @@ fn acknowledged_writes_survive_sigkill() {
         let mut consumer = b.bus.subscribe("t", "check").await.expect("subscribe");
         let mut published = BTreeSet::new();
         loop {
-            let batch = consumer
-                .poll(10_000, Duration::from_millis(200))
-                .await
-                .expect("poll");
+            let batch = consumer.poll(10_000, Duration::from_millis(200)).await.expect("poll");
             if batch.is_empty() {
                 break;
             }
@@ -507,10 +361,7 @@ fn acknowledged_writes_survive_sigkill() {
                 published.insert(text.parse::<u64>().expect("id"));
             }
         }
-        assert!(
-            bus.is_subset(&published),
-            "an acknowledged publish was lost"
-        );
+        assert!(bus.is_subset(&published), "an acknowledged publish was lost");
         let stored: BTreeSet<u64> = b
             .offline
             .pull("dave", 0, usize::MAX)
@@ -519,10 +370,7 @@ fn acknowledged_writes_survive_sigkill() {
             .into_iter()
             .map(|e| e.msg_id)
             .collect();
-        assert!(
-            offline.is_subset(&stored),
-            "an acknowledged offline insert was lost"
-        );
+        assert!(offline.is_subset(&stored), "an acknowledged offline insert was lost");
         assert_eq!(
             b.offline.count("dave").await.expect("count"),
             stored.len() as u64,

@@ -125,8 +125,12 @@ async fn handle_line(client: &Client, target: &mut Target, line: &str) -> Result
                 println!("no target: use :to USER or :group GROUP first");
                 Ok(())
             }
-            Target::User(user) => client.send_single(user, line.as_bytes()).await.map(|ack| println!("sent #{}", ack.seq)),
-            Target::Group(group) => client.send_group(group, line.as_bytes()).await.map(|ack| println!("sent #{}", ack.seq)),
+            Target::User(user) => {
+                client.send_single(user, line.as_bytes()).await.map(|ack| println!("sent #{}", ack.seq))
+            }
+            Target::Group(group) => {
+                client.send_group(group, line.as_bytes()).await.map(|ack| println!("sent #{}", ack.seq))
+            }
         };
     };
     let mut words = command.split_whitespace();
@@ -172,10 +176,13 @@ async fn handle_line(client: &Client, target: &mut Target, line: &str) -> Result
             client.leave_group(group).await?;
             println!("left {group}");
         }
-        ("members", [group]) => println!("{}: {}", group, client.group_members(group).await?.members.join(", ")),
+        ("members", [group]) => {
+            println!("{}: {}", group, client.group_members(group).await?.members.join(", "))
+        }
         ("groups", []) => {
             let groups = client.list_groups().await?;
-            let names: Vec<String> = groups.iter().map(|g| format!("{} ({})", g.group_id, g.members.len())).collect();
+            let names: Vec<String> =
+                groups.iter().map(|g| format!("{} ({})", g.group_id, g.members.len())).collect();
             println!("groups: {}", names.join(", "));
         }
         ("history", [group]) | ("history", [group, _]) => {

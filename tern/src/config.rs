@@ -155,7 +155,8 @@ impl StandaloneConfig {
         config.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
         config.outbound_queue = a.outbound_queue;
         config.push_ack_timeout = Duration::from_millis(a.push_ack_timeout_ms);
-        config.drain_grace = Duration::from_secs(self.shutdown_grace_secs).saturating_sub(Duration::from_secs(1));
+        config.drain_grace =
+            Duration::from_secs(self.shutdown_grace_secs).saturating_sub(Duration::from_secs(1));
         config
     }
 }

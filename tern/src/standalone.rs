@@ -49,7 +49,7 @@ fn token_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(hex.len() >= 32 && hex.len() % 2 == 0, "secret must be at least 16 hex bytes");
+    anyhow::ensure!(hex.len() >= 32 && hex.len().is_multiple_of(2), "secret must be at least 16 hex bytes");
     (0..hex.len()).step_by(2).map(|i| Ok(u8::from_str_radix(&hex[i..i + 2], 16)?)).collect()
 }
 
@@ -124,8 +124,11 @@ pub async fn run(
     let history = Arc::new(HistoryService::new(backends.history.clone(), backends.meta.clone()));
 
     let access_addr = access_listener.local_addr()?;
-    let advertise =
-        if config.access_tcp.advertise.is_empty() { access_addr.to_string() } else { config.access_tcp.advertise.clone() };
+    let advertise = if config.access_tcp.advertise.is_empty() {
+        access_addr.to_string()
+    } else {
+        config.access_tcp.advertise.clone()
+    };
     let node = AccessNode::new(
         config.access_config(NODE_ID, advertise),
         AccessServices {
@@ -152,9 +155,11 @@ pub async fn run(
         stop.clone().cancelled_owned(),
     ));
     let http_addr = http_listener.local_addr()?;
-    let http = tokio::spawn(tern_router_auth::http::serve(auth, http_listener, stop.clone().cancelled_owned()));
+    let http =
+        tokio::spawn(tern_router_auth::http::serve(auth, http_listener, stop.clone().cancelled_owned()));
     let access_stop = CancellationToken::new();
-    let access = tokio::spawn(node.clone().run(access_listener, tls.clone(), access_stop.clone().cancelled_owned()));
+    let access =
+        tokio::spawn(node.clone().run(access_listener, tls.clone(), access_stop.clone().cancelled_owned()));
 
     ready(&Endpoints { access_tcp: access_addr, router_auth: http_addr, ca_cert, tls: tls.is_some() });
 

@@ -12,9 +12,13 @@ use tern_sdk::pb::{self, NoticeKind};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-const SHORT_TIMEOUTS: &str = "[access_tcp]\nheartbeat_interval_ms = 1000\nidle_timeout_ms = 2500\npush_ack_timeout_ms = 800\n";
+const SHORT_TIMEOUTS: &str =
+    "[access_tcp]\nheartbeat_interval_ms = 1000\nidle_timeout_ms = 2500\npush_ack_timeout_ms = 800\n";
 
-async fn wait_closed(events: &mut tokio::sync::mpsc::UnboundedReceiver<ServerEvent>, within: Duration) -> bool {
+async fn wait_closed(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<ServerEvent>,
+    within: Duration,
+) -> bool {
     tokio::time::timeout(within, async {
         while let Some(event) = events.recv().await {
             if let ServerEvent::Closed(_) = event {
@@ -40,7 +44,10 @@ async fn silent_connection_is_cut_and_heartbeats_keep_one_alive() {
     });
     assert!(wait_closed(&mut silent_events, Duration::from_secs(8)).await, "silent connection not closed");
     heartbeats.await.unwrap();
-    assert!(!wait_closed(&mut beating_events, Duration::from_millis(100)).await, "heartbeating connection closed");
+    assert!(
+        !wait_closed(&mut beating_events, Duration::from_millis(100)).await,
+        "heartbeating connection closed"
+    );
     drop(silent);
 }
 
@@ -68,8 +75,10 @@ async fn unacknowledged_push_asks_the_client_to_pull() {
         .await
         .unwrap();
     assert_eq!(page.messages.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [ack.msg_id]);
-    let _: pb::Empty =
-        bob_raw.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: vec![ack.msg_id] }).await.unwrap();
+    let _: pb::Empty = bob_raw
+        .request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: vec![ack.msg_id] })
+        .await
+        .unwrap();
     let page: pb::PullOfflineResponse = bob_raw
         .request(RequestType::PullOffline, &pb::PullOfflineRequest { after_msg_id: 0, limit: 10 })
         .await

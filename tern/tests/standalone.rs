@@ -178,7 +178,8 @@ async fn sigterm_drains_clients_and_placements() {
     bob.close().await;
 
     // Placements were cleared by the drain itself (read the store directly).
-    let sessions = tern_store::embedded::EmbeddedSessionStore::open(&dir.path().join("data/sessions.redb")).unwrap();
+    let sessions =
+        tern_store::embedded::EmbeddedSessionStore::open(&dir.path().join("data/sessions.redb")).unwrap();
     assert!(sessions.get("alice").await.unwrap().is_empty());
     assert!(sessions.get("bob").await.unwrap().is_empty());
 }

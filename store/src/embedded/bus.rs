@@ -71,11 +71,7 @@ impl Schema for BusSchema {
 
 impl BusTables<'_> {
     fn head(&self, topic: &str) -> StoreResult<u64> {
-        Ok(self
-            .heads
-            .get(topic)
-            .map_err(db_err)?
-            .map_or(0, |v| v.value()))
+        Ok(self.heads.get(topic).map_err(db_err)?.map_or(0, |v| v.value()))
     }
 
     /// Deletes the records of `topic` below the smallest committed offset of
@@ -113,14 +109,8 @@ struct Shared {
 
 impl Shared {
     fn head_channel(&self, topic: &str) -> watch::Sender<u64> {
-        let mut heads = self
-            .heads
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        heads
-            .entry(topic.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .clone()
+        let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        heads.entry(topic.to_owned()).or_insert_with(|| watch::channel(0).0).clone()
     }
 }
 
@@ -142,13 +132,7 @@ impl EmbeddedBus {
             }
             Ok(heads)
         })?;
-        Ok(Self {
-            shared: Arc::new(Shared {
-                store,
-                heads: Mutex::new(heads),
-                commits: AtomicU64::new(0),
-            }),
-        })
+        Ok(Self { shared: Arc::new(Shared { store, heads: Mutex::new(heads), commits: AtomicU64::new(0) }) })
     }
 
     /// Deletes, in every topic, the records every subscribed group has
@@ -233,11 +217,7 @@ impl Bus for EmbeddedBus {
             .store
             .write(move |tables: &mut BusTables<'_>| {
                 let key = (t.as_str(), g.as_str());
-                let committed = tables
-                    .group_offsets
-                    .get(key)
-                    .map_err(db_err)?
-                    .map(|v| v.value());
+                let committed = tables.group_offsets.get(key).map_err(db_err)?.map(|v| v.value());
                 match committed {
                     Some(next) => Ok(next),
                     None => {
@@ -278,11 +258,7 @@ impl EmbeddedConsumer {
                 let table = txn.open_table(RECORDS).map_err(db_err)?;
                 let t = topic.as_str();
                 let mut out = Vec::new();
-                for entry in table
-                    .range((t, from)..=(t, u64::MAX))
-                    .map_err(db_err)?
-                    .take(max)
-                {
+                for entry in table.range((t, from)..=(t, u64::MAX)).map_err(db_err)?.take(max) {
                     let (k, v) = entry.map_err(db_err)?;
                     let (key, payload) = v.value();
                     out.push(BusRecord {
@@ -339,11 +315,7 @@ impl BusConsumer for EmbeddedConsumer {
             .store
             .write(move |t: &mut BusTables<'_>| {
                 let key = (topic.as_str(), group.as_str());
-                let current = t
-                    .group_offsets
-                    .get(key)
-                    .map_err(db_err)?
-                    .map_or(0, |v| v.value());
+                let current = t.group_offsets.get(key).map_err(db_err)?.map_or(0, |v| v.value());
                 // Never beyond what exists (so trimming cannot delete records
                 // not yet written) and never backwards.
                 let next = offset.saturating_add(1).min(t.head(&topic)?).max(current);

@@ -59,11 +59,7 @@ impl Schema for Dedup {
             let key = (sender.as_str(), client.as_str());
             t.expiry.remove((*at, key.0, key.1)).map_err(db_err)?;
             // The record may have been renewed with a later expiry since.
-            let still_expired = t
-                .records
-                .get(key)
-                .map_err(db_err)?
-                .is_some_and(|v| v.value().3 <= *at);
+            let still_expired = t.records.get(key).map_err(db_err)?.is_some_and(|v| v.value().3 <= *at);
             if still_expired {
                 t.records.remove(key).map_err(db_err)?;
             }
@@ -80,9 +76,7 @@ pub struct EmbeddedDedupStore {
 impl EmbeddedDedupStore {
     /// Opens (creating if needed) the dedup file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::SMALL_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
     }
 }
 
@@ -93,18 +87,11 @@ impl DedupStore for EmbeddedDedupStore {
         self.store
             .read(move |txn| {
                 let table = txn.open_table(RECORDS).map_err(db_err)?;
-                let Some(v) = table
-                    .get((sender.as_str(), client.as_str()))
-                    .map_err(db_err)?
-                else {
+                let Some(v) = table.get((sender.as_str(), client.as_str())).map_err(db_err)? else {
                     return Ok(None);
                 };
                 let (msg_id, seq, sent_at_ms, expires_at) = v.value();
-                Ok((expires_at > now_ms()).then_some(DedupRecord {
-                    msg_id,
-                    seq,
-                    sent_at_ms,
-                }))
+                Ok((expires_at > now_ms()).then_some(DedupRecord { msg_id, seq, sent_at_ms }))
             })
             .await
     }
@@ -122,17 +109,11 @@ impl DedupStore for EmbeddedDedupStore {
             .write(move |t: &mut DedupTables<'_>| {
                 let key = (sender.as_str(), client.as_str());
                 let value = (record.msg_id, record.seq, record.sent_at_ms, expires_at);
-                let old_expiry = t
-                    .records
-                    .insert(key, value)
-                    .map_err(db_err)?
-                    .map(|old| old.value().3);
+                let old_expiry = t.records.insert(key, value).map_err(db_err)?.map(|old| old.value().3);
                 if let Some(old) = old_expiry {
                     t.expiry.remove((old, key.0, key.1)).map_err(db_err)?;
                 }
-                t.expiry
-                    .insert((expires_at, key.0, key.1), ())
-                    .map_err(db_err)?;
+                t.expiry.insert((expires_at, key.0, key.1), ()).map_err(db_err)?;
                 Ok(())
             })
             .await

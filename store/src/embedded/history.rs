@@ -23,9 +23,7 @@ impl Schema for History {
     type Tables<'t> = HistoryTables<'t>;
 
     fn open_tables(txn: &WriteTransaction) -> StoreResult<HistoryTables<'_>> {
-        Ok(HistoryTables {
-            messages: txn.open_table(MESSAGES).map_err(db_err)?,
-        })
+        Ok(HistoryTables { messages: txn.open_table(MESSAGES).map_err(db_err)? })
     }
 }
 
@@ -37,9 +35,7 @@ pub struct EmbeddedHistoryStore {
 impl EmbeddedHistoryStore {
     /// Opens (creating if needed) the history file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::LARGE_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::LARGE_CACHE_BYTES)? })
     }
 }
 
@@ -59,12 +55,7 @@ impl HistoryStore for EmbeddedHistoryStore {
             .await
     }
 
-    async fn page(
-        &self,
-        group_id: &str,
-        before: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<(u64, Bytes)>> {
+    async fn page(&self, group_id: &str, before: u64, limit: usize) -> StoreResult<Vec<(u64, Bytes)>> {
         let group = group_id.to_owned();
         self.store
             .read(move |txn| {

@@ -57,12 +57,8 @@ fn change_member(
     user_id: &str,
     add: bool,
 ) -> StoreResult<Option<GroupRecord>> {
-    let Some(mut group) = t
-        .groups
-        .get(group_id)
-        .map_err(db_err)?
-        .map(|v| decode::<GroupRecord>(v.value()))
-        .transpose()?
+    let Some(mut group) =
+        t.groups.get(group_id).map_err(db_err)?.map(|v| decode::<GroupRecord>(v.value())).transpose()?
     else {
         return Ok(None);
     };
@@ -70,9 +66,7 @@ fn change_member(
     match (add, position) {
         (true, Err(at)) => {
             group.members.insert(at, user_id.to_owned());
-            t.memberships
-                .insert((user_id, group_id), ())
-                .map_err(db_err)?;
+            t.memberships.insert((user_id, group_id), ()).map_err(db_err)?;
         }
         (false, Ok(at)) => {
             group.members.remove(at);
@@ -81,9 +75,7 @@ fn change_member(
         // Already a member / already not one: nothing to write.
         _ => return Ok(Some(group)),
     }
-    t.groups
-        .insert(group_id, encode(&group)?.as_slice())
-        .map_err(db_err)?;
+    t.groups.insert(group_id, encode(&group)?.as_slice()).map_err(db_err)?;
     Ok(Some(group))
 }
 
@@ -95,9 +87,7 @@ pub struct EmbeddedMetaStore {
 impl EmbeddedMetaStore {
     /// Opens (creating if needed) the metadata file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::SMALL_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
     }
 
     async fn get_json<T: DeserializeOwned + Send + 'static>(
@@ -109,11 +99,7 @@ impl EmbeddedMetaStore {
         self.store
             .read(move |txn| {
                 let table = txn.open_table(table).map_err(db_err)?;
-                table
-                    .get(id.as_str())
-                    .map_err(db_err)?
-                    .map(|v| decode(v.value()))
-                    .transpose()
+                table.get(id.as_str()).map_err(db_err)?.map(|v| decode(v.value())).transpose()
             })
             .await
     }
@@ -129,9 +115,7 @@ impl MetaStore for EmbeddedMetaStore {
                 if t.users.get(id.as_str()).map_err(db_err)?.is_some() {
                     return Ok(false);
                 }
-                t.users
-                    .insert(id.as_str(), bytes.as_slice())
-                    .map_err(db_err)?;
+                t.users.insert(id.as_str(), bytes.as_slice()).map_err(db_err)?;
                 Ok(true)
             })
             .await
@@ -154,9 +138,7 @@ impl MetaStore for EmbeddedMetaStore {
                 }
                 t.groups.insert(id, bytes.as_slice()).map_err(db_err)?;
                 for member in &group.members {
-                    t.memberships
-                        .insert((member.as_str(), id), ())
-                        .map_err(db_err)?;
+                    t.memberships.insert((member.as_str(), id), ()).map_err(db_err)?;
                 }
                 Ok(true)
             })
@@ -169,20 +151,12 @@ impl MetaStore for EmbeddedMetaStore {
 
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {
         let (group, user) = (group_id.to_owned(), user_id.to_owned());
-        self.store
-            .write(move |t: &mut MetaTables<'_>| change_member(t, &group, &user, true))
-            .await
+        self.store.write(move |t: &mut MetaTables<'_>| change_member(t, &group, &user, true)).await
     }
 
-    async fn remove_member(
-        &self,
-        group_id: &str,
-        user_id: &str,
-    ) -> StoreResult<Option<GroupRecord>> {
+    async fn remove_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {
         let (group, user) = (group_id.to_owned(), user_id.to_owned());
-        self.store
-            .write(move |t: &mut MetaTables<'_>| change_member(t, &group, &user, false))
-            .await
+        self.store.write(move |t: &mut MetaTables<'_>| change_member(t, &group, &user, false)).await
     }
 
     async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<String>> {

@@ -25,8 +25,7 @@ use crate::{OfflineEntry, OfflineStore, StoreResult};
 const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 const TOMBSTONES: TableDefinition<(&str, u64), u64> = TableDefinition::new("tombstones");
-const TOMBSTONE_EXPIRY: TableDefinition<(u64, &str, u64), ()> =
-    TableDefinition::new("tombstone_expiry");
+const TOMBSTONE_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("tombstone_expiry");
 
 /// Expired tombstones dropped per maintenance run, so one run adds little
 /// latency to the writes it shares a transaction with (the writer runs it
@@ -44,11 +43,7 @@ pub(crate) struct OfflineTables<'t> {
 
 impl OfflineTables<'_> {
     fn add_to_count(&mut self, receiver: &str, delta: i64) -> StoreResult<()> {
-        let current = self
-            .counts
-            .get(receiver)
-            .map_err(db_err)?
-            .map_or(0, |v| v.value());
+        let current = self.counts.get(receiver).map_err(db_err)?.map_or(0, |v| v.value());
         let next = current.saturating_add_signed(delta);
         if next == 0 {
             self.counts.remove(receiver).map_err(db_err)?;
@@ -74,11 +69,7 @@ impl Schema for Offline {
 
     fn maintain(t: &mut OfflineTables<'_>, now_ms: u64) -> StoreResult<bool> {
         let mut expired = Vec::new();
-        for entry in t
-            .tombstone_expiry
-            .range(..(now_ms, "", 0))
-            .map_err(db_err)?
-        {
+        for entry in t.tombstone_expiry.range(..(now_ms, "", 0)).map_err(db_err)? {
             let (k, _) = entry.map_err(db_err)?;
             let (at, receiver, msg_id) = k.value();
             expired.push((at, receiver.to_owned(), msg_id));
@@ -87,16 +78,10 @@ impl Schema for Offline {
             }
         }
         for (at, receiver, msg_id) in &expired {
-            t.tombstone_expiry
-                .remove((*at, receiver.as_str(), *msg_id))
-                .map_err(db_err)?;
+            t.tombstone_expiry.remove((*at, receiver.as_str(), *msg_id)).map_err(db_err)?;
             let key = (receiver.as_str(), *msg_id);
             // The tombstone may have been renewed by a later ack.
-            let still_expired = t
-                .tombstones
-                .get(key)
-                .map_err(db_err)?
-                .is_some_and(|v| v.value() <= *at);
+            let still_expired = t.tombstones.get(key).map_err(db_err)?.is_some_and(|v| v.value() <= *at);
             if still_expired {
                 t.tombstones.remove(key).map_err(db_err)?;
             }
@@ -113,9 +98,7 @@ pub struct EmbeddedOfflineStore {
 impl EmbeddedOfflineStore {
     /// Opens (creating if needed) the offline file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::LARGE_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::LARGE_CACHE_BYTES)? })
     }
 }
 
@@ -129,21 +112,13 @@ impl OfflineStore for EmbeddedOfflineStore {
                 let now = now_ms();
                 for receiver in &receivers {
                     let key = (receiver.as_str(), msg_id);
-                    let acked = t
-                        .tombstones
-                        .get(key)
-                        .map_err(db_err)?
-                        .is_some_and(|v| v.value() > now);
+                    let acked = t.tombstones.get(key).map_err(db_err)?.is_some_and(|v| v.value() > now);
                     if acked {
                         continue;
                     }
                     // One lookup instead of get-then-insert: rewriting an
                     // existing entry with the same message is harmless.
-                    let existed = t
-                        .entries
-                        .insert(key, payload.as_ref())
-                        .map_err(db_err)?
-                        .is_some();
+                    let existed = t.entries.insert(key, payload.as_ref()).map_err(db_err)?.is_some();
                     if !existed {
                         t.add_to_count(receiver, 1)?;
                     }
@@ -153,12 +128,7 @@ impl OfflineStore for EmbeddedOfflineStore {
             .await
     }
 
-    async fn pull(
-        &self,
-        receiver: &str,
-        after: u64,
-        limit: usize,
-    ) -> StoreResult<Vec<OfflineEntry>> {
+    async fn pull(&self, receiver: &str, after: u64, limit: usize) -> StoreResult<Vec<OfflineEntry>> {
         let receiver = receiver.to_owned();
         self.store
             .read(move |txn| {
@@ -168,11 +138,7 @@ impl OfflineStore for EmbeddedOfflineStore {
                 };
                 let table = txn.open_table(ENTRIES).map_err(db_err)?;
                 let r = receiver.as_str();
-                for entry in table
-                    .range((r, first)..=(r, u64::MAX))
-                    .map_err(db_err)?
-                    .take(limit)
-                {
+                for entry in table.range((r, first)..=(r, u64::MAX)).map_err(db_err)?.take(limit) {
                     let (k, v) = entry.map_err(db_err)?;
                     out.push(OfflineEntry {
                         msg_id: k.value().1,
@@ -184,12 +150,7 @@ impl OfflineStore for EmbeddedOfflineStore {
             .await
     }
 
-    async fn ack(
-        &self,
-        receiver: &str,
-        msg_ids: &[u64],
-        tombstone_ttl: Duration,
-    ) -> StoreResult<()> {
+    async fn ack(&self, receiver: &str, msg_ids: &[u64], tombstone_ttl: Duration) -> StoreResult<()> {
         let receiver = receiver.to_owned();
         let msg_ids = msg_ids.to_vec();
         let expires_at = expiry_ms(tombstone_ttl);
@@ -206,19 +167,12 @@ impl OfflineStore for EmbeddedOfflineStore {
                     // Every acknowledged id gets a tombstone, not only missing
                     // ones: a redelivered insert of a delivered message must
                     // not resurrect it either.
-                    let old = t
-                        .tombstones
-                        .insert((r, msg_id), expires_at)
-                        .map_err(db_err)?
-                        .map(|v| v.value());
+                    let old =
+                        t.tombstones.insert((r, msg_id), expires_at).map_err(db_err)?.map(|v| v.value());
                     if let Some(old) = old {
-                        t.tombstone_expiry
-                            .remove((old, r, msg_id))
-                            .map_err(db_err)?;
+                        t.tombstone_expiry.remove((old, r, msg_id)).map_err(db_err)?;
                     }
-                    t.tombstone_expiry
-                        .insert((expires_at, r, msg_id), ())
-                        .map_err(db_err)?;
+                    t.tombstone_expiry.insert((expires_at, r, msg_id), ()).map_err(db_err)?;
                 }
                 Ok(())
             })
@@ -230,10 +184,7 @@ impl OfflineStore for EmbeddedOfflineStore {
         self.store
             .read(move |txn| {
                 let table = txn.open_table(COUNTS).map_err(db_err)?;
-                Ok(table
-                    .get(receiver.as_str())
-                    .map_err(db_err)?
-                    .map_or(0, |v| v.value()))
+                Ok(table.get(receiver.as_str()).map_err(db_err)?.map_or(0, |v| v.value()))
             })
             .await
     }

@@ -22,9 +22,7 @@ impl InProcessRegistry {
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, NodeInfo>> {
         // A panic while holding the lock cannot leave the map half-updated
         // (every change is a single map operation), so poisoning is ignored.
-        self.nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.nodes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -50,11 +48,6 @@ impl Registry for InProcessRegistry {
     }
 
     async fn list(&self, role: &str) -> StoreResult<Vec<NodeInfo>> {
-        Ok(self
-            .nodes()
-            .values()
-            .filter(|n| n.role == role)
-            .cloned()
-            .collect())
+        Ok(self.nodes().values().filter(|n| n.role == role).cloned().collect())
     }
 }

@@ -25,9 +25,7 @@ impl Schema for Sequences {
     type Tables<'t> = SequenceTables<'t>;
 
     fn open_tables(txn: &WriteTransaction) -> StoreResult<SequenceTables<'_>> {
-        Ok(SequenceTables {
-            counters: txn.open_table(COUNTERS).map_err(db_err)?,
-        })
+        Ok(SequenceTables { counters: txn.open_table(COUNTERS).map_err(db_err)? })
     }
 }
 
@@ -39,9 +37,7 @@ pub struct EmbeddedSequenceStore {
 impl EmbeddedSequenceStore {
     /// Opens (creating if needed) the counter file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::SMALL_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
     }
 }
 
@@ -51,11 +47,7 @@ impl SequenceStore for EmbeddedSequenceStore {
         let key = key.to_owned();
         self.store
             .write(move |t: &mut SequenceTables<'_>| {
-                let current = t
-                    .counters
-                    .get(key.as_str())
-                    .map_err(db_err)?
-                    .map_or(0, |v| v.value());
+                let current = t.counters.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
                 let next = current.saturating_add(1);
                 t.counters.insert(key.as_str(), next).map_err(db_err)?;
                 Ok(next)
@@ -68,10 +60,7 @@ impl SequenceStore for EmbeddedSequenceStore {
         self.store
             .read(move |txn| {
                 let table = txn.open_table(COUNTERS).map_err(db_err)?;
-                Ok(table
-                    .get(key.as_str())
-                    .map_err(db_err)?
-                    .map_or(0, |v| v.value()))
+                Ok(table.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value()))
             })
             .await
     }
@@ -80,17 +69,11 @@ impl SequenceStore for EmbeddedSequenceStore {
         let key = key.to_owned();
         self.store
             .write(move |t: &mut SequenceTables<'_>| {
-                let current = t
-                    .counters
-                    .get(key.as_str())
-                    .map_err(db_err)?
-                    .map_or(0, |v| v.value());
+                let current = t.counters.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
                 if expected == 0 || current != expected {
                     return Ok(false);
                 }
-                t.counters
-                    .insert(key.as_str(), expected - 1)
-                    .map_err(db_err)?;
+                t.counters.insert(key.as_str(), expected - 1).map_err(db_err)?;
                 Ok(true)
             })
             .await

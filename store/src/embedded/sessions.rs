@@ -43,9 +43,7 @@ pub struct EmbeddedSessionStore {
 impl EmbeddedSessionStore {
     /// Opens (creating if needed) the session file at `path`. Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self {
-            store: Store::open(path, super::SMALL_CACHE_BYTES)?,
-        })
+        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
     }
 }
 
@@ -62,13 +60,9 @@ impl SessionStore for EmbeddedSessionStore {
                     .map_err(db_err)?
                     .map(|old| old.value().0.to_owned());
                 if let Some(old_node) = old_node {
-                    t.by_node
-                        .remove((old_node.as_str(), key.0, key.1))
-                        .map_err(db_err)?;
+                    t.by_node.remove((old_node.as_str(), key.0, key.1)).map_err(db_err)?;
                 }
-                t.by_node
-                    .insert((p.node_id.as_str(), key.0, key.1), p.connection_id)
-                    .map_err(db_err)?;
+                t.by_node.insert((p.node_id.as_str(), key.0, key.1), p.connection_id).map_err(db_err)?;
                 Ok(())
             })
             .await
@@ -79,20 +73,15 @@ impl SessionStore for EmbeddedSessionStore {
         self.store
             .write(move |t: &mut SessionTables<'_>| {
                 let key = (p.user_id.as_str(), p.device_id.as_str());
-                let current = t
-                    .placements
-                    .get(key)
-                    .map_err(db_err)?
-                    .map(|v| (v.value().0 == p.node_id, v.value().1));
+                let current =
+                    t.placements.get(key).map_err(db_err)?.map(|v| (v.value().0 == p.node_id, v.value().1));
                 // Only the exact login being closed may be removed: a newer
                 // login of the same device (other node or connection) stays.
                 if current != Some((true, p.connection_id)) {
                     return Ok(false);
                 }
                 t.placements.remove(key).map_err(db_err)?;
-                t.by_node
-                    .remove((p.node_id.as_str(), key.0, key.1))
-                    .map_err(db_err)?;
+                t.by_node.remove((p.node_id.as_str(), key.0, key.1)).map_err(db_err)?;
                 Ok(true)
             })
             .await
@@ -137,12 +126,8 @@ impl SessionStore for EmbeddedSessionStore {
                     victims.push((user.to_owned(), device.to_owned()));
                 }
                 for (user, device) in &victims {
-                    t.by_node
-                        .remove((node.as_str(), user.as_str(), device.as_str()))
-                        .map_err(db_err)?;
-                    t.placements
-                        .remove((user.as_str(), device.as_str()))
-                        .map_err(db_err)?;
+                    t.by_node.remove((node.as_str(), user.as_str(), device.as_str())).map_err(db_err)?;
+                    t.placements.remove((user.as_str(), device.as_str())).map_err(db_err)?;
                 }
                 Ok(victims.len())
             })

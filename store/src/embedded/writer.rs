@@ -102,9 +102,7 @@ where
                 (self.after_commit)(&value);
                 Ok(value)
             }
-            (Ok(()), None) => Err(StoreError::Backend(
-                "write operation was not applied".into(),
-            )),
+            (Ok(()), None) => Err(StoreError::Backend("write operation was not applied".into())),
             (Err(e), _) => Err(StoreError::Backend(format!("commit failed: {e}"))),
         };
         // The caller may have gone away (cancelled future); nothing to do then.
@@ -159,9 +157,8 @@ impl<S: Schema> Store<S> {
     /// blocking context.
     pub(crate) fn open(path: &Path, cache_bytes: usize) -> StoreResult<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Unavailable(format!("creating {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", parent.display())))?;
         }
         let db = Database::builder()
             .set_cache_size(cache_bytes)
@@ -179,12 +176,7 @@ impl<S: Schema> Store<S> {
             .name(format!("redb-{}", S::NAME))
             .spawn(move || writer_loop::<S>(&writer_db, rx))
             .map_err(|e| StoreError::Unavailable(format!("spawning writer thread: {e}")))?;
-        Ok(Self {
-            db,
-            queue: Some(tx),
-            thread: Some(thread),
-            path: path.to_owned(),
-        })
+        Ok(Self { db, queue: Some(tx), thread: Some(thread), path: path.to_owned() })
     }
 
     /// Runs `op` in the next group-committed write transaction and returns its
@@ -210,12 +202,7 @@ impl<S: Schema> Store<S> {
     {
         let queue = self.queue.as_ref().ok_or_else(|| self.closed())?;
         let (reply, answer) = oneshot::channel();
-        let job: BoxJob<S> = Box::new(FnJob {
-            op,
-            after_commit,
-            result: None,
-            reply,
-        });
+        let job: BoxJob<S> = Box::new(FnJob { op, after_commit, result: None, reply });
         queue.send(job).await.map_err(|_| self.closed())?;
         answer.await.map_err(|_| self.closed())?
     }
@@ -275,10 +262,7 @@ fn writer_loop<S: Schema>(db: &Database, mut rx: mpsc::Receiver<BoxJob<S>>) {
         if backlog.load(Ordering::Relaxed) || last_maintenance.elapsed() >= MAINTENANCE_INTERVAL {
             last_maintenance = Instant::now();
             backlog.store(false, Ordering::Relaxed);
-            batch.push(Box::new(MaintenanceJob::<S> {
-                backlog: backlog.clone(),
-                _schema: PhantomData,
-            }));
+            batch.push(Box::new(MaintenanceJob::<S> { backlog: backlog.clone(), _schema: PhantomData }));
         }
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -302,10 +286,9 @@ fn commit_batch<S: Schema>(db: &Database, mut jobs: Vec<BoxJob<S>>) {
             Err(e) => return fail_all(jobs, &db_err(e)),
         };
         let failed = match S::open_tables(&txn) {
-            Ok(mut tables) => jobs
-                .iter_mut()
-                .enumerate()
-                .find_map(|(i, job)| job.apply(&mut tables).err().map(|e| (i, e))),
+            Ok(mut tables) => {
+                jobs.iter_mut().enumerate().find_map(|(i, job)| job.apply(&mut tables).err().map(|e| (i, e)))
+            }
             Err(e) => return fail_all(jobs, &e),
         };
         if let Some((index, error)) = failed {

@@ -66,10 +66,12 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
                 let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
                 panic!("server did not report ready; log:\n{log}")
-            });
+            };
             if let Some(rest) = line.strip_prefix("tern standalone ready: ") {
                 let field = |name: &str| {
                     rest.split_whitespace()
