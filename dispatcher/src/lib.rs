@@ -158,18 +158,30 @@ impl Dispatcher {
         ServiceError::new(ErrorCode::NotGroupMember, format!("you are not a member of group {group_id:?}"))
     }
 
+    /// The ACK already given for this client message id, if any. Checked
+    /// before validation too, so a retry gets its ACK even when the send
+    /// would no longer be valid (the sender left the group meanwhile).
+    async fn already_accepted(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> ServiceResult<Option<pb::SendAck>> {
+        let seen = self.backends.dedup.get(sender, client_msg_id).await.map_err(backend)?;
+        Ok(seen.map(|seen| pb::SendAck {
+            client_msg_id: client_msg_id.to_owned(),
+            msg_id: seen.msg_id,
+            seq: seen.seq,
+            sent_at_ms: seen.sent_at_ms,
+            duplicate: true,
+        }))
+    }
+
     /// Dedup, sequence, id, publish: the one path every message takes.
     async fn accept(&self, draft: Draft) -> ServiceResult<pb::SendAck> {
         let _guard = self.stripe(&draft.conversation).lock().await;
-        let dedup = &self.backends.dedup;
-        if let Some(seen) = dedup.get(&draft.sender, &draft.client_msg_id).await.map_err(backend)? {
-            return Ok(pb::SendAck {
-                client_msg_id: draft.client_msg_id,
-                msg_id: seen.msg_id,
-                seq: seen.seq,
-                sent_at_ms: seen.sent_at_ms,
-                duplicate: true,
-            });
+        // Checked again under the lock: two concurrent retries store once.
+        if let Some(ack) = self.already_accepted(&draft.sender, &draft.client_msg_id).await? {
+            return Ok(ack);
         }
         let sequences = &self.backends.sequences;
         let seq = sequences.incr(&draft.conversation).await.map_err(backend)?;
@@ -203,7 +215,9 @@ impl Dispatcher {
         let record = DedupRecord { msg_id, seq, sent_at_ms };
         // The message is durable already: a failed dedup write only weakens
         // retry deduplication, so it is logged rather than failing the send.
-        if let Err(e) = dedup.put(&draft.sender, &draft.client_msg_id, record, self.config.dedup_ttl).await {
+        if let Err(e) =
+            self.backends.dedup.put(&draft.sender, &draft.client_msg_id, record, self.config.dedup_ttl).await
+        {
             tracing::warn!(error = %e, "dedup record not stored");
         }
         Ok(pb::SendAck { client_msg_id: draft.client_msg_id, msg_id, seq, sent_at_ms, duplicate: false })
@@ -231,6 +245,9 @@ impl Dispatcher {
 impl DispatchService for Dispatcher {
     async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
+        if let Some(ack) = self.already_accepted(sender, &req.client_msg_id).await? {
+            return Ok(ack);
+        }
         validate_id("receiver", &req.receiver)?;
         self.require_user(&req.receiver).await?;
         self.accept(Draft {
@@ -248,6 +265,9 @@ impl DispatchService for Dispatcher {
 
     async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
+        if let Some(ack) = self.already_accepted(sender, &req.client_msg_id).await? {
+            return Ok(ack);
+        }
         let group = self.require_group(&req.group_id).await?;
         if group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_err() {
             return Err(Self::not_member(&req.group_id));

@@ -73,8 +73,7 @@ impl HistoryApi for HistoryService {
         }
         let limit = if limit == 0 { 50 } else { limit.min(MAX_PAGE) } as usize;
         let mut rows = self.history.page(group_id, before_msg_id, limit + 1).await.map_err(backend)?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
+        let more = tern_proto::cut_page(&mut rows, limit, |(_, payload)| payload.len());
         let messages = rows
             .into_iter()
             .filter_map(|(msg_id, payload)| match pb::Message::decode(payload) {

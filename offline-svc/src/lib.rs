@@ -91,8 +91,7 @@ impl OfflineApi for OfflineService {
         let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
         // One extra row tells whether another page exists.
         let mut entries = self.store.pull(user, after_msg_id, limit + 1).await.map_err(backend)?;
-        let more = entries.len() > limit;
-        entries.truncate(limit);
+        let more = tern_proto::cut_page(&mut entries, limit, |e| e.payload.len());
         let mut messages = Vec::with_capacity(entries.len());
         for entry in entries {
             match pb::Message::decode(entry.payload) {

@@ -24,6 +24,33 @@ pub mod pb {
 /// by conversation, from the dispatchers to offline-svc and group-svc.
 pub const MESSAGES_TOPIC: &str = "tern.messages";
 
+/// Most message bytes one page (offline pull, history) carries; a page
+/// always holds at least one message, so a server frame stays below
+/// `MAX_PAGE_BYTES` plus one maximal message.
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
+
+/// Largest frame body clients should accept from servers: the biggest
+/// configurable request body (16 MiB) plus a page's worth of room.
+pub const MAX_SERVER_BODY_LEN: u32 = 16 * 1024 * 1024 + MAX_PAGE_BYTES as u32;
+
+/// Cuts `rows`, fetched with one row beyond `limit`, to at most `limit` rows
+/// and [`MAX_PAGE_BYTES`] (counted with `size`, at least one row kept).
+/// Returns whether rows were left out, i.e. whether another page exists.
+pub fn cut_page<T>(rows: &mut Vec<T>, limit: usize, size: impl Fn(&T) -> usize) -> bool {
+    let mut total = 0;
+    let mut keep = 0;
+    for row in rows.iter().take(limit) {
+        total += size(row);
+        if keep > 0 && total > MAX_PAGE_BYTES {
+            break;
+        }
+        keep += 1;
+    }
+    let more = rows.len() > keep;
+    rows.truncate(keep);
+    more
+}
+
 /// Protocol version this build speaks; sent as `clientVersion` by the SDK.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -128,6 +155,22 @@ mod tests {
         assert_eq!(single_conversation_key("bob", "alice"), "p:alice:bob");
         assert_eq!(single_conversation_key("alice", "bob"), "p:alice:bob");
         assert_eq!(group_conversation_key("g1"), "g:g1");
+    }
+
+    #[test]
+    fn pages_are_cut_by_count_and_bytes() {
+        let mut rows = vec![10usize; 5];
+        assert!(cut_page(&mut rows, 4, |r| *r));
+        assert_eq!(rows.len(), 4);
+        let mut rows = vec![10usize; 3];
+        assert!(!cut_page(&mut rows, 4, |r| *r));
+        assert_eq!(rows.len(), 3);
+        let mut rows = vec![MAX_PAGE_BYTES / 2 + 1; 3];
+        assert!(cut_page(&mut rows, 10, |r| *r));
+        assert_eq!(rows.len(), 1);
+        let mut rows = vec![MAX_PAGE_BYTES * 3];
+        assert!(!cut_page(&mut rows, 10, |r| *r), "one oversized row is still returned");
+        assert_eq!(rows.len(), 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! |----------------------|-----------------------------|-------------------------------------------|
 //! | `POST /v1/register`  | `{"user_id","password"}`    | 201 `{"user_id"}`                         |
 //! | `POST /v1/login`     | `{"user_id","password"}`    | 200 `{"user_id","token","expires_at_ms"}` |
-//! | `GET /v1/ipList`     |                             | 200 `{"nodes":[{"node_id","addr","connections"}]}`, least loaded first |
+//! | `GET /v1/ipList`     |                             | 200 `{"nodes":[{"node_id","role","addr","connections"}]}`, least loaded first |
 //! | `GET /healthz`       |                             | 200 `ok`                                  |
 //!
 //! Errors are `{"error": CODE, "message": text}` with CODE one of

@@ -41,6 +41,7 @@ pub struct ConnectOptions {
     pub server_name: Option<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Largest frame body accepted from the server.
     pub max_body_len: u32,
 }
 
@@ -52,7 +53,7 @@ impl ConnectOptions {
             server_name: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
-            max_body_len: tern_proto::DEFAULT_MAX_BODY_LEN,
+            max_body_len: tern_proto::MAX_SERVER_BODY_LEN,
         }
     }
 }

@@ -206,3 +206,49 @@ async fn retried_send_is_stored_once() {
     assert_eq!(text(&next_message(&mut bob_events, WAIT).await), "once");
     no_message(&mut bob_events, Duration::from_millis(500)).await;
 }
+
+#[tokio::test]
+async fn offline_pages_larger_than_a_frame_maximum_arrive_whole() {
+    let (server, _dir) = Server::start();
+    server.token("bob").await;
+    let (alice, _alice_events) = server.client("alice").await;
+    // 40 × 60 KiB: the offline store holds more than 2 MiB for bob, more
+    // than one page may carry.
+    for i in 0..40u8 {
+        alice.send_single("bob", vec![b'a' + (i % 26); 60 * 1024]).await.unwrap();
+    }
+    let (bob, mut bob_events) = server.client("bob").await;
+    assert_eq!(bob.login_info().unwrap().pending_offline, 40);
+    for i in 0..40u64 {
+        let m = next_message(&mut bob_events, WAIT).await;
+        assert_eq!(m.seq, i + 1);
+        assert_eq!(m.content.len(), 60 * 1024);
+    }
+    no_message(&mut bob_events, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn retry_after_leaving_the_group_still_gets_its_ack() {
+    let (server, _dir) = Server::start();
+    server.token("bob").await;
+    let (conn, _events) = server.raw_logged_in("alice").await;
+    let create =
+        pb::CreateGroupRequest { group_id: "g".into(), name: String::new(), members: vec!["bob".into()] };
+    let _: pb::GroupInfo = conn.request(tern_proto::RequestType::CreateGroup, &create).await.unwrap();
+    let send = pb::SendGroupRequest {
+        client_msg_id: "g-retry".into(),
+        sender: String::new(),
+        group_id: "g".into(),
+        content: b"bye".to_vec(),
+    };
+    let first: pb::SendAck = conn.request(tern_proto::RequestType::SendGroup, &send).await.unwrap();
+    let leave = pb::GroupRequest { group_id: "g".into() };
+    let _: pb::GroupInfo = conn.request(tern_proto::RequestType::LeaveGroup, &leave).await.unwrap();
+    let retry: pb::SendAck = conn.request(tern_proto::RequestType::SendGroup, &send).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.msg_id, first.msg_id);
+    // A new message is refused now.
+    let fresh = pb::SendGroupRequest { client_msg_id: "g-new".into(), ..send };
+    let err = conn.request::<_, pb::SendAck>(tern_proto::RequestType::SendGroup, &fresh).await.unwrap_err();
+    assert_eq!(err.code(), Some(tern_proto::ErrorCode::NotGroupMember));
+}
