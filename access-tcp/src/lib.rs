@@ -178,6 +178,7 @@ impl AccessNode {
             node_id: self.config.node_id.clone(),
             role: ACCESS_TCP_ROLE.to_owned(),
             addr: self.config.advertise_addr.clone(),
+            internal_addr: String::new(),
             connections: 0,
         };
         registry.register(&info).await.map_err(std::io::Error::other)?;

@@ -140,7 +140,9 @@ pub async fn run_consumer(
                 continue;
             }
         };
-        let Some(last) = batch.last().map(|r| r.offset) else { continue };
+        if batch.is_empty() {
+            continue;
+        }
         let mut decoded = Vec::with_capacity(batch.len());
         for record in &batch {
             match pb::BusEnvelope::decode(record.payload.clone()) {
@@ -179,7 +181,7 @@ pub async fn run_consumer(
                 }
             }
         }
-        if let Err(e) = consumer.commit(last).await {
+        if let Err(e) = consumer.commit(&batch).await {
             tracing::warn!(error = %e, "offset commit failed; the batch will be replayed");
         }
     }

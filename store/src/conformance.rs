@@ -36,6 +36,28 @@ pub fn unique_id(prefix: &str) -> String {
     format!("{prefix}-{nanos:x}-{:x}-{n}", std::process::id())
 }
 
+/// The address of a real engine for a conformance run, read from `var`.
+///
+/// Unset means "skip" (the function prints why and returns `None`), unless
+/// `TERN_REQUIRE_ENGINES` is `all` or names `var` in a comma-separated list,
+/// as the test script sets it once it has started the engines: then a
+/// missing engine fails the test instead of silently skipping it.
+pub fn engine_from_env(var: &str) -> Option<String> {
+    if let Ok(value) = std::env::var(var)
+        && !value.is_empty()
+    {
+        return Some(value);
+    }
+    let required = std::env::var("TERN_REQUIRE_ENGINES").unwrap_or_default();
+    if required == "all" || required.split(',').any(|r| r.trim() == var) {
+        panic!(
+            "{var} is not set but TERN_REQUIRE_ENGINES={required:?} requires it (run ./scripts/engines.sh start)"
+        );
+    }
+    eprintln!("skipped: {var} is not set, no server to run this suite against");
+    None
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -591,7 +613,7 @@ pub async fn bus(bus: &dyn Bus) {
 
     // Commit the third record; a new consumer of the group resumes after it
     // and receives again what was delivered but not committed.
-    a1.commit(got[2].offset).await.expect("commit");
+    a1.commit(&got[..3]).await.expect("commit");
     drop(a1);
     let mut a2 = bus.subscribe(&topic, &group_a).await.expect("subscribe");
     let again = poll_n(&mut *a2, 2, 100).await;
@@ -633,7 +655,7 @@ pub async fn bus(bus: &dyn Bus) {
     assert!(woken[0].offset > got[4].offset, "bus: offsets keep increasing");
 
     // Everything committed: a new consumer of the group has nothing to read.
-    a2.commit(woken[0].offset).await.expect("commit");
+    a2.commit(&woken[..1]).await.expect("commit");
     drop(a2);
     let mut a3 = bus.subscribe(&topic, &group_a).await.expect("subscribe");
     let none = a3.poll(100, Duration::from_millis(500)).await.expect("poll");
@@ -656,6 +678,7 @@ pub async fn registry(registry: &dyn Registry) {
         node_id: id.to_owned(),
         role: role.to_owned(),
         addr: addr.to_owned(),
+        internal_addr: format!("{addr}-internal"),
         connections: 0,
     };
 
@@ -700,4 +723,21 @@ pub async fn registry(registry: &dyn Registry) {
     registry.deregister(&id_b).await.expect("deregister");
     registry.deregister(&elsewhere.node_id).await.expect("deregister");
     assert!(registry.list(&role).await.expect("list").is_empty(), "registry: all nodes deregistered");
+
+    // watch follows joins and leaves of its role only.
+    let mut watched = registry.watch(&role).await.expect("watch");
+    assert!(watched.borrow().is_empty(), "registry: watch starts with the current list");
+    let joined = node(&unique_id("nw"), &role, "127.0.0.1:4");
+    registry.register(&joined).await.expect("register");
+    let seen = tokio::time::timeout(Duration::from_secs(10), watched.wait_for(|nodes| nodes.len() == 1))
+        .await
+        .expect("registry: watch sees a join within 10 s")
+        .expect("watch open")
+        .clone();
+    assert_eq!(seen[0].node_id, joined.node_id, "registry: watch lists the joined node");
+    registry.deregister(&joined.node_id).await.expect("deregister");
+    tokio::time::timeout(Duration::from_secs(10), watched.wait_for(|nodes| nodes.is_empty()))
+        .await
+        .expect("registry: watch sees a leave within 10 s")
+        .expect("watch open");
 }

@@ -12,6 +12,11 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod kafka;
+pub mod mongo;
+pub mod redis;
+pub mod scylla;
+pub mod zookeeper;
 
 use std::time::Duration;
 
@@ -175,6 +180,10 @@ pub trait MetaStore: Send + Sync + 'static {
 /// One record read from the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusRecord {
+    /// Partition of the topic (always 0 on the embedded bus). Order holds
+    /// within a partition; records with the same key share a partition.
+    pub partition: u32,
+    /// Position within the partition.
     pub offset: u64,
     pub key: Bytes,
     pub payload: Bytes,
@@ -198,8 +207,10 @@ pub trait BusConsumer: Send + 'static {
     /// Waits up to `wait` for records and returns at most `max` of them, in
     /// order; an empty batch means nothing arrived in time.
     async fn poll(&mut self, max: usize, wait: Duration) -> StoreResult<Vec<BusRecord>>;
-    /// Marks everything up to and including `offset` as processed.
-    async fn commit(&mut self, offset: u64) -> StoreResult<()>;
+    /// Marks as processed, in each partition that appears in `records`,
+    /// everything up to and including that partition's highest offset there.
+    /// Consumers pass the batch they just finished.
+    async fn commit(&mut self, records: &[BusRecord]) -> StoreResult<()>;
 }
 
 /// A live node as seen in the registry (ZooKeeper in cluster mode).
@@ -208,8 +219,12 @@ pub struct NodeInfo {
     pub node_id: String,
     /// Role name, e.g. "access-tcp" or "dispatcher".
     pub role: String,
-    /// Address clients or peers connect to.
+    /// Address clients connect to (access nodes) or peers call (other roles).
     pub addr: String,
+    /// Address of the node's internal RPC endpoint, when it differs from
+    /// `addr` (an access node serves clients on `addr` and pushes here).
+    #[serde(default)]
+    pub internal_addr: String,
     /// Live connection count (access nodes).
     pub connections: u64,
 }
@@ -224,4 +239,8 @@ pub trait Registry: Send + Sync + 'static {
     async fn deregister(&self, node_id: &str) -> StoreResult<()>;
     /// Live nodes of a role, sorted by node id.
     async fn list(&self, role: &str) -> StoreResult<Vec<NodeInfo>>;
+    /// Follows the membership of a role: the receiver holds the current
+    /// list (as [`Registry::list`] returns it) and is updated when a node of
+    /// the role joins or leaves. Connection-count changes need not notify.
+    async fn watch(&self, role: &str) -> StoreResult<tokio::sync::watch::Receiver<Vec<NodeInfo>>>;
 }

@@ -121,7 +121,7 @@ async fn data_survives_reopen() {
         let records = consumer.poll(10, Duration::from_secs(5)).await.expect("poll");
         assert_eq!(records.len(), 4);
         committed = records[1].offset;
-        consumer.commit(committed).await.expect("commit");
+        consumer.commit(&records[..2]).await.expect("commit");
         // Closing: every handle (the consumer keeps the bus open) dropped.
         drop(consumer);
         drop(b);
@@ -244,9 +244,9 @@ async fn bus_trims_committed_records() {
     let mut slow = bus.subscribe("t", "slow").await.expect("subscribe");
     let records = fast.poll(100, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(records.len(), 10);
-    fast.commit(records[9].offset).await.expect("commit");
+    fast.commit(&records[..10]).await.expect("commit");
     assert_eq!(bus.trim().await.expect("trim"), 0, "the slow group has committed nothing");
-    slow.commit(records[3].offset).await.expect("commit");
+    slow.commit(&records[3..4]).await.expect("commit");
     assert_eq!(bus.trim().await.expect("trim"), 4, "records 0..=3 are committed by all");
     assert_eq!(bus.retained("t").await.expect("retained"), 6);
     // The slow group still gets everything it has not committed.
@@ -258,7 +258,7 @@ async fn bus_trims_committed_records() {
 
     // Automatic trimming kicks in after enough commits.
     for _ in 0..300 {
-        slow.commit(records[9].offset).await.expect("commit");
+        slow.commit(&records[9..10]).await.expect("commit");
     }
     assert_eq!(bus.retained("t").await.expect("retained"), 0, "trimmed automatically");
     // Offsets continue after the log was emptied by a trim.

@@ -262,6 +262,7 @@ impl EmbeddedConsumer {
                     let (k, v) = entry.map_err(db_err)?;
                     let (key, payload) = v.value();
                     out.push(BusRecord {
+                        partition: 0,
                         offset: k.value().1,
                         key: Bytes::copy_from_slice(key),
                         payload: Bytes::copy_from_slice(payload),
@@ -307,7 +308,9 @@ impl BusConsumer for EmbeddedConsumer {
         }
     }
 
-    async fn commit(&mut self, offset: u64) -> StoreResult<()> {
+    async fn commit(&mut self, records: &[BusRecord]) -> StoreResult<()> {
+        // One partition: the batch's highest offset is the commit point.
+        let Some(offset) = records.iter().map(|r| r.offset).max() else { return Ok(()) };
         let trim = self.shared.commits.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY_COMMITS
             == TRIM_EVERY_COMMITS - 1;
         let (topic, group) = (self.topic.clone(), self.group.clone());

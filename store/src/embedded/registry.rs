@@ -2,16 +2,25 @@
 //! (they all live and die with the process, so nothing is persisted).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 use crate::{NodeInfo, Registry, StoreResult};
 
 /// [`Registry`] in memory, keyed by node id so listings come out sorted.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InProcessRegistry {
-    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    nodes: Arc<Mutex<BTreeMap<String, NodeInfo>>>,
+    /// Bumped on every join or leave; watchers re-list on a change.
+    membership: watch::Sender<u64>,
+}
+
+impl Default for InProcessRegistry {
+    fn default() -> Self {
+        Self { nodes: Arc::default(), membership: watch::channel(0).0 }
+    }
 }
 
 impl InProcessRegistry {
@@ -30,6 +39,7 @@ impl InProcessRegistry {
 impl Registry for InProcessRegistry {
     async fn register(&self, node: &NodeInfo) -> StoreResult<()> {
         self.nodes().insert(node.node_id.clone(), node.clone());
+        self.membership.send_modify(|v| *v += 1);
         Ok(())
     }
 
@@ -43,11 +53,33 @@ impl Registry for InProcessRegistry {
     }
 
     async fn deregister(&self, node_id: &str) -> StoreResult<()> {
-        self.nodes().remove(node_id);
+        if self.nodes().remove(node_id).is_some() {
+            self.membership.send_modify(|v| *v += 1);
+        }
         Ok(())
     }
 
     async fn list(&self, role: &str) -> StoreResult<Vec<NodeInfo>> {
         Ok(self.nodes().values().filter(|n| n.role == role).cloned().collect())
+    }
+
+    async fn watch(&self, role: &str) -> StoreResult<watch::Receiver<Vec<NodeInfo>>> {
+        let nodes = self.nodes.clone();
+        let role = role.to_owned();
+        let of_role = move || -> Vec<NodeInfo> {
+            let nodes = nodes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            nodes.values().filter(|n| n.role == role).cloned().collect()
+        };
+        let (tx, rx) = watch::channel(of_role());
+        let mut changes = self.membership.subscribe();
+        tokio::spawn(async move {
+            // Ends when the registry or every receiver is gone.
+            while changes.changed().await.is_ok() {
+                if tx.send(of_role()).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
     }
 }

@@ -1,0 +1,1 @@
+//! Kafka implementation of [`crate::Bus`] (rdkafka): being written.

@@ -1,0 +1,1 @@
+//! MongoDB implementation of [`crate::MetaStore`]: being written.

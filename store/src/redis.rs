@@ -1,0 +1,1 @@
+//! Redis implementations of the session, sequence, dedup, offline, meta and history stores: being written.

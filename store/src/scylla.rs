@@ -1,0 +1,1 @@
+//! ScyllaDB implementation of [`crate::HistoryStore`]: being written.

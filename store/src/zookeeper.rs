@@ -1,0 +1,1 @@
+//! ZooKeeper implementation of [`crate::Registry`] and worker-id leases: being written.
