@@ -1,8 +1,23 @@
-//! Compiles `proto/tern.proto` with a vendored protoc so no system protoc is needed.
+//! Compiles the protobuf files with a vendored protoc so no system protoc is
+//! needed: `tern.proto` always, `internal.proto` (tonic services) with the
+//! `rpc` feature.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/tern.proto");
-    prost_build::Config::new()
-        .protoc_executable(protoc_bin_vendored::protoc_bin_path()?)
-        .compile_protos(&["proto/tern.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/internal.proto");
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(&protoc);
+    config.compile_protos(&["proto/tern.proto"], &["proto"])?;
+
+    #[cfg(feature = "rpc")]
+    {
+        let mut config = prost_build::Config::new();
+        config.protoc_executable(&protoc);
+        tonic_prost_build::configure().extern_path(".tern.v1", "crate::pb").compile_with_config(
+            config,
+            &["proto/internal.proto"],
+            &["proto"],
+        )?;
+    }
     Ok(())
 }

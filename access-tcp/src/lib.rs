@@ -11,6 +11,7 @@
 //! offline store, and the client pulls it after reconnecting.
 
 mod connection;
+pub mod rpc;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -41,6 +42,9 @@ pub struct AccessConfig {
     pub node_id: String,
     /// Address clients are told to connect to (ipList).
     pub advertise_addr: String,
+    /// Address of this node's internal gRPC endpoint (pushes from
+    /// offline-svc in cluster mode); empty in standalone.
+    pub internal_addr: String,
     /// Largest accepted frame body.
     pub max_body_len: u32,
     /// Heartbeat interval suggested to clients at login.
@@ -66,6 +70,7 @@ impl AccessConfig {
         Self {
             node_id: node_id.into(),
             advertise_addr: advertise_addr.into(),
+            internal_addr: String::new(),
             max_body_len: DEFAULT_MAX_BODY_LEN,
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
@@ -178,7 +183,7 @@ impl AccessNode {
             node_id: self.config.node_id.clone(),
             role: ACCESS_TCP_ROLE.to_owned(),
             addr: self.config.advertise_addr.clone(),
-            internal_addr: String::new(),
+            internal_addr: self.config.internal_addr.clone(),
             connections: 0,
         };
         registry.register(&info).await.map_err(std::io::Error::other)?;

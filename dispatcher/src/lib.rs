@@ -14,6 +14,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod link;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use prost::Message as _;
@@ -24,8 +26,6 @@ use tern_proto::{
 };
 use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MetaStore, SequenceStore};
 use tokio::sync::Mutex;
-
-pub use tern_proto::MESSAGES_TOPIC;
 
 /// Longest accepted client message id, in bytes.
 pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
@@ -49,11 +49,17 @@ pub struct DispatcherConfig {
     pub dedup_ttl: Duration,
     /// Largest group, counting the owner.
     pub max_group_members: usize,
+    /// Topic the messages are published to.
+    pub bus: tern_proto::BusNames,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
-        Self { dedup_ttl: Duration::from_secs(24 * 3600), max_group_members: 2_000 }
+        Self {
+            dedup_ttl: Duration::from_secs(24 * 3600),
+            max_group_members: 2_000,
+            bus: tern_proto::BusNames::default(),
+        }
     }
 }
 
@@ -206,8 +212,11 @@ impl Dispatcher {
         };
         let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers };
         let key = Bytes::from(draft.conversation.clone().into_bytes());
-        if let Err(e) =
-            self.backends.bus.publish(MESSAGES_TOPIC, key, Bytes::from(envelope.encode_to_vec())).await
+        if let Err(e) = self
+            .backends
+            .bus
+            .publish(&self.config.bus.messages_topic, key, Bytes::from(envelope.encode_to_vec()))
+            .await
         {
             self.undo_sequence(&draft.conversation, seq).await;
             return Err(backend(e));

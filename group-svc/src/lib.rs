@@ -7,15 +7,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod rpc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::pb::{self, ConversationKind};
-use tern_proto::{ErrorCode, MESSAGES_TOPIC, ServiceError, ServiceResult, validate_id};
+use tern_proto::{BusNames, ErrorCode, ServiceError, ServiceResult, validate_id};
 use tern_store::{Bus, HistoryStore, MetaStore};
-
-/// Consumer group name on the messages topic.
-pub const CONSUMER_GROUP: &str = "group-svc";
 
 /// Largest page a history query returns.
 pub const MAX_PAGE: u32 = 200;
@@ -92,10 +91,11 @@ impl HistoryApi for HistoryService {
 /// messages; commits after the writes, so a crash replays (idempotently).
 pub async fn run_consumer(
     bus: Arc<dyn Bus>,
+    names: BusNames,
     history: Arc<dyn HistoryStore>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
-    let mut consumer = bus.subscribe(MESSAGES_TOPIC, CONSUMER_GROUP).await?;
+    let mut consumer = bus.subscribe(&names.messages_topic, &names.history_group).await?;
     tokio::pin!(shutdown);
     loop {
         let batch = tokio::select! {

@@ -7,6 +7,8 @@
 //! a backwards step of at most [`MAX_WAIT_BACKWARDS_MS`] is waited out
 //! instead of failing, since NTP slews of a few milliseconds are routine.
 
+pub mod rpc;
+
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -15,15 +15,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod rpc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use prost::Message as _;
-use tern_proto::{MESSAGES_TOPIC, pb};
+use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
 use tern_store::{Bus, OfflineEntry, OfflineStore, Placement, SessionStore};
-
-/// Consumer group name on the messages topic.
-pub const CONSUMER_GROUP: &str = "offline-svc";
 
 /// Delivers a pushed message to the connection a placement names. Pushes are
 /// best effort: the offline set keeps the message until it is ACKed.
@@ -120,12 +119,13 @@ impl OfflineApi for OfflineService {
 /// clients drop duplicate pushes by message id.
 pub async fn run_consumer(
     bus: Arc<dyn Bus>,
+    names: BusNames,
     store: Arc<dyn OfflineStore>,
     sessions: Arc<dyn SessionStore>,
     pushes: Arc<dyn PushGateway>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
-    let mut consumer = bus.subscribe(MESSAGES_TOPIC, CONSUMER_GROUP).await?;
+    let mut consumer = bus.subscribe(&names.messages_topic, &names.offline_group).await?;
     tokio::pin!(shutdown);
     loop {
         let batch = tokio::select! {

@@ -11,6 +11,8 @@
 
 mod codec;
 mod error;
+#[cfg(feature = "rpc")]
+pub mod rpc;
 
 pub use codec::{DEFAULT_MAX_BODY_LEN, Frame, FrameCodec, FrameError, FrameHeader, HEADER_LEN};
 pub use error::{ErrorCode, ServiceError, ServiceResult};
@@ -20,9 +22,32 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/tern.v1.rs"));
 }
 
-/// Bus topic carrying every accepted message, as a [`pb::BusEnvelope`] keyed
-/// by conversation, from the dispatchers to offline-svc and group-svc.
-pub const MESSAGES_TOPIC: &str = "tern.messages";
+/// Names on the message bus. The messages topic carries every accepted
+/// message, as a [`pb::BusEnvelope`] keyed by conversation, from the
+/// dispatchers to offline-svc and group-svc, each consuming it in its own
+/// group. A prefix (default `tern`) lets several deployments share a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusNames {
+    pub messages_topic: String,
+    pub offline_group: String,
+    pub history_group: String,
+}
+
+impl BusNames {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            messages_topic: format!("{prefix}.messages"),
+            offline_group: format!("{prefix}.offline-svc"),
+            history_group: format!("{prefix}.group-svc"),
+        }
+    }
+}
+
+impl Default for BusNames {
+    fn default() -> Self {
+        Self::with_prefix("tern")
+    }
+}
 
 /// Most message bytes one page (offline pull, history) carries; a page
 /// always holds at least one message, so a server frame stays below
@@ -122,6 +147,24 @@ pub fn single_conversation_key(a: &str, b: &str) -> String {
 /// See [`single_conversation_key`].
 pub fn group_conversation_key(group_id: &str) -> String {
     format!("g:{group_id}")
+}
+
+/// Rendezvous (highest random weight) hashing weight of `node` for `key`.
+/// Every process computes the same weights (FNV-1a, no per-process seed),
+/// so all of them map a key to the same node; when a node leaves, only the
+/// keys it owned move.
+pub fn rendezvous_weight(key: &str, node: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [key.as_bytes(), node.as_bytes()] {
+        for byte in part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Separator, so ("ab", "c") and ("a", "bc") differ.
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Checks a user, device or group id: 1–64 bytes of `[A-Za-z0-9_.@-]`.

@@ -4,7 +4,7 @@
 //! |----------------------|-----------------------------|-------------------------------------------|
 //! | `POST /v1/register`  | `{"user_id","password"}`    | 201 `{"user_id"}`                         |
 //! | `POST /v1/login`     | `{"user_id","password"}`    | 200 `{"user_id","token","expires_at_ms"}` |
-//! | `GET /v1/ipList`     |                             | 200 `{"nodes":[{"node_id","role","addr","connections"}]}`, least loaded first |
+//! | `GET /v1/ipList[?user=ID]` |                       | 200 `{"nodes":[{"node_id","role","addr","internal_addr","connections"}]}`, in the configured selection order (default least loaded first) |
 //! | `GET /healthz`       |                             | 200 `ok`                                  |
 //!
 //! Errors are `{"error": CODE, "message": text}` with CODE one of
@@ -14,8 +14,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -99,8 +99,13 @@ async fn login(
     }
 }
 
-async fn ip_list(State(service): State<Arc<AuthService>>) -> Response {
-    match service.ip_list().await {
+#[derive(Debug, Deserialize)]
+struct IpListQuery {
+    user: Option<String>,
+}
+
+async fn ip_list(State(service): State<Arc<AuthService>>, Query(query): Query<IpListQuery>) -> Response {
+    match service.ip_list(query.user.as_deref()).await {
         Ok(nodes) => Json(IpListResponse { nodes }).into_response(),
         Err(e) => AccountError::Internal(e.message).into_response(),
     }

@@ -7,6 +7,7 @@
 //! a placed session when a client logs in on a connection.
 
 pub mod http;
+pub mod rpc;
 mod token;
 
 use std::sync::Arc;
@@ -82,15 +83,32 @@ pub trait SessionAuthority: Send + Sync + 'static {
     async fn detach_node(&self, node_id: &str) -> ServiceResult<usize>;
 }
 
+/// How `ipList` orders the access nodes it returns (clients take the first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessSelection {
+    /// Fewest live connections first.
+    #[default]
+    LeastActive,
+    /// A different first node on each call.
+    RoundRobin,
+    /// A random order.
+    Random,
+    /// The same first node for the same user (rendezvous hashing of the
+    /// `user` query parameter); least active when no user is given.
+    ConsistentHash,
+}
+
 /// Settings for [`AuthService`].
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub token_ttl: Duration,
+    pub access_selection: AccessSelection,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(24 * 3600) }
+        Self { token_ttl: Duration::from_secs(24 * 3600), access_selection: AccessSelection::LeastActive }
     }
 }
 
@@ -101,6 +119,7 @@ pub struct AuthService {
     registry: Arc<dyn Registry>,
     signer: TokenSigner,
     config: AuthConfig,
+    round_robin: std::sync::atomic::AtomicUsize,
 }
 
 fn backend(e: impl std::fmt::Display) -> ServiceError {
@@ -115,7 +134,7 @@ impl AuthService {
         signer: TokenSigner,
         config: AuthConfig,
     ) -> Self {
-        Self { meta, sessions, registry, signer, config }
+        Self { meta, sessions, registry, signer, config, round_robin: Default::default() }
     }
 
     pub fn signer(&self) -> &TokenSigner {
@@ -181,16 +200,84 @@ impl AuthService {
         IssuedToken { user_id: user_id.to_owned(), token, expires_at_ms: claims.exp }
     }
 
-    /// Live access nodes, the fewest connections first (ties by node id).
-    pub async fn ip_list(&self) -> ServiceResult<Vec<NodeInfo>> {
+    /// Live access nodes, ordered by the configured [`AccessSelection`];
+    /// `user` feeds consistent hashing.
+    pub async fn ip_list(&self, user: Option<&str>) -> ServiceResult<Vec<NodeInfo>> {
         let mut nodes = self.registry.list(ACCESS_TCP_ROLE).await.map_err(backend)?;
-        nodes.sort_by(|a, b| a.connections.cmp(&b.connections).then_with(|| a.node_id.cmp(&b.node_id)));
+        order_nodes(&mut nodes, self.config.access_selection, user, &self.round_robin);
         Ok(nodes)
     }
 
     /// Whether a user exists (for receivers and group members).
     pub async fn user_exists(&self, user_id: &str) -> ServiceResult<bool> {
         Ok(self.meta.get_user(user_id).await.map_err(backend)?.is_some())
+    }
+}
+
+/// Removes the placements of access nodes that leave the registry (a node
+/// that crashed cannot clear its own; its ephemeral registration vanishes
+/// when its ZooKeeper session expires). Runs until `stop` resolves. Several
+/// router-auth nodes may run it at once: removal is idempotent.
+pub async fn clean_departed_placements(
+    registry: Arc<dyn Registry>,
+    sessions: Arc<dyn SessionStore>,
+    stop: impl std::future::Future<Output = ()>,
+) -> tern_store::StoreResult<()> {
+    let mut watched = registry.watch(ACCESS_TCP_ROLE).await?;
+    let ids = |nodes: &[NodeInfo]| {
+        nodes.iter().map(|n| n.node_id.clone()).collect::<std::collections::BTreeSet<_>>()
+    };
+    let mut known = ids(&watched.borrow_and_update());
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            changed = watched.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let now = ids(&watched.borrow_and_update());
+        for gone in known.difference(&now) {
+            match sessions.remove_node(gone).await {
+                Ok(n) => tracing::info!(node = %gone, placements = n, "access node left; placements cleared"),
+                Err(e) => {
+                    tracing::warn!(node = %gone, error = %e, "placements of a departed node not cleared")
+                }
+            }
+        }
+        known = now;
+    }
+}
+
+/// Orders `nodes` (sorted by id on entry) for ipList.
+fn order_nodes(
+    nodes: &mut [NodeInfo],
+    selection: AccessSelection,
+    user: Option<&str>,
+    round_robin: &std::sync::atomic::AtomicUsize,
+) {
+    let least_active = |nodes: &mut [NodeInfo]| {
+        nodes.sort_by(|a, b| a.connections.cmp(&b.connections).then_with(|| a.node_id.cmp(&b.node_id)));
+    };
+    match (selection, user) {
+        (AccessSelection::LeastActive, _) | (AccessSelection::ConsistentHash, None) => least_active(nodes),
+        (AccessSelection::ConsistentHash, Some(user)) => {
+            nodes.sort_by_key(|n| {
+                std::cmp::Reverse((tern_proto::rendezvous_weight(user, &n.node_id), n.node_id.clone()))
+            });
+        }
+        (AccessSelection::RoundRobin, _) => {
+            if !nodes.is_empty() {
+                let turn = round_robin.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % nodes.len();
+                nodes.rotate_left(turn);
+            }
+        }
+        (AccessSelection::Random, _) => {
+            use rand::seq::SliceRandom;
+            nodes.shuffle(&mut rand::rng());
+        }
     }
 }
 
@@ -234,5 +321,50 @@ impl SessionAuthority for AuthService {
 
     async fn detach_node(&self, node_id: &str) -> ServiceResult<usize> {
         self.sessions.remove_node(node_id).await.map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn nodes() -> Vec<NodeInfo> {
+        [("a", 5), ("b", 1), ("c", 3)]
+            .into_iter()
+            .map(|(id, connections)| NodeInfo {
+                node_id: id.into(),
+                role: ACCESS_TCP_ROLE.into(),
+                addr: format!("{id}:1"),
+                internal_addr: String::new(),
+                connections,
+            })
+            .collect()
+    }
+
+    fn first(selection: AccessSelection, user: Option<&str>, rr: &AtomicUsize) -> String {
+        let mut list = nodes();
+        order_nodes(&mut list, selection, user, rr);
+        assert_eq!(list.len(), 3);
+        list[0].node_id.clone()
+    }
+
+    #[test]
+    fn selection_strategies() {
+        let rr = AtomicUsize::new(0);
+        assert_eq!(first(AccessSelection::LeastActive, None, &rr), "b");
+        let turns: Vec<String> = (0..3).map(|_| first(AccessSelection::RoundRobin, None, &rr)).collect();
+        assert_eq!(turns, ["a", "b", "c"]);
+        let alice = first(AccessSelection::ConsistentHash, Some("alice"), &rr);
+        for _ in 0..5 {
+            assert_eq!(first(AccessSelection::ConsistentHash, Some("alice"), &rr), alice);
+        }
+        let spread: std::collections::BTreeSet<String> =
+            (0..50).map(|i| first(AccessSelection::ConsistentHash, Some(&format!("user{i}")), &rr)).collect();
+        assert_eq!(spread.len(), 3, "users spread over every node");
+        assert_eq!(first(AccessSelection::ConsistentHash, None, &rr), "b");
+        let randoms: std::collections::BTreeSet<String> =
+            (0..100).map(|_| first(AccessSelection::Random, None, &rr)).collect();
+        assert_eq!(randoms.len(), 3);
     }
 }

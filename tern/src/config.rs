@@ -3,7 +3,6 @@
 //! applied on top. `tern config defaults` prints the defaults.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -145,19 +144,6 @@ impl StandaloneConfig {
             return Err(ConfigError("dispatcher.max_group_members must be at least 2".into()));
         }
         Ok(())
-    }
-
-    pub fn access_config(&self, node_id: &str, advertise: String) -> tern_access_tcp::AccessConfig {
-        let a = &self.access_tcp;
-        let mut config = tern_access_tcp::AccessConfig::new(node_id, advertise);
-        config.max_body_len = a.max_body_bytes;
-        config.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms);
-        config.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
-        config.outbound_queue = a.outbound_queue;
-        config.push_ack_timeout = Duration::from_millis(a.push_ack_timeout_ms);
-        config.drain_grace =
-            Duration::from_secs(self.shutdown_grace_secs).saturating_sub(Duration::from_secs(1));
-        config
     }
 }
 

@@ -3,5 +3,6 @@
 //! command line, sets up logging and waits for signals.
 
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod standalone;

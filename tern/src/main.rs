@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tern::chat::ChatOptions;
+use tern::cluster::{ClusterConfig, NodeSettings, Role};
 use tern::config::StandaloneConfig;
 
 #[derive(Parser)]
@@ -56,6 +57,18 @@ enum Command {
         #[arg(long)]
         access: Option<String>,
     },
+    /// Cluster role: hold client connections (TLS TCP).
+    AccessTcp(RoleArgs),
+    /// Cluster role: accounts, tokens, ipList (HTTP) and session placement (gRPC).
+    RouterAuth(RoleArgs),
+    /// Cluster role: route messages, assign sequences, publish to Kafka.
+    Dispatcher(RoleArgs),
+    /// Cluster role: offline sets in Redis, pushes to access nodes.
+    OfflineSvc(RoleArgs),
+    /// Cluster role: group history.
+    GroupSvc(RoleArgs),
+    /// Cluster role: snowflake ids and Leaf-style segments over gRPC.
+    Idgen(RoleArgs),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -63,10 +76,127 @@ enum Command {
     },
 }
 
+/// What every cluster role takes on its command line.
+#[derive(Args)]
+struct RoleArgs {
+    /// Cluster TOML file, shared by every role (see `tern config cluster-defaults`).
+    #[arg(long, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unique id of this node; default: the role name and the process id.
+    #[arg(long, env = "TERN_NODE_ID")]
+    node_id: Option<String>,
+    /// Main listen address (client TLS for access-tcp, gRPC for the others).
+    #[arg(long, env = "TERN_LISTEN")]
+    listen: Option<String>,
+    /// Address given to clients or peers; default: the bound address.
+    #[arg(long, default_value = "")]
+    advertise: String,
+    /// access-tcp: internal gRPC listen address (pushes).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    internal_listen: String,
+    /// router-auth: HTTP API listen address.
+    #[arg(long, default_value = "127.0.0.1:7880")]
+    http_listen: String,
+    /// Redis URL (overrides the file).
+    #[arg(long, env = "TERN_REDIS_URL")]
+    redis_url: Option<String>,
+    /// ZooKeeper connect string (overrides the file).
+    #[arg(long, env = "TERN_ZK_ADDR")]
+    zookeeper: Option<String>,
+    /// Kafka bootstrap brokers (overrides the file).
+    #[arg(long, env = "TERN_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// access-tcp: serve plaintext TCP instead of TLS.
+    #[arg(long)]
+    plaintext: bool,
+}
+
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Print the default standalone configuration as TOML.
     Defaults,
+    /// Print the default cluster configuration as TOML.
+    ClusterDefaults,
+}
+
+fn default_listen(role: Role) -> &'static str {
+    match role {
+        Role::AccessTcp => "127.0.0.1:7800",
+        Role::RouterAuth => "127.0.0.1:7881",
+        Role::Dispatcher => "127.0.0.1:7810",
+        Role::OfflineSvc => "127.0.0.1:7820",
+        Role::GroupSvc => "127.0.0.1:7830",
+        Role::Idgen => "127.0.0.1:7840",
+    }
+}
+
+async fn run_role(role: Role, args: RoleArgs) -> anyhow::Result<()> {
+    init_logging("info");
+    let mut config = match &args.config {
+        Some(path) => ClusterConfig::from_file(path)?,
+        None => ClusterConfig::default(),
+    };
+    if let Some(url) = args.redis_url {
+        config.engines.redis_url = url;
+    }
+    if let Some(zk) = args.zookeeper {
+        config.engines.zookeeper = zk;
+    }
+    if let Some(brokers) = args.kafka_brokers {
+        config.engines.kafka_brokers = brokers;
+    }
+    config.access_tcp.plaintext |= args.plaintext;
+    let settings = NodeSettings {
+        node_id: args.node_id.unwrap_or_else(|| format!("{}-{}", role.name(), std::process::id())),
+        listen: args.listen.unwrap_or_else(|| default_listen(role).to_owned()),
+        advertise: args.advertise,
+        internal_listen: args.internal_listen,
+        http_listen: args.http_listen,
+    };
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let node_id = settings.node_id.clone();
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(());
+    };
+    let server = tern::cluster::run_role(
+        role,
+        config,
+        settings,
+        |endpoints| {
+            let mut line =
+                format!("tern {} ready: node={} listen={}", role.name(), node_id, endpoints.listen);
+            if let Some(internal) = endpoints.internal {
+                line.push_str(&format!(" internal={internal}"));
+            }
+            if let Some(http) = endpoints.http {
+                line.push_str(&format!(" http=http://{http}"));
+            }
+            if let Some(ca) = &endpoints.ca_cert {
+                line.push_str(&format!(" ca={}", ca.display()));
+            }
+            println!("{line}");
+        },
+        shutdown,
+    );
+    exit_after_grace(server, signalled_rx, grace).await
+}
+
+/// Runs `server`; once a signal came, gives it `grace` to finish.
+async fn exit_after_grace(
+    server: impl std::future::Future<Output = anyhow::Result<()>>,
+    signalled: tokio::sync::oneshot::Receiver<()>,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        _ = async { let _ = signalled.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over; exiting with the drain unfinished");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn init_logging(default: &str) {
@@ -132,15 +262,14 @@ async fn main() -> anyhow::Result<()> {
                 },
                 shutdown,
             );
-            tokio::pin!(server);
-            tokio::select! {
-                result = &mut server => result,
-                _ = async { let _ = signalled_rx.await; tokio::time::sleep(grace).await } => {
-                    tracing::warn!("grace period over; exiting with the drain unfinished");
-                    std::process::exit(1);
-                }
-            }
+            exit_after_grace(server, signalled_rx, grace).await
         }
+        Command::AccessTcp(args) => run_role(Role::AccessTcp, args).await,
+        Command::RouterAuth(args) => run_role(Role::RouterAuth, args).await,
+        Command::Dispatcher(args) => run_role(Role::Dispatcher, args).await,
+        Command::OfflineSvc(args) => run_role(Role::OfflineSvc, args).await,
+        Command::GroupSvc(args) => run_role(Role::GroupSvc, args).await,
+        Command::Idgen(args) => run_role(Role::Idgen, args).await,
         Command::Chat { auth, user, password, device, ca, plaintext, access } => {
             init_logging("warn");
             tern::chat::run(ChatOptions {
@@ -156,6 +285,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Config { command: ConfigCommand::Defaults } => {
             print!("{}", StandaloneConfig::default().to_toml());
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::ClusterDefaults } => {
+            print!("{}", ClusterConfig::default().to_toml());
             Ok(())
         }
     }

@@ -15,12 +15,13 @@ use tern_access_tcp::{AccessNode, AccessServices};
 use tern_dispatcher::{Dispatcher, DispatcherBackends, DispatcherConfig};
 use tern_group_svc::HistoryService;
 use tern_offline_svc::{OfflineConfig, OfflineService};
+use tern_proto::BusNames;
 use tern_router_auth::{AuthConfig, AuthService, TokenSigner};
 use tern_store::embedded::EmbeddedBackends;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StandaloneConfig;
+use crate::config::{AccessTcpConfig, StandaloneConfig};
 
 /// Id of the one access node of a standalone process.
 pub const NODE_ID: &str = "standalone-access-tcp-0";
@@ -64,6 +65,43 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(contents.as_bytes())
 }
 
+/// The access node's TLS acceptor: the configured certificate, none with
+/// `plaintext`, or a private CA and server certificate generated under
+/// `<data_dir>/tls` on first start (whose CA path is returned for clients).
+pub fn tls_setup(
+    access: &AccessTcpConfig,
+    data_dir: &Path,
+) -> anyhow::Result<(Option<tokio_rustls::TlsAcceptor>, Option<PathBuf>)> {
+    if access.plaintext {
+        return Ok((None, None));
+    }
+    if !access.tls_cert.is_empty() {
+        let paths = tern_access_tcp::tls::CertPaths {
+            cert: access.tls_cert.clone().into(),
+            key: access.tls_key.clone().into(),
+        };
+        return Ok((Some(tern_access_tcp::tls::acceptor(&paths)?), None));
+    }
+    let generated = tern_access_tcp::tls::ensure_self_signed(&data_dir.join("tls"), &[])?;
+    if generated.created {
+        tracing::info!(ca = %generated.ca_cert.display(), "created a private CA and server certificate");
+    }
+    Ok((Some(tern_access_tcp::tls::acceptor(&generated.server)?), Some(generated.ca_cert)))
+}
+
+/// Access-node settings from the `[access_tcp]` section; the caller fills
+/// in the node id and addresses.
+pub fn access_config(a: &AccessTcpConfig, shutdown_grace_secs: u64) -> tern_access_tcp::AccessConfig {
+    let mut config = tern_access_tcp::AccessConfig::new("", "");
+    config.max_body_len = a.max_body_bytes;
+    config.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms);
+    config.idle_timeout = Duration::from_millis(a.idle_timeout_ms);
+    config.outbound_queue = a.outbound_queue;
+    config.push_ack_timeout = Duration::from_millis(a.push_ack_timeout_ms);
+    config.drain_grace = Duration::from_secs(shutdown_grace_secs).saturating_sub(Duration::from_secs(1));
+    config
+}
+
 /// Starts every role and serves until `shutdown` resolves, then drains.
 /// `ready` is called once all listeners are bound.
 pub async fn run(
@@ -83,21 +121,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot bind router-auth on {}", config.router_auth.listen))?;
 
-    let (tls, ca_cert) = if config.access_tcp.plaintext {
-        (None, None)
-    } else if !config.access_tcp.tls_cert.is_empty() {
-        let paths = tern_access_tcp::tls::CertPaths {
-            cert: config.access_tcp.tls_cert.clone().into(),
-            key: config.access_tcp.tls_key.clone().into(),
-        };
-        (Some(tern_access_tcp::tls::acceptor(&paths)?), None)
-    } else {
-        let generated = tern_access_tcp::tls::ensure_self_signed(&data_dir.join("tls"), &[])?;
-        if generated.created {
-            tracing::info!(ca = %generated.ca_cert.display(), "created a private CA and server certificate");
-        }
-        (Some(tern_access_tcp::tls::acceptor(&generated.server)?), Some(generated.ca_cert))
-    };
+    let (tls, ca_cert) = tls_setup(&config.access_tcp, data_dir)?;
 
     let ids = Arc::new(tern_idgen::Snowflake::new(0)?);
     let auth = Arc::new(AuthService::new(
@@ -105,7 +129,10 @@ pub async fn run(
         backends.sessions.clone(),
         backends.registry.clone(),
         TokenSigner::new(token_secret(data_dir)?),
-        AuthConfig { token_ttl: Duration::from_secs(config.router_auth.token_ttl_secs) },
+        AuthConfig {
+            token_ttl: Duration::from_secs(config.router_auth.token_ttl_secs),
+            ..AuthConfig::default()
+        },
     ));
     let dispatcher = Arc::new(Dispatcher::new(
         DispatcherBackends {
@@ -118,6 +145,7 @@ pub async fn run(
         DispatcherConfig {
             dedup_ttl: Duration::from_secs(config.dispatcher.dedup_ttl_secs),
             max_group_members: config.dispatcher.max_group_members,
+            bus: BusNames::default(),
         },
     ));
     let offline = Arc::new(OfflineService::new(backends.offline.clone(), OfflineConfig::default()));
@@ -129,8 +157,11 @@ pub async fn run(
     } else {
         config.access_tcp.advertise.clone()
     };
+    let mut access = access_config(&config.access_tcp, config.shutdown_grace_secs);
+    access.node_id = NODE_ID.to_owned();
+    access.advertise_addr = advertise;
     let node = AccessNode::new(
-        config.access_config(NODE_ID, advertise),
+        access,
         AccessServices {
             auth: auth.clone(),
             dispatch: dispatcher,
@@ -144,6 +175,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let offline_consumer = tokio::spawn(tern_offline_svc::run_consumer(
         backends.bus.clone(),
+        BusNames::default(),
         backends.offline.clone(),
         backends.sessions.clone(),
         node.clone(),
@@ -151,6 +183,7 @@ pub async fn run(
     ));
     let group_consumer = tokio::spawn(tern_group_svc::run_consumer(
         backends.bus.clone(),
+        BusNames::default(),
         backends.history.clone(),
         stop.clone().cancelled_owned(),
     ));

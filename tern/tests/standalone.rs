@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Server, next_message, no_message, text};
@@ -16,104 +15,19 @@ const WAIT: Duration = Duration::from_secs(15);
 #[tokio::test]
 async fn alice_and_bob_chat_one_to_one() {
     let (server, _dir) = Server::start();
-    let (alice, mut alice_events) = server.client("alice").await;
-    let (bob, mut bob_events) = server.client("bob").await;
-
-    let ack = alice.send_single("bob", "hi bob").await.unwrap();
-    assert_eq!(ack.seq, 1);
-    assert!(!ack.duplicate);
-    let m = next_message(&mut bob_events, WAIT).await;
-    assert_eq!((m.sender.as_str(), m.receiver.as_str(), text(&m).as_str()), ("alice", "bob", "hi bob"));
-    assert_eq!((m.msg_id, m.seq), (ack.msg_id, 1));
-
-    let ack = bob.send_single("alice", "hi alice").await.unwrap();
-    assert_eq!(ack.seq, 2, "both directions share the conversation sequence");
-    let m = next_message(&mut alice_events, WAIT).await;
-    assert_eq!((m.sender.as_str(), text(&m).as_str(), m.seq), ("bob", "hi alice", 2));
-
-    // ACKed pushes leave the offline store: a new login finds nothing.
-    bob.close().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (bob_again, mut bob_again_events) = server.client("bob").await;
-    assert_eq!(bob_again.login_info().unwrap().pending_offline, 0);
-    no_message(&mut bob_again_events, Duration::from_millis(500)).await;
+    common::suite::one_to_one(&server.deployment()).await;
 }
 
 #[tokio::test]
 async fn group_of_three_sees_one_order() {
     let (server, _dir) = Server::start();
-    let names = ["alice", "bob", "carol"];
-    let mut clients = Vec::new();
-    for name in names {
-        clients.push(server.client(name).await);
-    }
-    let info = clients[0].0.create_group("trio", "Trio", &["bob", "carol"]).await.unwrap();
-    assert_eq!(info.members, ["alice", "bob", "carol"]);
-
-    // Everyone sends at once, so the dispatcher interleaves the senders.
-    const PER_SENDER: usize = 10;
-    let senders = clients.iter().map(|(client, _)| {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut seqs = Vec::new();
-            for i in 0..PER_SENDER {
-                let body = format!("{} #{i}", client.user_id());
-                seqs.push(client.send_group("trio", body).await.unwrap().seq);
-            }
-            seqs
-        })
-    });
-    let mut own_seqs = Vec::new();
-    for handle in senders.collect::<Vec<_>>() {
-        own_seqs.push(handle.await.unwrap());
-    }
-    let total = PER_SENDER * names.len();
-
-    for (i, (_, events)) in clients.iter_mut().enumerate() {
-        let mut received = Vec::new();
-        for _ in 0..(total - PER_SENDER) {
-            let m = next_message(events, WAIT).await;
-            assert_eq!(m.group_id, "trio");
-            assert_ne!(m.sender, names[i], "a sender does not get its own message pushed");
-            received.push(m.seq);
-        }
-        assert!(received.windows(2).all(|w| w[0] < w[1]), "{} saw {received:?}", names[i]);
-        let all: BTreeSet<u64> = received.iter().chain(own_seqs[i].iter()).copied().collect();
-        assert_eq!(all, (1..=total as u64).collect(), "{} missed or duplicated a sequence", names[i]);
-        no_message(events, Duration::from_millis(300)).await;
-    }
-
-    // History has every message, newest first.
-    let page = clients[1].0.group_history("trio", 0, 200).await.unwrap();
-    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=total as u64).rev().collect::<Vec<_>>());
-    assert!(!page.more);
+    common::suite::group_order(&server.deployment()).await;
 }
 
 #[tokio::test]
 async fn offline_receiver_gets_exactly_three_in_order_once() {
     let (server, _dir) = Server::start();
-    server.token("bob").await; // bob exists but is offline
-    let (alice, _alice_events) = server.client("alice").await;
-    for i in 1..=3 {
-        alice.send_single("bob", format!("while you were away {i}")).await.unwrap();
-    }
-
-    let (bob, mut bob_events) = server.client("bob").await;
-    assert_eq!(bob.login_info().unwrap().pending_offline, 3);
-    for i in 1..=3 {
-        let m = next_message(&mut bob_events, WAIT).await;
-        assert_eq!(text(&m), format!("while you were away {i}"));
-        assert_eq!(m.seq, i);
-    }
-    no_message(&mut bob_events, Duration::from_millis(500)).await;
-
-    // Pulled and ACKed: the next login finds nothing.
-    bob.close().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (bob_again, mut bob_again_events) = server.client("bob").await;
-    assert_eq!(bob_again.login_info().unwrap().pending_offline, 0);
-    no_message(&mut bob_again_events, Duration::from_millis(500)).await;
+    common::suite::offline_three(&server.deployment()).await;
 }
 
 #[tokio::test]

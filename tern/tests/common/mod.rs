@@ -12,7 +12,38 @@ use tern_sdk::pb;
 use tern_sdk::{AuthClient, Client, ClientConfig, ConnectOptions, Connection, Event, ServerEvent, TlsMode};
 use tokio::sync::mpsc;
 
+pub mod cluster;
+pub mod suite;
+
 pub const PASSWORD: &str = "correct-horse";
+
+/// What a client needs to reach a deployment, standalone or cluster.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub auth_url: String,
+    pub ca: PathBuf,
+    /// A fixed access node; `None` lets ipList choose.
+    pub access: Option<String>,
+}
+
+impl Deployment {
+    pub fn client_config(&self, user: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(&self.auth_url, user, PASSWORD, TlsMode::CaFile(self.ca.clone()));
+        config.register_if_missing = true;
+        config.access_addr = self.access.clone();
+        config
+    }
+
+    /// A logged-in SDK client (the account is created if needed).
+    pub async fn client(&self, user: &str) -> (Client, mpsc::Receiver<Event>) {
+        Client::connect(self.client_config(user)).await.expect("client connects")
+    }
+
+    /// Makes sure `user` exists without logging in on a connection.
+    pub async fn register(&self, user: &str) {
+        AuthClient::new(&self.auth_url).login_or_register(user, PASSWORD).await.expect("register");
+    }
+}
 
 /// A running `tern standalone` process.
 pub struct Server {
@@ -136,15 +167,17 @@ impl Server {
         self.auth().login_or_register(user, PASSWORD).await.expect("login").token
     }
 
+    pub fn deployment(&self) -> Deployment {
+        Deployment { auth_url: self.auth_url.clone(), ca: self.ca.clone(), access: Some(self.access.clone()) }
+    }
+
     pub fn client_config(&self, user: &str) -> ClientConfig {
-        let mut config = ClientConfig::new(&self.auth_url, user, PASSWORD, self.tls());
-        config.register_if_missing = true;
-        config
+        self.deployment().client_config(user)
     }
 
     /// A logged-in SDK client (the account is created if needed).
     pub async fn client(&self, user: &str) -> (Client, mpsc::Receiver<Event>) {
-        Client::connect(self.client_config(user)).await.expect("client connects")
+        self.deployment().client(user).await
     }
 
     /// A raw TLS connection, not logged in.

@@ -1,0 +1,161 @@
+//! offline-svc over gRPC: the server adapter for [`OfflineApi`], the client
+//! access nodes use, and [`RemotePushGateway`], which delivers pushes to the
+//! access node holding each connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tern_proto::pb;
+use tern_proto::rpc::internal::access_push_client::AccessPushClient;
+use tern_proto::rpc::internal::offline_client::OfflineClient;
+use tern_proto::rpc::internal::offline_server::{self, OfflineServer};
+use tern_proto::rpc::internal::{
+    AckRequest, CountResponse, Empty, PullRequest, PushBatch, PushItem, UserRequest,
+};
+use tern_proto::{ErrorCode, ServiceError, ServiceResult};
+use tern_store::Placement;
+use tern_store::discovery::{Dial, Peers};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::{OfflineApi, PushGateway};
+
+/// Registry role name of offline-svc nodes.
+pub const OFFLINE_ROLE: &str = "offline-svc";
+
+struct Server(Arc<dyn OfflineApi>);
+
+#[async_trait]
+impl offline_server::Offline for Server {
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<pb::PullOfflineResponse>, Status> {
+        let r = request.into_inner();
+        let (messages, more) = self.0.pull(&r.user_id, r.after_msg_id, r.limit).await?;
+        Ok(Response::new(pb::PullOfflineResponse { messages, more }))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<Empty>, Status> {
+        let r = request.into_inner();
+        self.0.ack(&r.user_id, &r.msg_ids).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn pending(&self, request: Request<UserRequest>) -> Result<Response<CountResponse>, Status> {
+        let count = self.0.pending(&request.into_inner().user_id).await?;
+        Ok(Response::new(CountResponse { count }))
+    }
+}
+
+pub fn service(api: Arc<dyn OfflineApi>) -> OfflineServer<impl offline_server::Offline> {
+    OfflineServer::new(Server(api))
+}
+
+fn no_peer(e: tern_store::StoreError) -> ServiceError {
+    ServiceError::new(ErrorCode::Unavailable, e.to_string())
+}
+
+/// [`OfflineApi`] on the live offline-svc nodes (round robin).
+pub struct RemoteOffline {
+    peers: Arc<Peers>,
+}
+
+impl RemoteOffline {
+    pub fn new(peers: Arc<Peers>) -> Self {
+        Self { peers }
+    }
+
+    fn client(&self) -> ServiceResult<OfflineClient<tonic::transport::Channel>> {
+        Ok(OfflineClient::new(self.peers.any(Dial::Addr).map_err(no_peer)?.1))
+    }
+}
+
+#[async_trait]
+impl OfflineApi for RemoteOffline {
+    async fn pull(
+        &self,
+        user: &str,
+        after_msg_id: u64,
+        limit: u32,
+    ) -> ServiceResult<(Vec<pb::Message>, bool)> {
+        let request = PullRequest { user_id: user.to_owned(), after_msg_id, limit };
+        let r = self.client()?.pull(request).await?.into_inner();
+        Ok((r.messages, r.more))
+    }
+
+    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()> {
+        self.client()?.ack(AckRequest { user_id: user.to_owned(), msg_ids: msg_ids.to_vec() }).await?;
+        Ok(())
+    }
+
+    async fn pending(&self, user: &str) -> ServiceResult<u64> {
+        Ok(self.client()?.pending(UserRequest { user_id: user.to_owned() }).await?.into_inner().count)
+    }
+}
+
+/// Pushes to access nodes over gRPC. `push` only queues (it is called from
+/// the consumer loop and must not wait on the network); a background task
+/// sends what is queued in one batch per access node. A push that cannot be
+/// delivered is dropped: the message stays in the offline store.
+pub struct RemotePushGateway {
+    queue: mpsc::Sender<(String, PushItem)>,
+}
+
+/// Pushes queued before the oldest is dropped (then clients resync).
+const PUSH_QUEUE: usize = 65_536;
+const MAX_BATCH: usize = 1_024;
+
+impl RemotePushGateway {
+    /// `access_nodes` follows the access-node role (pushes go to their
+    /// internal address).
+    pub fn start(access_nodes: Arc<Peers>) -> Arc<Self> {
+        let (queue, rx) = mpsc::channel(PUSH_QUEUE);
+        tokio::spawn(Self::deliver(access_nodes, rx));
+        Arc::new(Self { queue })
+    }
+
+    async fn deliver(access_nodes: Arc<Peers>, mut rx: mpsc::Receiver<(String, PushItem)>) {
+        while let Some(first) = rx.recv().await {
+            let mut by_node: HashMap<String, Vec<PushItem>> = HashMap::new();
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some((node, item)) = next.take() {
+                by_node.entry(node).or_default().push(item);
+                taken += 1;
+                if taken < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            for (node, items) in by_node {
+                let channel = match access_nodes.node(&node, Dial::Internal) {
+                    Ok(Some(channel)) => channel,
+                    // Gone: its clients reconnect elsewhere and pull.
+                    _ => continue,
+                };
+                let mut client = AccessPushClient::new(channel);
+                let send = client.push(PushBatch { items });
+                match tokio::time::timeout(Duration::from_secs(5), send).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => tracing::warn!(%node, %status, "push batch failed"),
+                    Err(_) => tracing::warn!(%node, "push batch timed out"),
+                }
+            }
+        }
+    }
+}
+
+impl PushGateway for RemotePushGateway {
+    fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
+        let item = PushItem {
+            user_id: placement.user_id.clone(),
+            device_id: placement.device_id.clone(),
+            connection_id: placement.connection_id,
+            msg_id,
+            message: message.to_vec(),
+        };
+        if self.queue.try_send((placement.node_id.clone(), item)).is_err() {
+            tracing::warn!("push queue full; push dropped (the message stays offline)");
+        }
+    }
+}

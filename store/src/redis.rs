@@ -1,1 +1,0 @@
-//! Redis implementations of the session, sequence, dedup, offline, meta and history stores: being written.
