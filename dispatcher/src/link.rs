@@ -109,11 +109,16 @@ pub struct LinkServer {
     dispatch: Arc<dyn DispatchService>,
     /// Access nodes linked right now, with the time of their last frame.
     linked: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Ends every link: a gRPC server's graceful shutdown waits for open
+    /// streams, and links never end on their own.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl LinkServer {
-    pub fn new(dispatch: Arc<dyn DispatchService>) -> Self {
-        Self { dispatch, linked: Arc::default() }
+    /// Links end when `closing` is cancelled (the dispatcher is stopping,
+    /// after it has left the registry and access nodes have moved away).
+    pub fn new(dispatch: Arc<dyn DispatchService>, closing: tokio_util::sync::CancellationToken) -> Self {
+        Self { dispatch, linked: Arc::default(), closing }
     }
 
     /// Ids of the access nodes linked to this dispatcher.
@@ -140,11 +145,13 @@ impl dispatcher_server::Dispatcher for LinkServer {
         let (tx, rx) = mpsc::channel::<Result<LinkDown, Status>>(1024);
         let dispatch = self.dispatch.clone();
         let linked = self.linked.clone();
+        let closing = self.closing.clone();
         tokio::spawn(async move {
             let mut node_id: Option<String> = None;
             let mut heartbeat = tokio::time::interval(HEARTBEAT);
             loop {
                 let next = tokio::select! {
+                    _ = closing.cancelled() => break,
                     _ = heartbeat.tick() => {
                         let beat = LinkDown { kind: Some(link_down::Kind::Heartbeat(LinkHeartbeat {})) };
                         if tx.send(Ok(beat)).await.is_err() {

@@ -425,8 +425,8 @@ pub async fn run_role(
             let endpoints =
                 RoleEndpoints { listen: listener.local_addr()?, internal: None, http: None, ca_cert: None };
             let info = node(advertised(&settings, endpoints.listen), String::new());
-            let router =
-                tonic::transport::Server::builder().add_service(LinkServer::new(dispatcher).into_service());
+            let router = tonic::transport::Server::builder()
+                .add_service(LinkServer::new(dispatcher, stop.clone()).into_service());
             ready(&endpoints);
             let work = async {
                 tokio::select! {

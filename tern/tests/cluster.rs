@@ -228,3 +228,28 @@ async fn storage_services_resume_from_their_committed_offsets() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn idgen_serves_snowflake_batches_and_segments() {
+    use tern_idgen::rpc::{RemoteIdGen, SegmentAllocator};
+    let cluster = cluster_or_skip!(1, 1);
+    let channel = tern_store::discovery::channel(&cluster.listen_addr("idgen")).unwrap();
+    let idgen = std::sync::Arc::new(RemoteIdGen::new(channel));
+    let ids = idgen.next_ids(1000).await.unwrap();
+    assert_eq!(ids.len(), 1000);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+    // The dispatcher leased worker 0 first; idgen holds another worker id.
+    let workers: std::collections::BTreeSet<u16> =
+        ids.iter().map(|id| tern_idgen::decompose(*id).worker).collect();
+    assert_eq!(workers.len(), 1);
+    let err = idgen.next_ids(0).await.unwrap_err();
+    assert_eq!(err.code, tern_proto::ErrorCode::InvalidArgument);
+
+    let a = SegmentAllocator::new(idgen.clone(), "orders").await.unwrap();
+    let b = SegmentAllocator::new(idgen.clone(), "orders").await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2_500 {
+        assert!(seen.insert(a.next_id().await.unwrap()), "segment ids overlap");
+        assert!(seen.insert(b.next_id().await.unwrap()), "segment ids overlap");
+    }
+}

@@ -39,8 +39,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts router-auth, idgen-free core roles (dispatchers, group-svc,
-    /// offline-svc) and `access` access nodes named `access-1`, `access-2`, …
+    /// Starts router-auth, idgen, `dispatchers` dispatchers, group-svc,
+    /// offline-svc and `access` access nodes named `access-1`, `access-2`, …
     /// Returns `None` when the engines are not configured (test skipped).
     pub fn start(access: usize, dispatchers: usize) -> Option<Cluster> {
         let (redis_url, zk_addr, kafka) = engines()?;
@@ -57,6 +57,7 @@ impl Cluster {
         for i in 1..=dispatchers {
             cluster.spawn(&format!("dispatcher-{i}"), "dispatcher", &[]);
         }
+        cluster.spawn("idgen", "idgen", &[]);
         cluster.spawn("group-svc", "group-svc", &[]);
         cluster.spawn("offline-svc", "offline-svc", &[]);
         for i in 1..=access {
@@ -127,6 +128,11 @@ impl Cluster {
 
     fn field(&self, name: &str, key: &str) -> String {
         self.procs[name].ready.get(key).cloned().unwrap_or_else(|| panic!("{name} has no {key}"))
+    }
+
+    /// Main (gRPC) address of a role process.
+    pub fn listen_addr(&self, name: &str) -> String {
+        self.field(name, "listen")
     }
 
     /// Client address of an access node.
