@@ -194,8 +194,9 @@ impl Dispatcher {
         let msg_id = match self.ids.next_id() {
             Ok(id) => id,
             Err(e) => {
+                // Clock trouble or a lost worker id: temporary, retry later.
                 self.undo_sequence(&draft.conversation, seq).await;
-                return Err(ServiceError::new(ErrorCode::Internal, e.to_string()));
+                return Err(ServiceError::new(ErrorCode::Unavailable, e.to_string()));
             }
         };
         let sent_at_ms = now_ms();

@@ -30,6 +30,8 @@ pub enum IdError {
     ClockBackwards { behind_ms: u64 },
     #[error("clock is before the snowflake epoch or past its 41-bit range")]
     ClockOutOfRange,
+    #[error("no worker id: the lease was lost and not yet renewed")]
+    NoWorker,
 }
 
 /// Source of wall-clock milliseconds since the Unix epoch (swappable in tests).
@@ -66,6 +68,8 @@ pub fn decompose(id: u64) -> IdParts {
 
 #[derive(Debug)]
 struct State {
+    /// `None` while suspended (the worker-id lease was lost).
+    worker: Option<u64>,
     last_ms: u64,
     sequence: u64,
 }
@@ -73,7 +77,6 @@ struct State {
 /// A snowflake generator for one worker id. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Snowflake<C: Clock = SystemClock> {
-    worker: u64,
     clock: C,
     state: Mutex<State>,
 }
@@ -89,11 +92,32 @@ impl<C: Clock> Snowflake<C> {
         if worker > MAX_WORKER_ID {
             return Err(IdError::WorkerOutOfRange(worker));
         }
-        Ok(Self { worker: u64::from(worker), clock, state: Mutex::new(State { last_ms: 0, sequence: 0 }) })
+        let state = State { worker: Some(u64::from(worker)), last_ms: 0, sequence: 0 };
+        Ok(Self { clock, state: Mutex::new(state) })
     }
 
-    pub fn worker(&self) -> u16 {
-        self.worker as u16
+    /// The current worker id, `None` while suspended.
+    pub fn worker(&self) -> Option<u16> {
+        self.lock().worker.map(|w| w as u16)
+    }
+
+    /// Stops issuing ids: the worker id may now belong to another process.
+    pub fn suspend(&self) {
+        self.lock().worker = None;
+    }
+
+    /// Issues ids again, under a newly leased worker id. Ids stay unique
+    /// because they are unique per worker id.
+    pub fn resume(&self, worker: u16) -> Result<(), IdError> {
+        if worker > MAX_WORKER_ID {
+            return Err(IdError::WorkerOutOfRange(worker));
+        }
+        self.lock().worker = Some(u64::from(worker));
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Issues one id.
@@ -105,7 +129,8 @@ impl<C: Clock> Snowflake<C> {
 
     /// Fills `out` with consecutive ids under one lock acquisition.
     pub fn fill(&self, out: &mut [u64]) -> Result<(), IdError> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        let worker = state.worker.ok_or(IdError::NoWorker)?;
         for slot in out {
             let mut now = self.current_ms()?;
             if now < state.last_ms {
@@ -127,7 +152,7 @@ impl<C: Clock> Snowflake<C> {
             }
             state.last_ms = now;
             *slot = ((now - EPOCH_MS) << (WORKER_BITS + SEQUENCE_BITS))
-                | (self.worker << SEQUENCE_BITS)
+                | (worker << SEQUENCE_BITS)
                 | state.sequence;
         }
         Ok(())
@@ -237,6 +262,18 @@ mod tests {
         assert_eq!(decompose(next).unix_ms, EPOCH_MS + 51);
         assert_eq!(decompose(next).sequence, 0);
         assert!(next > ids[4095]);
+    }
+
+    #[test]
+    fn suspended_generator_refuses_until_resumed() {
+        let ids_gen = Snowflake::new(5).unwrap();
+        ids_gen.next_id().unwrap();
+        ids_gen.suspend();
+        assert_eq!(ids_gen.next_id(), Err(IdError::NoWorker));
+        assert_eq!(ids_gen.worker(), None);
+        ids_gen.resume(9).unwrap();
+        assert_eq!(decompose(ids_gen.next_id().unwrap()).worker, 9);
+        assert_eq!(ids_gen.resume(2000), Err(IdError::WorkerOutOfRange(2000)));
     }
 
     #[test]

@@ -256,28 +256,45 @@ impl KafkaBus {
         self.producer.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Replaces `failed` by a new producer if librdkafka declared it
-    /// unusable (fatal error), so the next publish can succeed.
-    fn recover_producer(&self, failed: &FutureProducer<TracingContext>) {
-        let Some((code, reason)) = failed.client().fatal_error() else { return };
+    /// Replaces `failed` by a fresh producer when it cannot recover by
+    /// itself: after a fatal error (an idempotent producer is unusable after
+    /// one), or when a record timed out, which is also how a producer whose
+    /// id the broker forgot looks (tansu with in-memory storage, restarted,
+    /// answers `UNKNOWN_PRODUCER_ID` forever). A new producer costs one
+    /// round trip; a timed-out publish already waited far longer.
+    fn recover_producer(&self, failed: &FutureProducer<TracingContext>, error: &KafkaError) {
+        let fatal = failed.client().fatal_error();
+        if fatal.is_none() && error.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
+            return;
+        }
+        let is_current =
+            |p: &FutureProducer<TracingContext>| p.client().native_ptr() == failed.client().native_ptr();
+        // Concurrent publishes fail together: one replacement is enough.
+        if !is_current(&self.producer.read().unwrap_or_else(PoisonError::into_inner)) {
+            return;
+        }
         let fresh = match producer(&self.brokers, &self.options) {
             Ok(fresh) => fresh,
             Err(e) => {
-                tracing::error!(error = %e, "kafka producer failed fatally and could not be rebuilt");
+                tracing::error!(error = %e, "kafka producer could not be rebuilt");
                 return;
             }
         };
         let old = {
             let mut current = self.producer.write().unwrap_or_else(PoisonError::into_inner);
-            // Another publish may have replaced it already.
-            if current.client().native_ptr() != failed.client().native_ptr() {
+            if !is_current(&current) {
                 return;
             }
             std::mem::replace(&mut *current, fresh)
         };
-        tracing::error!(?code, %reason, "kafka producer failed fatally; replaced it");
-        // Dropping a producer flushes and joins its thread: keep that off the
-        // async workers.
+        match fatal {
+            Some((code, reason)) => {
+                tracing::error!(?code, %reason, "kafka producer failed fatally; replaced it")
+            }
+            None => tracing::warn!("kafka publish timed out; replaced the producer"),
+        }
+        // The last clone of a producer flushes and joins its thread when
+        // dropped: keep that off the async workers.
         let _detached = tokio::task::spawn_blocking(move || drop(old));
     }
 }
@@ -294,14 +311,11 @@ impl Bus for KafkaBus {
         match producer.send(record, Timeout::After(self.options.publish_timeout)).await {
             Ok(_delivery) => Ok(()),
             Err((e, _record)) => {
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
-                ) {
-                    // Deleted behind our back: the next publish creates it again.
-                    self.known_topics.lock().unwrap_or_else(PoisonError::into_inner).remove(topic);
-                }
-                self.recover_producer(&producer);
+                // The topic may be gone (deleted, or a broker with in-memory
+                // storage restarted): a record for a missing topic just
+                // times out, so check it again on the next publish.
+                self.known_topics.lock().unwrap_or_else(PoisonError::into_inner).remove(topic);
+                self.recover_producer(&producer, &e);
                 Err(kafka_err(&format!("publish to {topic}"), e))
             }
         }

@@ -407,7 +407,8 @@ pub async fn run_role(
             let listener = bind(&settings.listen, "dispatcher gRPC").await?;
             let lease = registry.lease_worker_id("snowflake").await.context("cannot lease a worker id")?;
             tracing::info!(worker = lease.id, "leased snowflake worker id");
-            let mut lost = lease.lost.clone();
+            let snowflake = Arc::new(Snowflake::new(lease.id)?);
+            tokio::spawn(keep_worker_lease(registry.clone(), snowflake.clone(), lease, stop.clone()));
             let dispatcher = Arc::new(Dispatcher::new(
                 DispatcherBackends {
                     meta: engines.meta(&config.engines).await?,
@@ -415,7 +416,7 @@ pub async fn run_role(
                     dedup: engines.redis.dedup.clone(),
                     bus: Engines::bus(&config.engines, &settings.node_id).await?,
                 },
-                Arc::new(Snowflake::new(lease.id)?),
+                snowflake,
                 DispatcherConfig {
                     dedup_ttl: Duration::from_secs(config.dispatcher.dedup_ttl_secs),
                     max_group_members: config.dispatcher.max_group_members,
@@ -428,19 +429,8 @@ pub async fn run_role(
             let router = tonic::transport::Server::builder()
                 .add_service(LinkServer::new(dispatcher, stop.clone()).into_service());
             ready(&endpoints);
-            let work = async {
-                tokio::select! {
-                    result = serve_grpc(listener, router, stop.clone()) => result,
-                    // Another process may now hold this worker id: issuing
-                    // more ids could duplicate theirs.
-                    _ = lost.wait_for(|lost| *lost) => {
-                        anyhow::bail!("snowflake worker id lease lost; stopping rather than risk duplicate ids")
-                    }
-                }
-            };
-            let result = registered(&registry, info, shutdown, stop.clone(), work).await;
-            drop(lease);
-            result
+            let work = serve_grpc(listener, router, stop.clone());
+            registered(&registry, info, shutdown, stop.clone(), work).await
         }
         Role::OfflineSvc => {
             let listener = bind(&settings.listen, "offline-svc gRPC").await?;
@@ -494,30 +484,60 @@ pub async fn run_role(
         Role::Idgen => {
             let listener = bind(&settings.listen, "idgen gRPC").await?;
             let lease = registry.lease_worker_id("snowflake").await.context("cannot lease a worker id")?;
-            let mut lost = lease.lost.clone();
-            let service = IdGenService::new(
-                Arc::new(Snowflake::new(lease.id)?),
-                engines.redis.sequences.clone(),
-                config.idgen.segment_step,
-            );
+            let snowflake = Arc::new(Snowflake::new(lease.id)?);
+            tokio::spawn(keep_worker_lease(registry.clone(), snowflake.clone(), lease, stop.clone()));
+            let service =
+                IdGenService::new(snowflake, engines.redis.sequences.clone(), config.idgen.segment_step);
             let endpoints =
                 RoleEndpoints { listen: listener.local_addr()?, internal: None, http: None, ca_cert: None };
             let info = node(advertised(&settings, endpoints.listen), String::new());
             let router = tonic::transport::Server::builder().add_service(service.into_service());
             ready(&endpoints);
-            let work = async {
-                tokio::select! {
-                    result = serve_grpc(listener, router, stop.clone()) => result,
-                    _ = lost.wait_for(|lost| *lost) => {
-                        anyhow::bail!("snowflake worker id lease lost; stopping rather than risk duplicate ids")
-                    }
-                }
-            };
-            let result = registered(&registry, info, shutdown, stop.clone(), work).await;
-            drop(lease);
-            result
+            let work = serve_grpc(listener, router, stop.clone());
+            registered(&registry, info, shutdown, stop.clone(), work).await
         }
         Role::AccessTcp => run_access(config, settings, engines, ready, shutdown).await,
+    }
+}
+
+/// Keeps `snowflake` on a worker id this process holds. When the lease is
+/// lost (ZooKeeper session expired, or disconnected long enough that it may
+/// be), issuing stops at once — another process may take the id — and
+/// resumes under a new lease.
+async fn keep_worker_lease(
+    registry: Arc<ZkRegistry>,
+    snowflake: Arc<Snowflake>,
+    mut lease: tern_store::zookeeper::WorkerLease,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut lost = lease.lost.clone();
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = lease.release().await;
+                return;
+            }
+            _ = async {
+                // The guard wait_for returns must not live across an await.
+                let _ = lost.wait_for(|lost| *lost).await.map(|_| ());
+            } => {}
+        }
+        snowflake.suspend();
+        tracing::warn!(worker = lease.id, "worker id lease lost; ids suspended until a new lease");
+        drop(lease);
+        lease = loop {
+            match registry.lease_worker_id("snowflake").await {
+                Ok(lease) => break lease,
+                Err(e) => tracing::warn!(error = %e, "cannot lease a worker id yet"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        };
+        if snowflake.resume(lease.id).is_ok() {
+            tracing::info!(worker = lease.id, "ids resumed under a new worker id");
+        }
     }
 }
 
