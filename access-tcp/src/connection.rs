@@ -67,12 +67,13 @@ where
         cancel: CancellationToken::new(),
     });
     node.lock_connections().insert(id, handle.clone());
-    let writer = tokio::spawn(write_loop(FramedWrite::new(write_half, codec), rx));
+    let mut writer = tokio::spawn(write_loop(FramedWrite::new(write_half, codec), rx));
 
     let conn = Connection { node: node.clone(), handle: handle.clone(), id };
     conn.read_loop(FramedRead::new(read_half, codec)).await;
 
-    // Whatever ended the read loop, let the writer flush and close.
+    // Whatever ended the read loop, let the writer flush and close (if the
+    // queue is full the writer is aborted below instead).
     let _ = handle.outbound.try_send(Outbound::Close);
     node.lock_connections().remove(&id);
     let identity = handle.identity.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -87,8 +88,11 @@ where
             tracing::warn!(error = %e, "placement not removed");
         }
     }
-    // A writer stuck on a peer that stopped reading must not pin the task.
-    let _ = tokio::time::timeout(node.config.handshake_timeout, writer).await;
+    // Let the writer flush what is queued, but a writer stuck on a peer that
+    // stopped reading is aborted, which closes the socket.
+    if tokio::time::timeout(node.config.handshake_timeout, &mut writer).await.is_err() {
+        writer.abort();
+    }
     tracing::debug!("connection closed");
 }
 
@@ -142,10 +146,21 @@ impl Connection {
         self.handle.identity.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Queues a response, waiting for room (back-pressure on this client's
+    /// reads) — but not past a cancellation (slow consumer, kick, drain) or
+    /// the idle timeout: a client that stops reading loses the connection.
     async fn send(&self, frame: Frame) -> Flow {
-        match self.handle.outbound.send(Outbound::Frame(frame)).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Close,
+        let queued = tokio::select! {
+            _ = self.handle.cancel.cancelled() => return Flow::Close,
+            queued = tokio::time::timeout(self.node.config.idle_timeout, self.handle.outbound.send(Outbound::Frame(frame))) => queued,
+        };
+        match queued {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Close,
+            Err(_) => {
+                tracing::debug!("client stopped reading; closing");
+                Flow::Close
+            }
         }
     }
 
@@ -262,6 +277,14 @@ impl Connection {
         if self.identity().is_some() {
             let e = ServiceError::new(ErrorCode::AlreadyLoggedIn, "this connection is already logged in");
             return self.fail(frame.sequence, &e).await;
+        }
+        if self.node.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let notice = pb::Notice {
+                kind: NoticeKind::Reconnect as i32,
+                reason: "server is shutting down; reconnect".into(),
+            };
+            let _ = self.send(Frame::new(RequestType::Notice, 0, &notice)).await;
+            return Flow::Close;
         }
         let req: pb::LoginRequest = match decode(frame) {
             Ok(req) => req,

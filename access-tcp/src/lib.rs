@@ -109,6 +109,9 @@ pub struct AccessNode {
     services: AccessServices,
     connections: Mutex<HashMap<u64, Arc<ConnHandle>>>,
     next_connection_id: AtomicU64,
+    /// Set when the drain starts: logins are refused from then on, so no
+    /// placement outlives the node.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl AccessNode {
@@ -124,6 +127,7 @@ impl AccessNode {
             services,
             connections: Mutex::new(HashMap::new()),
             next_connection_id: AtomicU64::new(start),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -231,6 +235,7 @@ impl AccessNode {
     }
 
     async fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
         let node_id = &self.config.node_id;
         if let Err(e) = self.services.registry.deregister(node_id).await {
             tracing::warn!(error = %e, "deregistration failed");

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tern_offline_svc::PushGateway;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::access_push_server::{self, AccessPushServer};
 use tern_proto::rpc::internal::{Empty, PushBatch};
 use tern_store::Placement;
@@ -34,4 +35,6 @@ impl access_push_server::AccessPush for Server {
 /// The push service to mount on the node's internal gRPC server.
 pub fn service(node: Arc<AccessNode>) -> AccessPushServer<impl access_push_server::AccessPush> {
     AccessPushServer::new(Server(node))
+        .max_decoding_message_size(MAX_RPC_MESSAGE)
+        .max_encoding_message_size(MAX_RPC_MESSAGE)
 }

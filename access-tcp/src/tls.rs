@@ -45,13 +45,30 @@ pub struct GeneratedTls {
 /// Creates `dir/ca.pem`, `dir/server.pem` and `dir/server.key` unless they
 /// exist. The server certificate is valid for `localhost`, `127.0.0.1`, `::1`
 /// and any extra `names`.
+///
+/// Several processes may share `dir` (the access nodes of a local cluster)
+/// and start at once: the files are written into a private directory that is
+/// then renamed to `dir` in one step, so every process ends up using the one
+/// set that won, never a CA from one and a certificate from another.
 pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<GeneratedTls, TlsError> {
-    let ca_cert = dir.join("ca.pem");
-    let server = CertPaths { cert: dir.join("server.pem"), key: dir.join("server.key") };
+    let paths = |dir: &Path| {
+        (dir.join("ca.pem"), CertPaths { cert: dir.join("server.pem"), key: dir.join("server.key") })
+    };
+    let (ca_cert, server) = paths(dir);
     if ca_cert.exists() && server.cert.exists() && server.key.exists() {
         return Ok(GeneratedTls { ca_cert, server, created: false });
     }
-    fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|source| TlsError::Write { path: parent.to_owned(), source })?;
+    static ATTEMPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let staging = parent.join(format!(
+        ".{}.{}.{}.tmp",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("tls"),
+        std::process::id(),
+        ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging).map_err(|source| TlsError::Write { path: staging.clone(), source })?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -69,10 +86,21 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<GeneratedTls, 
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
 
-    write(&server.key, key.serialize_pem())?;
-    write(&server.cert, cert.pem())?;
-    write(&ca_cert, ca.pem())?;
-    Ok(GeneratedTls { ca_cert, server, created: true })
+    let (staged_ca, staged) = paths(&staging);
+    write(&staged.key, key.serialize_pem())?;
+    write(&staged.cert, cert.pem())?;
+    write(&staged_ca, ca.pem())?;
+    // An empty `dir` left by an earlier failed attempt would block the rename.
+    let _ = fs::remove_dir(dir);
+    match fs::rename(&staging, dir) {
+        Ok(()) => Ok(GeneratedTls { ca_cert, server, created: true }),
+        Err(_) if ca_cert.exists() && server.cert.exists() && server.key.exists() => {
+            // Another process won the race: use its files.
+            let _ = fs::remove_dir_all(&staging);
+            Ok(GeneratedTls { ca_cert, server, created: false })
+        }
+        Err(source) => Err(TlsError::Write { path: dir.to_owned(), source }),
+    }
 }
 
 fn write(path: &Path, contents: String) -> Result<(), TlsError> {
@@ -102,4 +130,30 @@ pub fn acceptor(paths: &CertPaths) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_creators_agree_on_one_set() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("tls");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || ensure_self_signed(&dir, &[]).unwrap())
+            })
+            .collect();
+        let results: Vec<GeneratedTls> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(results.iter().filter(|r| r.created).count() <= 1);
+        // The files on disk are one consistent set the acceptor accepts.
+        acceptor(&results[0].server).unwrap();
+        let again = ensure_self_signed(&dir, &[]).unwrap();
+        assert!(!again.created);
+        let leftovers: Vec<_> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, [std::ffi::OsString::from("tls")], "staging directories are cleaned up");
+    }
 }

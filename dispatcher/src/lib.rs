@@ -8,6 +8,11 @@
 //!
 //! Architecture invariant: a message is acknowledged to its sender only after
 //! `Bus::publish` returned, i.e. after it is durable.
+//!
+//! Architecture invariant: a message's ids (message id, sequence) are
+//! reserved under its client message id before it is published, and every
+//! retry publishes the message again with those ids; so a retry after any
+//! failure never stores a second message, and never loses the first.
 
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -164,33 +169,56 @@ impl Dispatcher {
         ServiceError::new(ErrorCode::NotGroupMember, format!("you are not a member of group {group_id:?}"))
     }
 
-    /// The ACK already given for this client message id, if any. Checked
-    /// before validation too, so a retry gets its ACK even when the send
-    /// would no longer be valid (the sender left the group meanwhile).
-    async fn already_accepted(
-        &self,
-        sender: &str,
-        client_msg_id: &str,
-    ) -> ServiceResult<Option<pb::SendAck>> {
-        let seen = self.backends.dedup.get(sender, client_msg_id).await.map_err(backend)?;
-        Ok(seen.map(|seen| pb::SendAck {
-            client_msg_id: client_msg_id.to_owned(),
-            msg_id: seen.msg_id,
-            seq: seen.seq,
-            sent_at_ms: seen.sent_at_ms,
+    /// Publishes `draft` with the ids it was given.
+    async fn publish(&self, draft: &Draft, ids: DedupRecord) -> ServiceResult<()> {
+        let message = pb::Message {
+            msg_id: ids.msg_id,
+            kind: draft.kind as i32,
+            sender: draft.sender.clone(),
+            receiver: draft.receiver.clone(),
+            group_id: draft.group_id.clone(),
+            seq: ids.seq,
+            content: draft.content.clone(),
+            sent_at_ms: ids.sent_at_ms,
+            client_msg_id: draft.client_msg_id.clone(),
+        };
+        let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers.clone() };
+        let key = Bytes::from(draft.conversation.clone().into_bytes());
+        let topic = &self.config.bus.messages_topic;
+        self.backends.bus.publish(topic, key, Bytes::from(envelope.encode_to_vec())).await.map_err(|e| {
+            // The ids stay reserved: a retry publishes the same message.
+            ServiceError::new(ErrorCode::Unavailable, format!("message not stored, retry: {e}"))
+        })
+    }
+
+    /// If this client message id was accepted before, publishes the message
+    /// again with the ids it was given and returns its ACK. The first
+    /// publish may never have happened (the dispatcher died, or the bus
+    /// failed, between reserving the ids and publishing); if it did, the
+    /// copy is harmless: storage writes are idempotent per message id and
+    /// clients drop a message id they have shown.
+    async fn replay(&self, draft: &Draft) -> ServiceResult<Option<pb::SendAck>> {
+        let seen = self.backends.dedup.get(&draft.sender, &draft.client_msg_id).await.map_err(backend)?;
+        let Some(ids) = seen else { return Ok(None) };
+        self.publish(draft, ids).await?;
+        Ok(Some(pb::SendAck {
+            client_msg_id: draft.client_msg_id.clone(),
+            msg_id: ids.msg_id,
+            seq: ids.seq,
+            sent_at_ms: ids.sent_at_ms,
             duplicate: true,
         }))
     }
 
-    /// Dedup, sequence, id, publish: the one path every message takes.
+    /// Dedup, sequence, id, reservation, publish: the path every message
+    /// takes, under its conversation's lock.
     async fn accept(&self, draft: Draft) -> ServiceResult<pb::SendAck> {
         let _guard = self.stripe(&draft.conversation).lock().await;
-        // Checked again under the lock: two concurrent retries store once.
-        if let Some(ack) = self.already_accepted(&draft.sender, &draft.client_msg_id).await? {
+        // Checked under the lock: two concurrent retries store once.
+        if let Some(ack) = self.replay(&draft).await? {
             return Ok(ack);
         }
-        let sequences = &self.backends.sequences;
-        let seq = sequences.incr(&draft.conversation).await.map_err(backend)?;
+        let seq = self.backends.sequences.incr(&draft.conversation).await.map_err(backend)?;
         let msg_id = match self.ids.next_id() {
             Ok(id) => id,
             Err(e) => {
@@ -199,38 +227,24 @@ impl Dispatcher {
                 return Err(ServiceError::new(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        let sent_at_ms = now_ms();
-        let message = pb::Message {
-            msg_id,
-            kind: draft.kind as i32,
-            sender: draft.sender.clone(),
-            receiver: draft.receiver,
-            group_id: draft.group_id,
-            seq,
-            content: draft.content,
-            sent_at_ms,
-            client_msg_id: draft.client_msg_id.clone(),
-        };
-        let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers };
-        let key = Bytes::from(draft.conversation.clone().into_bytes());
-        if let Err(e) = self
-            .backends
-            .bus
-            .publish(&self.config.bus.messages_topic, key, Bytes::from(envelope.encode_to_vec()))
-            .await
-        {
+        let ids = DedupRecord { msg_id, seq, sent_at_ms: now_ms() };
+        // Reserve the ids for this client message id before publishing, so
+        // a retry after any failure from here on re-publishes the same
+        // message instead of storing a second one.
+        let reserved =
+            self.backends.dedup.put(&draft.sender, &draft.client_msg_id, ids, self.config.dedup_ttl).await;
+        if let Err(e) = reserved {
             self.undo_sequence(&draft.conversation, seq).await;
             return Err(backend(e));
         }
-        let record = DedupRecord { msg_id, seq, sent_at_ms };
-        // The message is durable already: a failed dedup write only weakens
-        // retry deduplication, so it is logged rather than failing the send.
-        if let Err(e) =
-            self.backends.dedup.put(&draft.sender, &draft.client_msg_id, record, self.config.dedup_ttl).await
-        {
-            tracing::warn!(error = %e, "dedup record not stored");
-        }
-        Ok(pb::SendAck { client_msg_id: draft.client_msg_id, msg_id, seq, sent_at_ms, duplicate: false })
+        self.publish(&draft, ids).await?;
+        Ok(pb::SendAck {
+            client_msg_id: draft.client_msg_id,
+            msg_id,
+            seq,
+            sent_at_ms: ids.sent_at_ms,
+            duplicate: false,
+        })
     }
 
     /// Keeps sequences gap-free when a message assigned `seq` was not published.
@@ -255,12 +269,8 @@ impl Dispatcher {
 impl DispatchService for Dispatcher {
     async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
-        if let Some(ack) = self.already_accepted(sender, &req.client_msg_id).await? {
-            return Ok(ack);
-        }
         validate_id("receiver", &req.receiver)?;
-        self.require_user(&req.receiver).await?;
-        self.accept(Draft {
+        let draft = Draft {
             kind: ConversationKind::Single,
             conversation: single_conversation_key(sender, &req.receiver),
             sender: sender.to_owned(),
@@ -269,21 +279,22 @@ impl DispatchService for Dispatcher {
             client_msg_id: req.client_msg_id,
             content: req.content,
             receivers: vec![req.receiver],
-        })
-        .await
+        };
+        // A retry is answered before the remaining checks, so it gets its
+        // ACK even if the send would no longer pass them.
+        if let Some(ack) = self.replay(&draft).await? {
+            return Ok(ack);
+        }
+        self.require_user(&draft.receiver).await?;
+        self.accept(draft).await
     }
 
     async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
-        if let Some(ack) = self.already_accepted(sender, &req.client_msg_id).await? {
-            return Ok(ack);
-        }
         let group = self.require_group(&req.group_id).await?;
-        if group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_err() {
-            return Err(Self::not_member(&req.group_id));
-        }
+        let is_member = group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_ok();
         let receivers = group.members.into_iter().filter(|m| m != sender).collect();
-        self.accept(Draft {
+        let draft = Draft {
             kind: ConversationKind::Group,
             conversation: group_conversation_key(&req.group_id),
             sender: sender.to_owned(),
@@ -292,8 +303,14 @@ impl DispatchService for Dispatcher {
             client_msg_id: req.client_msg_id,
             content: req.content,
             receivers,
-        })
-        .await
+        };
+        if let Some(ack) = self.replay(&draft).await? {
+            return Ok(ack);
+        }
+        if !is_member {
+            return Err(Self::not_member(&draft.group_id));
+        }
+        self.accept(draft).await
     }
 
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::Stream;
 use prost::Message as _;
 use tern_proto::pb;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::dispatcher_client::DispatcherClient;
 use tern_proto::rpc::internal::dispatcher_server::{self, DispatcherServer};
 use tern_proto::rpc::internal::{
@@ -131,6 +132,8 @@ impl LinkServer {
 
     pub fn into_service(self) -> DispatcherServer<Self> {
         DispatcherServer::new(self)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE)
     }
 }
 
@@ -149,6 +152,7 @@ impl dispatcher_server::Dispatcher for LinkServer {
         tokio::spawn(async move {
             let mut node_id: Option<String> = None;
             let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            let mut idle_deadline = tokio::time::Instant::now() + LINK_IDLE;
             loop {
                 let next = tokio::select! {
                     _ = closing.cancelled() => break,
@@ -159,8 +163,9 @@ impl dispatcher_server::Dispatcher for LinkServer {
                         }
                         continue;
                     }
-                    next = tokio::time::timeout(LINK_IDLE, inbound.message()) => next,
+                    next = tokio::time::timeout_at(idle_deadline, inbound.message()) => next,
                 };
+                idle_deadline = tokio::time::Instant::now() + LINK_IDLE;
                 let up = match next {
                     Err(_) => {
                         tracing::warn!(node = ?node_id, "link idle for 30 s; dropping it");
@@ -221,6 +226,25 @@ impl Link {
     }
 }
 
+/// Removes a link from the table when dropped.
+struct Unlink<'a> {
+    links: &'a DispatcherLinks,
+    node_id: &'a str,
+    link: &'a Arc<Link>,
+}
+
+impl Drop for Unlink<'_> {
+    fn drop(&mut self) {
+        self.link.fail_pending();
+        let mut links = self.links.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(self.node_id).is_some_and(|l| Arc::ptr_eq(l, self.link)) {
+            links.remove(self.node_id);
+        }
+        drop(links);
+        self.links.changed.notify_waiters();
+    }
+}
+
 /// The access node's side: links to every live dispatcher, and
 /// [`DispatchService`] routed over them.
 pub struct DispatcherLinks {
@@ -247,33 +271,39 @@ impl DispatcherLinks {
     /// Keeps one connect loop per registered dispatcher.
     async fn manage(this: std::sync::Weak<Self>, peers: Arc<Peers>) {
         let mut watched = peers.subscribe();
-        let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        // Keyed by node id and address: a dispatcher that comes back under
+        // the same id at a new address gets a new connect loop.
+        let mut running: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
             let nodes: Vec<NodeInfo> = watched.borrow_and_update().clone();
-            running.retain(|id, task| {
-                let keep = nodes.iter().any(|n| &n.node_id == id) && !task.is_finished();
+            let listed = |id: &str, addr: &str| nodes.iter().any(|n| n.node_id == id && n.addr == addr);
+            let mut departed = Vec::new();
+            running.retain(|(id, addr), task| {
+                let keep = listed(id, addr) && !task.is_finished();
                 if !keep {
-                    task.abort();
+                    departed.push((id.clone(), task.abort_handle()));
                 }
                 keep
             });
-            if let Some(links) = this.upgrade() {
-                links.links.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, link| {
-                    let keep = nodes.iter().any(|n| &n.node_id == id);
-                    if !keep {
-                        link.fail_pending();
-                    }
-                    keep
-                });
-                links.changed.notify_waiters();
-            } else {
-                return;
-            }
-            for node in nodes {
-                if !running.contains_key(&node.node_id) {
-                    let id = node.node_id.clone();
-                    running.insert(id, tokio::spawn(Self::connect_loop(this.clone(), node)));
+            let Some(links) = this.upgrade() else { return };
+            for (id, task) in departed {
+                // No new requests go to a dispatcher that left the registry;
+                // those in flight may still finish (a stopping dispatcher
+                // serves them before it closes its links). Then the loop is
+                // stopped, which ends the link if it is still open.
+                if let Some(link) = links.links.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                    link.alive.store(false, Ordering::SeqCst);
                 }
+                tokio::spawn(async move {
+                    tokio::time::sleep(REQUEST_TIMEOUT).await;
+                    task.abort();
+                });
+            }
+            links.changed.notify_waiters();
+            drop(links);
+            for node in nodes {
+                let key = (node.node_id.clone(), node.addr.clone());
+                running.entry(key).or_insert_with(|| tokio::spawn(Self::connect_loop(this.clone(), node)));
             }
             if watched.changed().await.is_err() {
                 return;
@@ -305,7 +335,9 @@ impl DispatcherLinks {
         let register =
             LinkUp { kind: Some(link_up::Kind::Register(LinkRegister { node_id: self.node_id.clone() })) };
         up_tx.send(register).await.map_err(|e| e.to_string())?;
-        let mut client = DispatcherClient::new(channel);
+        let mut client = DispatcherClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE);
         let mut inbound =
             client.link(ReceiverStream::new(up_rx)).await.map_err(|e| e.to_string())?.into_inner();
         let link = Arc::new(Link {
@@ -317,9 +349,14 @@ impl DispatcherLinks {
         self.links.lock().unwrap_or_else(|e| e.into_inner()).insert(node.node_id.clone(), link.clone());
         self.changed.notify_waiters();
         tracing::info!(dispatcher = %node.node_id, "linked");
+        // However this function ends — the link breaks, or the connect loop
+        // is aborted — the link leaves the table and its waiters fail.
+        let _unlink = Unlink { links: self, node_id: &node.node_id, link: &link };
 
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        let outcome = loop {
+        // Moves only when something arrives: heartbeats we send do not count.
+        let mut idle_deadline = tokio::time::Instant::now() + LINK_IDLE;
+        loop {
             let next = tokio::select! {
                 _ = heartbeat.tick() => {
                     let beat = LinkUp { kind: Some(link_up::Kind::Heartbeat(LinkHeartbeat {})) };
@@ -328,8 +365,9 @@ impl DispatcherLinks {
                     }
                     continue;
                 }
-                next = tokio::time::timeout(LINK_IDLE, inbound.message()) => next,
+                next = tokio::time::timeout_at(idle_deadline, inbound.message()) => next,
             };
+            idle_deadline = tokio::time::Instant::now() + LINK_IDLE;
             match next {
                 Err(_) => break Err("idle for 30 s".to_owned()),
                 Ok(Ok(Some(LinkDown { kind: Some(link_down::Kind::Response(response)) }))) => {
@@ -342,16 +380,7 @@ impl DispatcherLinks {
                 Ok(Ok(None)) => break Err("dispatcher closed the link".to_owned()),
                 Ok(Err(status)) => break Err(status.to_string()),
             }
-        };
-        link.fail_pending();
-        {
-            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-            if links.get(&node.node_id).is_some_and(|l| Arc::ptr_eq(l, &link)) {
-                links.remove(&node.node_id);
-            }
         }
-        self.changed.notify_waiters();
-        outcome
     }
 
     /// The link that owns `key`, waiting briefly for one to exist (at start,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tern_proto::pb;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::HistoryRequest;
 use tern_proto::rpc::internal::history_client::HistoryClient;
 use tern_proto::rpc::internal::history_server::{self, HistoryServer};
@@ -33,6 +34,8 @@ impl history_server::History for Server {
 
 pub fn service(api: Arc<dyn HistoryApi>) -> HistoryServer<impl history_server::History> {
     HistoryServer::new(Server(api))
+        .max_decoding_message_size(MAX_RPC_MESSAGE)
+        .max_encoding_message_size(MAX_RPC_MESSAGE)
 }
 
 /// [`HistoryApi`] on the live group-svc nodes (round robin).
@@ -61,7 +64,10 @@ impl HistoryApi for RemoteHistory {
             .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))?;
         let request =
             HistoryRequest { user_id: user.to_owned(), group_id: group_id.to_owned(), before_msg_id, limit };
-        let r = HistoryClient::new(channel).history(request).await?.into_inner();
+        let mut client = HistoryClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE);
+        let r = client.history(request).await?.into_inner();
         Ok((r.messages, r.more))
     }
 }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::id_gen_client::IdGenClient;
 use tern_proto::rpc::internal::id_gen_server::{self, IdGenServer};
 use tern_proto::rpc::internal::{NextIdsRequest, NextIdsResponse, SegmentRequest, SegmentResponse};
@@ -40,6 +41,8 @@ impl IdGenService {
 
     pub fn into_service(self) -> IdGenServer<Self> {
         IdGenServer::new(self)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE)
     }
 
     /// The next segment of `biz_tag`. `size` must be 0 or the service's
@@ -101,7 +104,10 @@ pub struct RemoteIdGen {
 
 impl RemoteIdGen {
     pub fn new(channel: tonic::transport::Channel) -> Self {
-        Self { client: IdGenClient::new(channel) }
+        let client = IdGenClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE);
+        Self { client }
     }
 
     pub async fn next_ids(&self, count: u32) -> ServiceResult<Vec<u64>> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tern_proto::pb;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::access_push_client::AccessPushClient;
 use tern_proto::rpc::internal::offline_client::OfflineClient;
 use tern_proto::rpc::internal::offline_server::{self, OfflineServer};
@@ -50,6 +51,8 @@ impl offline_server::Offline for Server {
 
 pub fn service(api: Arc<dyn OfflineApi>) -> OfflineServer<impl offline_server::Offline> {
     OfflineServer::new(Server(api))
+        .max_decoding_message_size(MAX_RPC_MESSAGE)
+        .max_encoding_message_size(MAX_RPC_MESSAGE)
 }
 
 fn no_peer(e: tern_store::StoreError) -> ServiceError {
@@ -67,7 +70,10 @@ impl RemoteOffline {
     }
 
     fn client(&self) -> ServiceResult<OfflineClient<tonic::transport::Channel>> {
-        Ok(OfflineClient::new(self.peers.any(Dial::Addr).map_err(no_peer)?.1))
+        let channel = self.peers.any(Dial::Addr).map_err(no_peer)?.1;
+        Ok(OfflineClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE))
     }
 }
 
@@ -96,15 +102,21 @@ impl OfflineApi for RemoteOffline {
 
 /// Pushes to access nodes over gRPC. `push` only queues (it is called from
 /// the consumer loop and must not wait on the network); a background task
-/// sends what is queued in one batch per access node. A push that cannot be
-/// delivered is dropped: the message stays in the offline store.
+/// sends what is queued in batches, to every access node at once, so one
+/// slow or dead node does not hold up the others. A push that cannot be
+/// delivered is dropped: the message stays in the offline store and the
+/// client gets it at its next pull (SYNC notice or reconnect).
 pub struct RemotePushGateway {
     queue: mpsc::Sender<(String, PushItem)>,
 }
 
-/// Pushes queued before the oldest is dropped (then clients resync).
+/// Pushes waiting to be sent; a push finding the queue full is dropped.
 const PUSH_QUEUE: usize = 65_536;
+/// Most pushes and bytes in one batch to one access node.
 const MAX_BATCH: usize = 1_024;
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Batches in flight per access node before the sender waits.
+const NODE_QUEUE: usize = 64;
 
 impl RemotePushGateway {
     /// `access_nodes` follows the access-node role (pushes go to their
@@ -115,31 +127,66 @@ impl RemotePushGateway {
         Arc::new(Self { queue })
     }
 
+    /// Sorts queued pushes into per-node batches and hands each batch to
+    /// that node's sender task.
     async fn deliver(access_nodes: Arc<Peers>, mut rx: mpsc::Receiver<(String, PushItem)>) {
+        let mut senders: HashMap<String, mpsc::Sender<PushBatch>> = HashMap::new();
         while let Some(first) = rx.recv().await {
-            let mut by_node: HashMap<String, Vec<PushItem>> = HashMap::new();
+            let mut batches: HashMap<String, (Vec<PushItem>, usize)> = HashMap::new();
             let mut next = Some(first);
             let mut taken = 0;
             while let Some((node, item)) = next.take() {
-                by_node.entry(node).or_default().push(item);
+                let (items, bytes) = batches.entry(node.clone()).or_default();
+                *bytes += item.message.len();
+                items.push(item);
                 taken += 1;
+                if *bytes >= MAX_BATCH_BYTES {
+                    let (items, _) = batches.remove(&node).unwrap_or_default();
+                    Self::hand_over(&access_nodes, &mut senders, node, items).await;
+                }
                 if taken < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
-            for (node, items) in by_node {
-                let channel = match access_nodes.node(&node, Dial::Internal) {
-                    Ok(Some(channel)) => channel,
-                    // Gone: its clients reconnect elsewhere and pull.
-                    _ => continue,
-                };
-                let mut client = AccessPushClient::new(channel);
-                let send = client.push(PushBatch { items });
-                match tokio::time::timeout(Duration::from_secs(5), send).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) => tracing::warn!(%node, %status, "push batch failed"),
-                    Err(_) => tracing::warn!(%node, "push batch timed out"),
-                }
+            for (node, (items, _)) in batches {
+                Self::hand_over(&access_nodes, &mut senders, node, items).await;
+            }
+        }
+    }
+
+    async fn hand_over(
+        access_nodes: &Arc<Peers>,
+        senders: &mut HashMap<String, mpsc::Sender<PushBatch>>,
+        node: String,
+        items: Vec<PushItem>,
+    ) {
+        senders.retain(|_, tx| !tx.is_closed());
+        let tx = senders.entry(node.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(NODE_QUEUE);
+            tokio::spawn(Self::send_to_node(access_nodes.clone(), node.clone(), rx));
+            tx
+        });
+        if tx.try_send(PushBatch { items }).is_err() {
+            tracing::warn!(%node, "access node is not keeping up; push batch dropped (messages stay offline)");
+        }
+    }
+
+    /// Sends one node's batches in order; ends when the node has been gone
+    /// from the registry for a while and nothing is queued for it.
+    async fn send_to_node(access_nodes: Arc<Peers>, node: String, mut batches: mpsc::Receiver<PushBatch>) {
+        while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(60), batches.recv()).await {
+            let channel = match access_nodes.node(&node, Dial::Internal) {
+                Ok(Some(channel)) => channel,
+                // Gone: its clients reconnect elsewhere and pull.
+                _ => continue,
+            };
+            let mut client = AccessPushClient::new(channel)
+                .max_decoding_message_size(MAX_RPC_MESSAGE)
+                .max_encoding_message_size(MAX_RPC_MESSAGE);
+            match tokio::time::timeout(Duration::from_secs(5), client.push(batch)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => tracing::warn!(%node, %status, "push batch failed"),
+                Err(_) => tracing::warn!(%node, "push batch timed out"),
             }
         }
     }

@@ -39,7 +39,8 @@ pub enum ErrorCode {
     GroupExists = 15,
     /// A backend failed; the request may be retried.
     Internal = 16,
-    /// The server is shutting down; reconnect elsewhere.
+    /// A role or backend behind the access node is unavailable right now
+    /// (a dispatcher died, the bus failed); retry the request.
     Unavailable = 17,
 }
 
@@ -79,7 +80,6 @@ impl ErrorCode {
                 | Self::TruncatedFrame
                 | Self::InvalidToken
                 | Self::TokenExpired
-                | Self::Unavailable
         )
     }
 

@@ -13,6 +13,12 @@ pub mod internal {
 
 const CODE_KEY: &str = "tern-error-code";
 
+/// Largest internal RPC message, each direction. tonic's 4 MiB default is
+/// below what a page of messages, a big member list or a push batch can
+/// reach (a request body may be 16 MiB); a message over the limit would
+/// break a whole link.
+pub const MAX_RPC_MESSAGE: usize = 64 * 1024 * 1024;
+
 fn grpc_code(code: ErrorCode) -> tonic::Code {
     use tonic::Code;
     match code {

@@ -9,7 +9,8 @@
 //!
 //! Errors are `{"error": CODE, "message": text}` with CODE one of
 //! `INVALID_ARGUMENT` (400), `BAD_JSON` (400), `USER_EXISTS` (409),
-//! `BAD_CREDENTIALS` (401), `INTERNAL` (500).
+//! `BAD_CREDENTIALS` (401), `BUSY` (503: too many password checks at once;
+//! retry), `INTERNAL` (500).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ impl IntoResponse for AccountError {
             AccountError::Invalid(_) => error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message),
             AccountError::UserExists(_) => error(StatusCode::CONFLICT, "USER_EXISTS", message),
             AccountError::BadCredentials => error(StatusCode::UNAUTHORIZED, "BAD_CREDENTIALS", message),
+            AccountError::Busy => error(StatusCode::SERVICE_UNAVAILABLE, "BUSY", message),
             AccountError::Internal(_) => {
                 tracing::error!(%message, "router-auth request failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error")

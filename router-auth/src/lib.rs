@@ -45,6 +45,8 @@ pub enum AccountError {
     BadCredentials,
     #[error("backend failure: {0}")]
     Internal(String),
+    #[error("too many logins at once; retry shortly")]
+    Busy,
 }
 
 /// A freshly issued token.
@@ -120,7 +122,14 @@ pub struct AuthService {
     signer: TokenSigner,
     config: AuthConfig,
     round_robin: std::sync::atomic::AtomicUsize,
+    /// Password hashing costs ~19 MiB and tens of ms each: at most this many
+    /// run at once, so a flood of logins cannot exhaust memory.
+    hashing: tokio::sync::Semaphore,
 }
+
+/// Concurrent password hashes allowed; more wait up to [`HASH_WAIT`].
+const HASH_PERMITS: usize = 4;
+const HASH_WAIT: Duration = Duration::from_secs(5);
 
 fn backend(e: impl std::fmt::Display) -> ServiceError {
     ServiceError::internal(format!("backend failure: {e}"))
@@ -134,7 +143,15 @@ impl AuthService {
         signer: TokenSigner,
         config: AuthConfig,
     ) -> Self {
-        Self { meta, sessions, registry, signer, config, round_robin: Default::default() }
+        Self {
+            meta,
+            sessions,
+            registry,
+            signer,
+            config,
+            round_robin: Default::default(),
+            hashing: tokio::sync::Semaphore::new(HASH_PERMITS),
+        }
     }
 
     pub fn signer(&self) -> &TokenSigner {
@@ -153,6 +170,7 @@ impl AuthService {
             return Err(AccountError::UserExists(user_id.to_owned()));
         }
         let password = password.to_owned();
+        let _permit = self.hashing_permit().await?;
         // Hashing is CPU-heavy by design: keep it off the async workers.
         let password_hash = tokio::task::spawn_blocking(move || {
             let salt = SaltString::generate(&mut OsRng);
@@ -181,6 +199,7 @@ impl AuthService {
             .map_err(|e| AccountError::Internal(e.to_string()))?
             .ok_or(AccountError::BadCredentials)?;
         let password = password.to_owned();
+        let _permit = self.hashing_permit().await?;
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&user.password_hash)
                 .map(|hash| Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
@@ -192,6 +211,13 @@ impl AuthService {
             return Err(AccountError::BadCredentials);
         }
         Ok(self.issue_token(user_id))
+    }
+
+    async fn hashing_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AccountError> {
+        match tokio::time::timeout(HASH_WAIT, self.hashing.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(AccountError::Busy),
+        }
     }
 
     /// Issues a token without a password check (trusted callers and tests).
@@ -216,11 +242,15 @@ impl AuthService {
 
 /// Removes the placements of access nodes that leave the registry (a node
 /// that crashed cannot clear its own; its ephemeral registration vanishes
-/// when its ZooKeeper session expires). Runs until `stop` resolves. Several
-/// router-auth nodes may run it at once: removal is idempotent.
+/// when its ZooKeeper session expires). A node may also vanish only for a
+/// moment — its session expired but it lives and re-registers, keeping its
+/// connections — so placements are removed only if the node is still absent
+/// after `grace`. Runs until `stop` resolves. Several router-auth nodes may
+/// run it at once: removal is idempotent.
 pub async fn clean_departed_placements(
     registry: Arc<dyn Registry>,
     sessions: Arc<dyn SessionStore>,
+    grace: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> tern_store::StoreResult<()> {
     let mut watched = registry.watch(ACCESS_TCP_ROLE).await?;
@@ -239,13 +269,30 @@ pub async fn clean_departed_placements(
             }
         }
         let now = ids(&watched.borrow_and_update());
-        for gone in known.difference(&now) {
-            match sessions.remove_node(gone).await {
-                Ok(n) => tracing::info!(node = %gone, placements = n, "access node left; placements cleared"),
-                Err(e) => {
-                    tracing::warn!(node = %gone, error = %e, "placements of a departed node not cleared")
+        for gone in known.difference(&now).cloned() {
+            let (registry, sessions) = (registry.clone(), sessions.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                match registry.list(ACCESS_TCP_ROLE).await {
+                    Ok(nodes) if nodes.iter().any(|n| n.node_id == gone) => {
+                        tracing::info!(node = %gone, "access node is back; placements kept");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(node = %gone, error = %e, "registry unreadable; placements kept");
+                        return;
+                    }
                 }
-            }
+                match sessions.remove_node(&gone).await {
+                    Ok(n) => {
+                        tracing::info!(node = %gone, placements = n, "access node left; placements cleared")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %gone, error = %e, "placements of a departed node not cleared")
+                    }
+                }
+            });
         }
         known = now;
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::session_authority_client::SessionAuthorityClient;
 use tern_proto::rpc::internal::session_authority_server::{self, SessionAuthorityServer};
 use tern_proto::rpc::internal::{
@@ -67,6 +68,8 @@ pub fn service(
     authority: Arc<dyn SessionAuthority>,
 ) -> SessionAuthorityServer<impl session_authority_server::SessionAuthority> {
     SessionAuthorityServer::new(Server(authority))
+        .max_decoding_message_size(MAX_RPC_MESSAGE)
+        .max_encoding_message_size(MAX_RPC_MESSAGE)
 }
 
 /// [`SessionAuthority`] on the live router-auth nodes (round robin).
@@ -84,7 +87,9 @@ impl RemoteSessionAuthority {
             .peers
             .any(Dial::Addr)
             .map_err(|e| ServiceError::new(tern_proto::ErrorCode::Unavailable, e.to_string()))?;
-        Ok(SessionAuthorityClient::new(channel))
+        Ok(SessionAuthorityClient::new(channel)
+            .max_decoding_message_size(MAX_RPC_MESSAGE)
+            .max_encoding_message_size(MAX_RPC_MESSAGE))
     }
 }
 

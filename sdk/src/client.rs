@@ -1,6 +1,14 @@
 //! The high-level client: logs in over HTTP, connects, keeps the connection
 //! alive and reconnects, pulls offline messages, ACKs and deduplicates
 //! pushes, and retries sends until the server ACKs them.
+//!
+//! One background task (`Shared::supervise`) owns the connection's events:
+//! it pulls the offline store, then shows the pushes that arrived meanwhile
+//! (they wait in the connection's unbounded event queue), and reconnects
+//! when the connection drops. A second task per connection heartbeats it and
+//! aborts it when a heartbeat goes unanswered, so a half-open connection is
+//! noticed; heartbeats are independent of the first task, which can be
+//! blocked for long on an application that reads events slowly.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +18,16 @@ use std::time::Duration;
 use tern_proto::pb::{self, NoticeKind};
 use tern_proto::{ErrorCode, RequestType, ServiceError};
 use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::ClientError;
 use crate::connection::{ConnectOptions, Connection, ServerEvent, TlsMode};
 use crate::http::{AuthClient, IssuedToken};
+
+/// The most ids the server takes in one ACK_MESSAGES (PROTOCOL §5.3;
+/// offline-svc `max_ack_ids`); a longer list is refused as a whole.
+const MAX_ACK_IDS: usize = 1_000;
 
 /// How a [`Client`] logs in and connects.
 #[derive(Debug, Clone)]
@@ -137,9 +150,11 @@ fn retryable(e: &ClientError) -> bool {
 }
 
 impl Client {
-    /// Logs in, connects, pulls the offline store and starts the background
-    /// task that keeps the connection. Events (messages, offline ones first)
-    /// arrive on the returned receiver.
+    /// Logs in, connects and starts the background task that pulls the
+    /// offline store and keeps the connection. Events (messages, offline ones
+    /// first) arrive on the returned receiver. Login and connection errors
+    /// are returned; the offline store is pulled after this returns, so a
+    /// large backlog never waits on the application reading events.
     pub async fn connect(config: ClientConfig) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
         let (events, events_rx) = mpsc::channel(4096);
         let (connection, _) = watch::channel(None);
@@ -158,7 +173,6 @@ impl Client {
         let (conn, server_events) = shared.establish().await?;
         let client = Client { shared: shared.clone() };
         shared.connection.send_replace(Some(conn.clone()));
-        shared.sync_offline(&conn).await?;
         tokio::spawn(shared.supervise(conn, server_events));
         Ok((client, events_rx))
     }
@@ -340,7 +354,7 @@ impl Shared {
         nodes.into_iter().next().map(|n| n.addr).ok_or(ClientError::NoAccessNode)
     }
 
-    /// Connects and logs in once.
+    /// Connects and logs in once. On failure the connection is closed.
     async fn establish(&self) -> Result<(Connection, mpsc::UnboundedReceiver<ServerEvent>), ClientError> {
         let token = self.token().await?;
         let addr = self.access_addr().await?;
@@ -351,10 +365,17 @@ impl Shared {
         let login = pb::LoginRequest { token, device_id: self.config.device_id.clone() };
         match conn.request::<_, pb::LoginResponse>(RequestType::Login, &login).await {
             Ok(response) => {
+                // A server that stays silent this long is gone (the
+                // heartbeat answers alone arrive more often).
+                let idle = response.idle_timeout_ms;
+                conn.set_idle_timeout((idle > 0).then(|| Duration::from_millis(u64::from(idle))));
                 *self.login.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
                 Ok((conn, events))
             }
             Err(e) => {
+                // Dropping the Connection would leave its reader holding the
+                // socket open.
+                conn.abort().await;
                 if let ClientError::Server(s) = &e
                     && matches!(s.code, ErrorCode::InvalidToken | ErrorCode::TokenExpired)
                 {
@@ -392,25 +413,77 @@ impl Shared {
             for message in page.messages {
                 self.deliver(message).await;
             }
-            if !ids.is_empty() {
-                let _: pb::Empty =
-                    conn.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids: ids }).await?;
-            }
+            ack_all(conn, &ids).await?;
             if !page.more {
                 return Ok(());
             }
         }
     }
 
-    /// Keeps a connection: handles its events, heartbeats, and reconnects
-    /// when it drops.
+    /// Puts a logged-in connection into service: starts its heartbeats and
+    /// pulls the offline store. Pushes that arrive meanwhile wait in
+    /// `events` until `serve_connection` handles them, so they are shown
+    /// after the offline messages (and dropped if already shown). If the
+    /// sync fails, the connection is aborted and why it ended is returned.
+    async fn start_connection(
+        &self,
+        conn: &Connection,
+        events: &mut mpsc::UnboundedReceiver<ServerEvent>,
+    ) -> Result<(), EndReason> {
+        spawn_heartbeats(conn.clone(), self.heartbeat_interval());
+        let synced = tokio::select! {
+            _ = self.closed.cancelled() => {
+                conn.close().await;
+                return Err(EndReason::Closed);
+            }
+            synced = self.sync_offline(conn) => synced,
+        };
+        let Err(e) = synced else { return Ok(()) };
+        tracing::debug!(error = %e, "offline sync failed; dropping the connection");
+        conn.abort().await;
+        // The held pushes are dropped (unACKed, they stay in the offline
+        // store for the next sync), but a KICKED notice still counts.
+        let sync_error = match e {
+            ClientError::Server(s) => Some(s),
+            _ => None,
+        };
+        while let Some(event) = events.recv().await {
+            match event {
+                ServerEvent::Notice(n) if n.kind == NoticeKind::Kicked as i32 => {
+                    return Err(EndReason::Kicked(n.reason));
+                }
+                ServerEvent::Closed(error) => return Err(EndReason::Dropped(error.or(sync_error))),
+                _ => {}
+            }
+        }
+        Err(EndReason::Dropped(sync_error))
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.login
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| Duration::from_millis(u64::from(l.heartbeat_interval_ms.max(1_000))))
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Keeps a connection: syncs it, handles its events, and reconnects when
+    /// it drops.
     async fn supervise(
         self: Arc<Self>,
         mut conn: Connection,
         mut events: mpsc::UnboundedReceiver<ServerEvent>,
     ) {
+        // The first sync runs here, not in `connect`: it sends into the
+        // bounded event channel, which the application can only drain once
+        // `connect` has returned the receiver.
+        let mut started = self.start_connection(&conn, &mut events).await;
         loop {
-            let reason = self.serve_connection(&conn, &mut events).await;
+            let reason = match started {
+                Ok(()) => self.serve_connection(&conn, &mut events).await,
+                Err(reason) => reason,
+            };
             self.connection.send_replace(None);
             match reason {
                 EndReason::Closed => return,
@@ -419,6 +492,9 @@ impl Shared {
                     return;
                 }
                 EndReason::Dropped(error) => {
+                    // The reader has stopped, but the write half still holds
+                    // the socket open (e.g. after an idle timeout).
+                    conn.abort().await;
                     let _ = self.events.send(Event::Disconnected(error)).await;
                     if !self.config.reconnect {
                         return;
@@ -431,22 +507,32 @@ impl Shared {
                     _ = self.closed.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                match self.establish().await {
-                    Ok((new_conn, new_events)) => {
-                        self.connection.send_replace(Some(new_conn.clone()));
-                        if let Err(e) = self.sync_offline(&new_conn).await {
-                            tracing::debug!(error = %e, "offline sync after reconnect failed");
-                        }
-                        let _ = self.events.send(Event::Reconnected).await;
-                        conn = new_conn;
-                        events = new_events;
-                        break;
-                    }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let (new_conn, mut new_events) = match self.establish().await {
+                    Ok(established) => established,
                     Err(e) => {
                         tracing::debug!(error = %e, "reconnect failed");
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
                     }
+                };
+                self.connection.send_replace(Some(new_conn.clone()));
+                started = self.start_connection(&new_conn, &mut new_events).await;
+                match &started {
+                    Ok(()) => {
+                        let _ = self.events.send(Event::Reconnected).await;
+                    }
+                    // Not reconnected until the offline store is pulled: that
+                    // connection is closed already; try another.
+                    Err(EndReason::Dropped(_)) => {
+                        self.connection.send_replace(None);
+                        continue;
+                    }
+                    // Kicked or closed: the outer loop ends the client.
+                    Err(_) => {}
                 }
+                conn = new_conn;
+                events = new_events;
+                break;
             }
         }
     }
@@ -456,31 +542,18 @@ impl Shared {
         conn: &Connection,
         events: &mut mpsc::UnboundedReceiver<ServerEvent>,
     ) -> EndReason {
-        let interval = self
-            .login
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|l| Duration::from_millis(u64::from(l.heartbeat_interval_ms.max(1_000))))
-            .unwrap_or(Duration::from_secs(30));
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             let event = tokio::select! {
                 _ = self.closed.cancelled() => {
                     conn.close().await;
                     return EndReason::Closed;
                 }
-                _ = heartbeat.tick() => {
-                    let conn = conn.clone();
-                    tokio::spawn(async move {
-                        let _ = conn.request::<_, pb::Heartbeat>(RequestType::Heartbeat, &pb::Heartbeat {}).await;
-                    });
-                    continue;
-                }
                 event = events.recv() => event,
             };
+            // The reader always ends with Closed; None means it died.
+            let Some(event) = event else { return EndReason::Dropped(None) };
             let mut batch = vec![];
-            let mut next = event;
+            let mut next = Some(event);
             // Handle everything already received as one batch: one ACK frame.
             while let Some(event) = next.take() {
                 match event {
@@ -516,14 +589,49 @@ impl Shared {
         }
         let conn = conn.clone();
         tokio::spawn(async move {
-            let ack = pb::AckMessagesRequest { msg_ids };
-            if let Err(e) = conn.request::<_, pb::Empty>(RequestType::AckMessages, &ack).await {
+            if let Err(e) = ack_all(&conn, &msg_ids).await {
                 // Unacked messages stay in the offline store and come back
                 // at the next sync, where they are deduplicated.
                 tracing::debug!(error = %e, "ACK failed");
             }
         });
     }
+}
+
+/// ACKs `msg_ids` in as many requests as the server's per-request limit
+/// needs (a batch of pushes can be larger).
+async fn ack_all(conn: &Connection, msg_ids: &[u64]) -> Result<(), ClientError> {
+    for chunk in msg_ids.chunks(MAX_ACK_IDS) {
+        let ack = pb::AckMessagesRequest { msg_ids: chunk.to_vec() };
+        let _: pb::Empty = conn.request(RequestType::AckMessages, &ack).await?;
+    }
+    Ok(())
+}
+
+/// Heartbeats `conn` every `interval` until it ends. A heartbeat without an
+/// answer within the request timeout means the peer is gone even if the
+/// socket looks open (half-open TCP never reports EOF): the connection is
+/// aborted, and its Closed event makes the supervisor reconnect.
+fn spawn_heartbeats(conn: Connection, interval: Duration) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = conn.ended() => return,
+                _ = ticks.tick() => {}
+            }
+            match conn.request::<_, pb::Heartbeat>(RequestType::Heartbeat, &pb::Heartbeat {}).await {
+                // An error frame still proves the server is there.
+                Ok(_) | Err(ClientError::Server(_)) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat failed; dropping the connection");
+                    conn.abort().await;
+                    return;
+                }
+            }
+        }
+    });
 }
 
 enum EndReason {

@@ -1,6 +1,11 @@
 //! One framed connection to an access node: TLS or plaintext, requests
 //! matched to responses by `sequence`, and server-initiated frames (pushes,
 //! notices, connection-level errors) handed out as [`ServerEvent`]s.
+//!
+//! A connection can also be ended from this side without the server's help
+//! (`abort`, and the optional read deadline `set_idle_timeout`): a half-open
+//! TCP connection to a vanished peer never delivers EOF, so waiting for the
+//! server to close it would wait forever.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,8 +20,10 @@ use tern_proto::pb;
 use tern_proto::{ErrorCode, Frame, FrameCodec, RequestType, ServiceError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 use crate::ClientError;
 
@@ -70,13 +77,25 @@ pub enum ServerEvent {
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Frame, ServiceError>>>>>;
 type Sink = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, FrameCodec>;
 
+/// How long `abort` waits for the write side to shut down cleanly: a dead
+/// peer may never take the bytes still buffered.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
 /// A live connection. Cheap to clone; all clones share the socket.
 #[derive(Clone)]
 pub struct Connection {
-    sink: Arc<tokio::sync::Mutex<Sink>>,
+    /// `None` once aborted, so the write half is dropped and the socket can
+    /// close even while clones of the connection are still around.
+    sink: Arc<tokio::sync::Mutex<Option<Sink>>>,
     pending: Pending,
     next_sequence: Arc<AtomicU32>,
     request_timeout: Duration,
+    /// Cancelled by `abort`: the reader stops and writes give up.
+    aborted: CancellationToken,
+    /// Cancelled when the reader has stopped: the connection is over.
+    ended: CancellationToken,
+    /// The reader's deadline for the next frame; `None` waits forever.
+    idle_timeout: Arc<watch::Sender<Option<Duration>>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -151,20 +170,39 @@ impl Connection {
         let sink: Sink = FramedWrite::new(Box::new(write_half), codec);
         let pending: Pending = Arc::default();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        tokio::spawn(read_loop(FramedRead::new(read_half, codec), pending.clone(), events_tx));
+        let (idle_timeout, idle_rx) = watch::channel(None);
         let conn = Connection {
-            sink: Arc::new(tokio::sync::Mutex::new(sink)),
-            pending,
+            sink: Arc::new(tokio::sync::Mutex::new(Some(sink))),
+            pending: pending.clone(),
             next_sequence: Arc::new(AtomicU32::new(1)),
             request_timeout: options.request_timeout,
+            aborted: CancellationToken::new(),
+            ended: CancellationToken::new(),
+            idle_timeout: Arc::new(idle_timeout),
         };
+        tokio::spawn(read_loop(
+            FramedRead::new(read_half, codec),
+            pending,
+            events_tx,
+            conn.aborted.clone(),
+            conn.ended.clone(),
+            idle_rx,
+        ));
         (conn, events_rx)
     }
 
     /// Sends a raw frame (tests use this to send malformed input).
     pub async fn send_frame(&self, frame: Frame) -> Result<(), ClientError> {
-        let mut sink = self.sink.lock().await;
-        sink.send(frame).await.map_err(|e| ClientError::Io(std::io::Error::other(e.to_string())))
+        let send = async {
+            let mut sink = self.sink.lock().await;
+            let sink = sink.as_mut().ok_or(ClientError::Closed)?;
+            sink.send(frame).await.map_err(|e| ClientError::Io(std::io::Error::other(e.to_string())))
+        };
+        // Giving up on abort also releases the sink lock that `abort` needs.
+        tokio::select! {
+            _ = self.aborted.cancelled() => Err(ClientError::Closed),
+            sent = send => sent,
+        }
     }
 
     /// Sends `body` as `kind` and waits for the matching response.
@@ -189,16 +227,21 @@ impl Connection {
         }
         let (tx, rx) = oneshot::channel();
         self.lock_pending().insert(sequence, tx);
-        let sent = self.send_frame(Frame::new(kind, sequence, body)).await;
-        if let Err(e) = sent {
-            self.lock_pending().remove(&sequence);
-            return Err(e);
-        }
-        let outcome = tokio::time::timeout(self.request_timeout, rx).await;
+        // The send is under the deadline too: writing to a dead peer blocks
+        // once the socket buffer is full. A request made after the reader
+        // stopped (which fails the waiters it knows of) fails at once.
+        let exchange = async {
+            self.send_frame(Frame::new(kind, sequence, body)).await?;
+            tokio::select! {
+                _ = self.ended.cancelled() => Err(ClientError::Closed),
+                answer = rx => answer.map_err(|_| ClientError::Closed),
+            }
+        };
+        let outcome = tokio::time::timeout(self.request_timeout, exchange).await;
         self.lock_pending().remove(&sequence);
         match outcome {
             Err(_) => Err(ClientError::Timeout),
-            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(Err(service))) => Err(ClientError::Server(service)),
             Ok(Ok(Ok(frame))) => Ok(frame),
         }
@@ -212,17 +255,83 @@ impl Connection {
 
     /// Closes the write side; the server then closes the connection.
     pub async fn close(&self) {
-        let _ = self.sink.lock().await.close().await;
+        let close = async {
+            if let Some(sink) = self.sink.lock().await.as_mut() {
+                let _ = sink.close().await;
+            }
+        };
+        tokio::select! {
+            _ = self.aborted.cancelled() => {}
+            () = close => {}
+        }
     }
+
+    /// Ends the connection now, without waiting for the server: the reader
+    /// stops (failing waiting requests and emitting [`ServerEvent::Closed`])
+    /// and the socket is shut down. For a peer that no longer answers, where
+    /// [`Connection::close`] would leave the reader waiting forever.
+    pub(crate) async fn abort(&self) {
+        self.aborted.cancel();
+        // Writers give the lock up as soon as `aborted` fires.
+        let sink = self.sink.lock().await.take();
+        if let Some(mut sink) = sink {
+            let _ = tokio::time::timeout(ABORT_GRACE, sink.close()).await;
+        }
+    }
+
+    /// Waits until the connection is over (the reader has stopped).
+    pub(crate) async fn ended(&self) {
+        self.ended.cancelled().await;
+    }
+
+    /// Treats the connection as dead, ending it, when no frame arrives for
+    /// `timeout` (`None`: wait forever, the default).
+    pub(crate) fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        self.idle_timeout.send_replace(timeout);
+    }
+}
+
+/// When the idle timer fires for a connection whose last frame arrived at
+/// `last_frame`; far in the future when there is no timeout.
+fn idle_deadline(last_frame: Instant, timeout: Option<Duration>) -> Instant {
+    last_frame + timeout.unwrap_or(Duration::from_secs(365 * 86_400))
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut frames: FramedRead<R, FrameCodec>,
     pending: Pending,
     events: mpsc::UnboundedSender<ServerEvent>,
+    aborted: CancellationToken,
+    ended: CancellationToken,
+    mut idle_timeout: watch::Receiver<Option<Duration>>,
 ) {
     let mut last_error = None;
-    while let Some(next) = frames.next().await {
+    let mut last_frame = Instant::now();
+    // Re-armed when it fires rather than on every frame, which keeps timer
+    // work off the per-frame path.
+    let idle_timer = tokio::time::sleep_until(idle_deadline(last_frame, *idle_timeout.borrow()));
+    tokio::pin!(idle_timer);
+    loop {
+        let next = tokio::select! {
+            _ = aborted.cancelled() => break,
+            Ok(()) = idle_timeout.changed() => {
+                let timeout = *idle_timeout.borrow_and_update();
+                idle_timer.as_mut().reset(idle_deadline(last_frame, timeout));
+                continue;
+            }
+            () = &mut idle_timer => {
+                let deadline = idle_deadline(last_frame, *idle_timeout.borrow());
+                if deadline <= Instant::now() {
+                    tracing::debug!("no frame within the idle timeout; dropping the connection");
+                    break;
+                }
+                idle_timer.as_mut().reset(deadline);
+                continue;
+            }
+            next = frames.next() => next,
+        };
+        let Some(next) = next else { break };
+        last_frame = Instant::now();
         let frame = match next {
             Ok(frame) => frame,
             Err(e) => {
@@ -267,5 +376,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
     // Fail every request still waiting.
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    ended.cancel();
     let _ = events.send(ServerEvent::Closed(last_error));
 }

@@ -407,8 +407,9 @@ impl BusConsumer for KafkaConsumer {
             return Ok(Vec::new());
         }
         let deadline = tokio::time::Instant::now() + wait;
-        let consumer =
-            self.consumer.clone().ok_or_else(|| StoreError::Backend("kafka consumer closed".to_owned()))?;
+        // A handle of our own, so records can go into `self.buffer` while it
+        // is borrowed.
+        let consumer = Arc::clone(self.consumer()?);
         loop {
             // Take what librdkafka already holds, without waiting.
             while self.buffer.len() < max {

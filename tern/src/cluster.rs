@@ -189,6 +189,20 @@ impl ClusterConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
+
+    /// Rejects values that would make a role misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::config::validate_access(&self.access_tcp)?;
+        if self.router_auth.token_ttl_secs == 0 || self.dispatcher.max_group_members < 2 {
+            return Err(ConfigError(
+                "router_auth.token_ttl_secs must be > 0 and dispatcher.max_group_members at least 2".into(),
+            ));
+        }
+        if self.engines.kafka_partitions == 0 || self.idgen.segment_step == 0 {
+            return Err(ConfigError("engines.kafka_partitions and idgen.segment_step must be > 0".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Per-process settings of one node (command line).
@@ -354,6 +368,7 @@ pub async fn run_role(
     ready: impl FnOnce(&RoleEndpoints),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    config.validate()?;
     let engines = Engines::connect(&config.engines).await?;
     let registry = engines.registry.clone();
     let stop = CancellationToken::new();
@@ -391,6 +406,9 @@ pub async fn run_role(
             let cleaner = tern_router_auth::clean_departed_placements(
                 registry.clone(),
                 engines.redis.sessions.clone(),
+                // A node whose session merely expired re-registers within
+                // about a session timeout.
+                Duration::from_millis(config.engines.zookeeper_session_timeout_ms),
                 stop.clone().cancelled_owned(),
             );
             let work = async {

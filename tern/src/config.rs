@@ -122,21 +122,7 @@ impl StandaloneConfig {
 
     /// Rejects values that would make the server misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let a = &self.access_tcp;
-        if a.max_body_bytes < 1024 || a.max_body_bytes > 16 * 1024 * 1024 {
-            return Err(ConfigError("access_tcp.max_body_bytes must be between 1 KiB and 16 MiB".into()));
-        }
-        if a.heartbeat_interval_ms == 0 || a.idle_timeout_ms <= a.heartbeat_interval_ms {
-            return Err(ConfigError(
-                "access_tcp.idle_timeout_ms must be greater than heartbeat_interval_ms (> 0)".into(),
-            ));
-        }
-        if a.outbound_queue == 0 || a.push_ack_timeout_ms == 0 {
-            return Err(ConfigError("access_tcp.outbound_queue and push_ack_timeout_ms must be > 0".into()));
-        }
-        if a.tls_cert.is_empty() != a.tls_key.is_empty() {
-            return Err(ConfigError("access_tcp.tls_cert and tls_key go together".into()));
-        }
+        validate_access(&self.access_tcp)?;
         if self.router_auth.token_ttl_secs == 0 {
             return Err(ConfigError("router_auth.token_ttl_secs must be > 0".into()));
         }
@@ -145,6 +131,25 @@ impl StandaloneConfig {
         }
         Ok(())
     }
+}
+
+/// Checks the `[access_tcp]` section (standalone and cluster).
+pub fn validate_access(a: &AccessTcpConfig) -> Result<(), ConfigError> {
+    if a.max_body_bytes < 1024 || a.max_body_bytes > 16 * 1024 * 1024 {
+        return Err(ConfigError("access_tcp.max_body_bytes must be between 1 KiB and 16 MiB".into()));
+    }
+    if a.heartbeat_interval_ms == 0 || a.idle_timeout_ms <= a.heartbeat_interval_ms {
+        return Err(ConfigError(
+            "access_tcp.idle_timeout_ms must be greater than heartbeat_interval_ms (> 0)".into(),
+        ));
+    }
+    if a.outbound_queue == 0 || a.push_ack_timeout_ms == 0 {
+        return Err(ConfigError("access_tcp.outbound_queue and push_ack_timeout_ms must be > 0".into()));
+    }
+    if a.tls_cert.is_empty() != a.tls_key.is_empty() {
+        return Err(ConfigError("access_tcp.tls_cert and tls_key go together".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ struct RoleArgs {
     /// Cluster TOML file, shared by every role (see `tern config cluster-defaults`).
     #[arg(long, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
-    /// Unique id of this node; default: the role name and the process id.
+    /// Unique id of this node; default: the role name and a random suffix.
     #[arg(long, env = "TERN_NODE_ID")]
     node_id: Option<String>,
     /// Main listen address (client TLS for access-tcp, gRPC for the others).
@@ -147,7 +147,9 @@ async fn run_role(role: Role, args: RoleArgs) -> anyhow::Result<()> {
     }
     config.access_tcp.plaintext |= args.plaintext;
     let settings = NodeSettings {
-        node_id: args.node_id.unwrap_or_else(|| format!("{}-{}", role.name(), std::process::id())),
+        // Random suffix: pids repeat across hosts and containers, and two
+        // nodes with one id would clear each other's placements.
+        node_id: args.node_id.unwrap_or_else(|| format!("{}-{:08x}", role.name(), rand::random::<u32>())),
         listen: args.listen.unwrap_or_else(|| default_listen(role).to_owned()),
         advertise: args.advertise,
         internal_listen: args.internal_listen,

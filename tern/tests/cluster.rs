@@ -122,8 +122,9 @@ async fn registry_counts_follow_reality_and_a_killed_access_node_is_cleaned_up()
     let counts = wait_counts(&registry, Duration::from_secs(10), |c| !c.contains_key("access-1")).await;
     assert!(!counts.contains_key("access-1"), "access-1 still registered: {counts:?}");
     assert!(counts.contains_key("access-2"));
-    // ...and router-auth clears its users' placements.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // ...and router-auth clears its users' placements once it has stayed
+    // away for a session timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !redis.sessions.get("u1").await.unwrap().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -36,7 +36,9 @@ impl Deployment {
 
     /// A logged-in SDK client (the account is created if needed).
     pub async fn client(&self, user: &str) -> (Client, mpsc::Receiver<Event>) {
-        Client::connect(self.client_config(user)).await.expect("client connects")
+        Client::connect(self.client_config(user))
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
     }
 
     /// Makes sure `user` exists without logging in on a connection.

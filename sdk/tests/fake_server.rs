@@ -1,0 +1,408 @@
+//! `Client` against a scripted fake server: a plaintext access node built
+//! from `TcpListener` + `FrameCodec` that answers LOGIN, PULL_OFFLINE,
+//! ACK_MESSAGES and HEARTBEAT as each test dictates, and a router-auth
+//! stand-in for the HTTP login. This reaches situations the real server
+//! does not produce on demand: a huge offline backlog, a peer that stops
+//! answering, a failing sync.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::StatusCode;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tern_sdk::proto::{Frame, FrameCodec, RequestType};
+use tern_sdk::{Client, ClientConfig, ClientError, ErrorCode, Event, TlsMode, pb};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+/// How long any single step may take before the test fails.
+const STEP: Duration = Duration::from_secs(10);
+/// The server's limit per ACK_MESSAGES (offline-svc `max_ack_ids`).
+const MAX_ACK_IDS: usize = 1_000;
+
+/// Starts a router-auth stand-in whose login accepts the password "secret".
+async fn fake_auth() -> String {
+    async fn login(Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+        if body["password"] == "secret" {
+            let token =
+                json!({"user_id": body["user_id"], "token": "t", "expires_at_ms": 4_000_000_000_000u64});
+            (StatusCode::OK, Json(token))
+        } else {
+            (StatusCode::UNAUTHORIZED, Json(json!({"error": "BAD_CREDENTIALS", "message": "wrong password"})))
+        }
+    }
+    let app = axum::Router::new().route("/v1/login", axum::routing::post(login));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A fake access node; each `accept` is one client connection.
+struct FakeAccess {
+    listener: TcpListener,
+}
+
+impl FakeAccess {
+    async fn bind() -> FakeAccess {
+        FakeAccess { listener: TcpListener::bind("127.0.0.1:0").await.unwrap() }
+    }
+
+    fn addr(&self) -> String {
+        self.listener.local_addr().unwrap().to_string()
+    }
+
+    async fn accept(&self) -> Peer {
+        let (tcp, _) =
+            tokio::time::timeout(STEP, self.listener.accept()).await.expect("no connection").unwrap();
+        Peer {
+            frames: Framed::new(tcp, FrameCodec::new(tern_sdk::proto::MAX_SERVER_BODY_LEN)),
+            heartbeats: true,
+        }
+    }
+}
+
+/// The server side of one connection.
+struct Peer {
+    frames: Framed<TcpStream, FrameCodec>,
+    /// Whether HEARTBEATs are answered (otherwise they are swallowed).
+    heartbeats: bool,
+}
+
+impl Peer {
+    /// The next frame other than a HEARTBEAT; `None` once the client closed
+    /// its side.
+    async fn next_request(&mut self) -> Option<Frame> {
+        loop {
+            let frame = tokio::time::timeout(STEP, self.frames.next()).await.expect("client went quiet")?;
+            let frame = frame.expect("undecodable frame from the client");
+            if frame.kind() != Some(RequestType::Heartbeat) {
+                return Some(frame);
+            }
+            if self.heartbeats {
+                self.send(Frame::new(RequestType::Heartbeat, frame.sequence, &pb::Heartbeat {})).await;
+            }
+        }
+    }
+
+    async fn expect(&mut self, kind: RequestType) -> Frame {
+        let frame =
+            self.next_request().await.unwrap_or_else(|| panic!("connection closed; expected {kind:?}"));
+        assert_eq!(frame.kind(), Some(kind), "unexpected request");
+        frame
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.frames.send(frame).await.unwrap();
+    }
+
+    async fn reply(&mut self, request: &Frame, body: &impl prost::Message) {
+        let kind = request.kind().unwrap();
+        self.send(Frame::new(kind, request.sequence, body)).await;
+    }
+
+    /// Answers the LOGIN.
+    async fn login(&mut self, heartbeat_interval_ms: u32, idle_timeout_ms: u32, pending_offline: u64) {
+        let request = self.expect(RequestType::Login).await;
+        let response = pb::LoginResponse {
+            user_id: "bob".into(),
+            device_id: "default".into(),
+            connection_id: 1,
+            heartbeat_interval_ms,
+            idle_timeout_ms,
+            pending_offline,
+        };
+        self.reply(&request, &response).await;
+    }
+
+    /// Answers a LOGIN and then the sync of an empty offline store.
+    async fn login_empty(&mut self, heartbeat_interval_ms: u32, idle_timeout_ms: u32) {
+        self.login(heartbeat_interval_ms, idle_timeout_ms, 0).await;
+        let pull = self.expect(RequestType::PullOffline).await;
+        self.reply(&pull, &pb::PullOfflineResponse { messages: vec![], more: false }).await;
+    }
+
+    /// Waits until the client has closed the connection.
+    async fn expect_closed(&mut self) {
+        while let Some(frame) = self.next_request().await {
+            assert_ne!(frame.kind(), Some(RequestType::Login), "client logged in again on a dead connection");
+        }
+    }
+
+    /// Serves PULL_OFFLINE from `store` in pages of `page` and records the
+    /// ACKs (refusing, like the server, more than 1000 ids) until every id
+    /// in `store` and `extra` is ACKed. `on_first_pull` runs before the
+    /// first page is answered. Returns the id count of every ACK.
+    async fn serve_offline(
+        &mut self,
+        store: &[pb::Message],
+        page: usize,
+        extra: &[u64],
+        on_first_pull: Vec<Frame>,
+    ) -> Vec<usize> {
+        let mut unacked: BTreeSet<u64> =
+            store.iter().map(|m| m.msg_id).chain(extra.iter().copied()).collect();
+        let mut on_first_pull = Some(on_first_pull);
+        let mut ack_sizes = vec![];
+        while !unacked.is_empty() {
+            let request = self.next_request().await.expect("client closed before ACKing everything");
+            match request.kind() {
+                Some(RequestType::PullOffline) => {
+                    for push in on_first_pull.take().unwrap_or_default() {
+                        self.send(push).await;
+                    }
+                    let pull: pb::PullOfflineRequest = request.decode().unwrap();
+                    let rest: Vec<_> = store.iter().filter(|m| m.msg_id > pull.after_msg_id).collect();
+                    let more = rest.len() > page;
+                    let messages = rest.into_iter().take(page).cloned().collect();
+                    self.reply(&request, &pb::PullOfflineResponse { messages, more }).await;
+                }
+                Some(RequestType::AckMessages) => {
+                    let ack: pb::AckMessagesRequest = request.decode().unwrap();
+                    ack_sizes.push(ack.msg_ids.len());
+                    if ack.msg_ids.len() > MAX_ACK_IDS {
+                        let error =
+                            Frame::error(request.sequence, ErrorCode::InvalidArgument, "too many ids");
+                        self.send(error).await;
+                        continue;
+                    }
+                    for id in &ack.msg_ids {
+                        unacked.remove(id);
+                    }
+                    self.reply(&request, &pb::Empty {}).await;
+                }
+                other => panic!("unexpected request {other:?}"),
+            }
+        }
+        ack_sizes
+    }
+}
+
+fn message(msg_id: u64) -> pb::Message {
+    pb::Message {
+        msg_id,
+        kind: pb::ConversationKind::Single as i32,
+        sender: "alice".into(),
+        receiver: "bob".into(),
+        seq: msg_id,
+        content: format!("message {msg_id}").into_bytes(),
+        client_msg_id: format!("c-{msg_id}"),
+        ..Default::default()
+    }
+}
+
+fn push(msg_id: u64) -> Frame {
+    Frame::new(RequestType::PushMessage, 0, &message(msg_id))
+}
+
+fn config(auth_url: &str, access: &str) -> ClientConfig {
+    let mut config = ClientConfig::new(auth_url, "bob", "secret", TlsMode::Plain);
+    config.access_addr = Some(access.to_owned());
+    config
+}
+
+async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+    tokio::time::timeout(STEP, events.recv()).await.expect("no event in time").expect("event stream ended")
+}
+
+/// Reads `count` messages and returns their ids in arrival order.
+async fn message_ids(events: &mut mpsc::Receiver<Event>, count: usize) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(count);
+    while ids.len() < count {
+        match next_event(events).await {
+            Event::Message(m) => ids.push(m.msg_id),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    ids
+}
+
+async fn no_event(events: &mut mpsc::Receiver<Event>, wait: Duration) {
+    if let Ok(Some(event)) = tokio::time::timeout(wait, events.recv()).await {
+        panic!("unexpected event {event:?}");
+    }
+}
+
+/// More offline messages than the event channel holds (4096): `connect`
+/// returns before the application reads any, and every message arrives
+/// once, in order, followed by the pushes that came in during the sync.
+#[tokio::test]
+async fn connect_returns_before_a_large_backlog_is_read() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let addr = access.addr();
+    let server = tokio::spawn(async move {
+        let store: Vec<_> = (1..=5000).map(message).collect();
+        let mut peer = access.accept().await;
+        peer.login(60_000, 0, 5000).await;
+        // Pushed while the sync runs: two new messages, and two that are in
+        // the offline store too (to be shown once).
+        let pushes = vec![push(5001), push(1), push(4999), push(5002)];
+        let acks = peer.serve_offline(&store, 200, &[5001, 5002], pushes).await;
+        (peer, acks)
+    });
+
+    let (client, mut events) = tokio::time::timeout(STEP, Client::connect(config(&auth, &addr)))
+        .await
+        .expect("connect blocked on the offline backlog")
+        .expect("connect");
+    assert_eq!(client.login_info().unwrap().pending_offline, 5000);
+    // Let the sync fill the channel before anything is read.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let ids = message_ids(&mut events, 5002).await;
+    assert_eq!(ids, (1..=5002).collect::<Vec<_>>());
+    let (_peer, acks) = server.await.unwrap();
+    assert!(acks.iter().all(|&n| n <= MAX_ACK_IDS), "ACK sizes {acks:?}");
+    no_event(&mut events, Duration::from_millis(300)).await;
+    client.close().await;
+}
+
+/// An offline page and a batch of held pushes both larger than the
+/// server's ACK limit are ACKed in requests of at most 1000 ids.
+#[tokio::test]
+async fn acks_are_split_at_the_server_limit() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let addr = access.addr();
+    let server = tokio::spawn(async move {
+        let store: Vec<_> = (1..=2500).map(message).collect();
+        let pushed: Vec<u64> = (2501..=5500).collect();
+        let mut peer = access.accept().await;
+        peer.login(60_000, 0, 2500).await;
+        // All 3000 pushes wait until the sync is done and then form one batch.
+        let pushes = pushed.iter().map(|&id| push(id)).collect();
+        let acks = peer.serve_offline(&store, 2500, &pushed, pushes).await;
+        (peer, acks)
+    });
+
+    let (client, mut events) = Client::connect(config(&auth, &addr)).await.expect("connect");
+    assert_eq!(message_ids(&mut events, 5500).await, (1..=5500).collect::<Vec<_>>());
+    let (_peer, acks) = tokio::time::timeout(STEP, server).await.expect("not everything was ACKed").unwrap();
+    assert!(acks.iter().all(|&n| n <= MAX_ACK_IDS), "ACK sizes {acks:?}");
+    assert_eq!(acks.iter().sum::<usize>(), 5500, "ACK sizes {acks:?}");
+    client.close().await;
+}
+
+/// A server that stops answering heartbeats (but keeps the socket open) is
+/// dropped after the request timeout: Disconnected, then a reconnect.
+#[tokio::test]
+async fn unanswered_heartbeats_end_the_connection() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    config.request_timeout = Duration::from_secs(1);
+    let server = tokio::spawn(async move {
+        let mut first = access.accept().await;
+        // No idle timeout: only the heartbeat can notice.
+        first.login_empty(1_000, 0).await;
+        first.heartbeats = false;
+        first.expect_closed().await;
+        let mut second = access.accept().await;
+        second.login_empty(60_000, 0).await;
+        second
+    });
+
+    let (client, mut events) = Client::connect(config).await.expect("connect");
+    assert!(matches!(next_event(&mut events).await, Event::Disconnected(None)));
+    assert!(matches!(next_event(&mut events).await, Event::Reconnected));
+    let _second = server.await.unwrap();
+    client.close().await;
+}
+
+/// A server that sends nothing for its advertised idle timeout is dropped
+/// even when no heartbeat is due yet.
+#[tokio::test]
+async fn a_server_silent_for_the_idle_timeout_is_dropped() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let config = config(&auth, &access.addr());
+    let server = tokio::spawn(async move {
+        let mut first = access.accept().await;
+        // The first heartbeat would come after a minute.
+        first.login_empty(60_000, 1_000).await;
+        first.expect_closed().await;
+        let mut second = access.accept().await;
+        second.login_empty(60_000, 0).await;
+        second
+    });
+
+    let started = tokio::time::Instant::now();
+    let (client, mut events) = Client::connect(config).await.expect("connect");
+    assert!(matches!(next_event(&mut events).await, Event::Disconnected(None)));
+    assert!(started.elapsed() >= Duration::from_secs(1), "dropped before the idle timeout");
+    assert!(matches!(next_event(&mut events).await, Event::Reconnected));
+    let _second = server.await.unwrap();
+    client.close().await;
+}
+
+/// Login failures come back from `connect`, and a connection whose LOGIN
+/// failed is closed rather than left to the server's timeout.
+#[tokio::test]
+async fn connect_returns_login_errors_and_closes_the_connection() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+
+    let mut wrong_password = config(&auth, &access.addr());
+    wrong_password.password = "wrong".into();
+    match Client::connect(wrong_password).await {
+        Err(ClientError::Http { code, .. }) => assert_eq!(code, "BAD_CREDENTIALS"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connected with a wrong password"),
+    }
+
+    let closed_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().to_string();
+    let unreachable = Client::connect(config(&auth, &closed_port)).await;
+    assert!(unreachable.is_err(), "connected to a closed port");
+
+    let addr = access.addr();
+    let server = tokio::spawn(async move {
+        let mut peer = access.accept().await;
+        let login = peer.expect(RequestType::Login).await;
+        // The real server would close after INVALID_TOKEN; this one waits
+        // for the client to do it.
+        peer.send(Frame::error(login.sequence, ErrorCode::InvalidToken, "bad token")).await;
+        peer.expect_closed().await;
+    });
+    match Client::connect(config(&auth, &addr)).await {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::InvalidToken), "{e}"),
+        Ok(_) => panic!("connected with a refused token"),
+    }
+    server.await.unwrap();
+}
+
+/// A failed offline sync closes the connection and counts as not
+/// connected: after the initial connect it is a Disconnected, and during a
+/// reconnect the client keeps trying (one Reconnected, once a sync works).
+#[tokio::test]
+async fn a_failed_sync_closes_the_connection_and_retries() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let config = config(&auth, &access.addr());
+    let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let mut peer = access.accept().await;
+            peer.login(60_000, 0, 0).await;
+            let pull = peer.expect(RequestType::PullOffline).await;
+            peer.send(Frame::error(pull.sequence, ErrorCode::Internal, "store down")).await;
+            peer.expect_closed().await;
+        }
+        let mut peer = access.accept().await;
+        peer.login_empty(60_000, 0).await;
+        peer
+    });
+
+    let (client, mut events) =
+        Client::connect(config).await.expect("a sync failure is not a connect failure");
+    match next_event(&mut events).await {
+        Event::Disconnected(Some(e)) => assert_eq!(e.code, ErrorCode::Internal),
+        other => panic!("unexpected event {other:?}"),
+    }
+    assert!(matches!(next_event(&mut events).await, Event::Reconnected));
+    let _peer = server.await.unwrap();
+    no_event(&mut events, Duration::from_millis(300)).await;
+    client.close().await;
+}
