@@ -32,6 +32,9 @@ use tern_proto::{
 use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MetaStore, SequenceStore};
 use tokio::sync::Mutex;
 
+/// Most groups one LIST_GROUPS response carries (the first by group id).
+pub const MAX_LISTED_GROUPS: usize = 500;
+
 /// Longest accepted client message id, in bytes.
 pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
 
@@ -377,7 +380,9 @@ impl DispatchService for Dispatcher {
     }
 
     async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>> {
-        let ids = self.backends.meta.groups_of(user).await.map_err(backend)?;
+        let mut ids = self.backends.meta.groups_of(user).await.map_err(backend)?;
+        // Bounds the response (each group carries its member list).
+        ids.truncate(MAX_LISTED_GROUPS);
         let mut groups = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(group) = self.backends.meta.get_group(&id).await.map_err(backend)? {
