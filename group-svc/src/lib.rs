@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub mod rpc;
 
@@ -14,7 +13,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::pb::{self, ConversationKind};
 use tern_proto::{BusNames, ErrorCode, ServiceError, ServiceResult, validate_id};
-use tern_store::{Bus, HistoryStore, MetaStore};
+use tern_store::{Bus, BusRecord, HistoryStore, MetaStore};
 
 /// Largest page a history query returns.
 pub const MAX_PAGE: u32 = 200;
@@ -95,48 +94,27 @@ pub async fn run_consumer(
     history: Arc<dyn HistoryStore>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
-    let mut consumer = bus.subscribe(&names.messages_topic, &names.history_group).await?;
-    tokio::pin!(shutdown);
-    loop {
-        let batch = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            batch = consumer.poll(512, Duration::from_millis(500)) => batch,
-        };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(error = %e, "group-svc poll failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            continue;
-        }
-        let mut rows = Vec::new();
-        for record in &batch {
-            match pb::BusEnvelope::decode(record.payload.clone()) {
-                Ok(pb::BusEnvelope { message: Some(message), .. }) => {
-                    if message.kind == ConversationKind::Group as i32 {
-                        let payload = Bytes::from(message.encode_to_vec());
-                        rows.push((message.group_id, message.msg_id, payload));
+    let process = |batch: Vec<BusRecord>| {
+        let history = history.clone();
+        async move {
+            let mut rows = Vec::new();
+            for record in &batch {
+                match pb::BusEnvelope::decode(record.payload.clone()) {
+                    Ok(pb::BusEnvelope { message: Some(message), .. }) => {
+                        if message.kind == ConversationKind::Group as i32 {
+                            let payload = Bytes::from(message.encode_to_vec());
+                            rows.push((message.group_id, message.msg_id, payload));
+                        }
+                    }
+                    Ok(_) | Err(_) => {
+                        tracing::error!(offset = record.offset, "undecodable bus record skipped")
                     }
                 }
-                Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
             }
-        }
-        loop {
             let writes = rows.iter().map(|(group, id, payload)| history.append(group, *id, payload.clone()));
-            match futures::future::try_join_all(writes).await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "history write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+            futures::future::try_join_all(writes).await?;
+            Ok(())
         }
-        if let Err(e) = consumer.commit(&batch).await {
-            tracing::warn!(error = %e, "offset commit failed; the batch will be replayed");
-        }
-    }
+    };
+    tern_store::consume::consume(&*bus, &names.messages_topic, &names.history_group, shutdown, process).await
 }

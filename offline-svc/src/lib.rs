@@ -22,7 +22,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
-use tern_store::{Bus, OfflineEntry, OfflineStore, Placement, SessionStore};
+use tern_store::{Bus, BusRecord, OfflineEntry, OfflineStore, Placement, SessionStore};
 
 /// Delivers a pushed message to the connection a placement names. Pushes are
 /// best effort: the offline set keeps the message until it is ACKed.
@@ -125,64 +125,38 @@ pub async fn run_consumer(
     pushes: Arc<dyn PushGateway>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
-    let mut consumer = bus.subscribe(&names.messages_topic, &names.offline_group).await?;
-    tokio::pin!(shutdown);
-    loop {
-        let batch = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            batch = consumer.poll(512, Duration::from_millis(500)) => batch,
-        };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(error = %e, "offline-svc poll failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            continue;
-        }
-        let mut decoded = Vec::with_capacity(batch.len());
-        for record in &batch {
-            match pb::BusEnvelope::decode(record.payload.clone()) {
-                Ok(pb::BusEnvelope { message: Some(message), receivers }) => {
-                    let entry = OfflineEntry {
-                        msg_id: message.msg_id,
-                        payload: Bytes::from(message.encode_to_vec()),
-                    };
-                    decoded.push((receivers, entry));
-                }
-                Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
-            }
-        }
-        // Retry the writes until they succeed: committing past a failed write
-        // would lose the message.
-        loop {
-            let writes = decoded.iter().map(|(receivers, entry)| store.insert(receivers, entry));
-            match futures::future::try_join_all(writes).await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "offline write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        for (receivers, entry) in &decoded {
-            for receiver in receivers {
-                match sessions.get(receiver).await {
-                    Ok(placements) => {
-                        for placement in &placements {
-                            pushes.push(placement, entry.msg_id, entry.payload.clone());
-                        }
+    let process = |batch: Vec<BusRecord>| {
+        let (store, sessions, pushes) = (store.clone(), sessions.clone(), pushes.clone());
+        async move {
+            let mut decoded = Vec::with_capacity(batch.len());
+            for record in &batch {
+                match pb::BusEnvelope::decode(record.payload.clone()) {
+                    Ok(pb::BusEnvelope { message: Some(message), receivers }) => {
+                        let payload = Bytes::from(message.encode_to_vec());
+                        decoded.push((receivers, OfflineEntry { msg_id: message.msg_id, payload }));
                     }
-                    // The entry is stored; the receiver pulls it at its next sync.
-                    Err(e) => tracing::warn!(error = %e, "placement lookup failed; push skipped"),
+                    Ok(_) | Err(_) => {
+                        tracing::error!(offset = record.offset, "undecodable bus record skipped")
+                    }
                 }
             }
+            let writes = decoded.iter().map(|(receivers, entry)| store.insert(receivers, entry));
+            futures::future::try_join_all(writes).await?;
+            for (receivers, entry) in &decoded {
+                for receiver in receivers {
+                    match sessions.get(receiver).await {
+                        Ok(placements) => {
+                            for placement in &placements {
+                                pushes.push(placement, entry.msg_id, entry.payload.clone());
+                            }
+                        }
+                        // The entry is stored; the receiver pulls it at its next sync.
+                        Err(e) => tracing::warn!(error = %e, "placement lookup failed; push skipped"),
+                    }
+                }
+            }
+            Ok(())
         }
-        if let Err(e) = consumer.commit(&batch).await {
-            tracing::warn!(error = %e, "offset commit failed; the batch will be replayed");
-        }
-    }
+    };
+    tern_store::consume::consume(&*bus, &names.messages_topic, &names.offline_group, shutdown, process).await
 }

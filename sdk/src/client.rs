@@ -125,6 +125,8 @@ struct Shared {
     client_msg_counter: AtomicU64,
     client_msg_prefix: String,
     login: Mutex<Option<pb::LoginResponse>>,
+    /// ACKs on their way, so `close` can let them land first.
+    acks_in_flight: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// A logged-in tern client. Cheap to clone.
@@ -169,6 +171,7 @@ impl Client {
             closed: CancellationToken::new(),
             client_msg_counter: AtomicU64::new(0),
             login: Mutex::new(None),
+            acks_in_flight: Mutex::default(),
         });
         let (conn, server_events) = shared.establish().await?;
         let client = Client { shared: shared.clone() };
@@ -316,8 +319,16 @@ impl Client {
         Ok(response.user_ids)
     }
 
-    /// Stops the background task and closes the connection.
+    /// Stops the background task and closes the connection, after giving
+    /// ACKs already on their way up to two seconds to land (a message shown
+    /// but not ACKed would be shown again by the next login's pull, then
+    /// dropped as a duplicate only if this client is still the one pulling).
     pub async fn close(&self) {
+        let mut acks =
+            std::mem::take(&mut *self.shared.acks_in_flight.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), async { while acks.join_next().await.is_some() {} })
+                .await;
         self.shared.closed.cancel();
         if let Some(conn) = self.shared.connection.send_replace(None) {
             conn.close().await;
@@ -552,15 +563,21 @@ impl Shared {
             };
             // The reader always ends with Closed; None means it died.
             let Some(event) = event else { return EndReason::Dropped(None) };
-            let mut batch = vec![];
-            let mut next = Some(event);
-            // Handle everything already received as one batch: one ACK frame.
-            while let Some(event) = next.take() {
+            // Everything already received is one burst: one ACK frame for
+            // its messages, queued before they are handed to the app so
+            // that `close` right after seeing one still lets its ACK land.
+            let mut burst = vec![event];
+            while let Ok(event) = events.try_recv() {
+                burst.push(event);
+            }
+            let ids = burst
+                .iter()
+                .filter_map(|e| if let ServerEvent::Message(m) = e { Some(m.msg_id) } else { None })
+                .collect();
+            self.ack(conn, ids);
+            for event in burst {
                 match event {
-                    ServerEvent::Message(message) => {
-                        batch.push(message.msg_id);
-                        self.deliver(message).await;
-                    }
+                    ServerEvent::Message(message) => self.deliver(message).await,
                     ServerEvent::Notice(notice) => match NoticeKind::try_from(notice.kind) {
                         Ok(NoticeKind::Sync) => {
                             if let Err(e) = self.sync_offline(conn).await {
@@ -572,14 +589,9 @@ impl Shared {
                         // the Closed event below starts the reconnect.
                         _ => {}
                     },
-                    ServerEvent::Closed(error) => {
-                        self.ack(conn, batch);
-                        return EndReason::Dropped(error);
-                    }
+                    ServerEvent::Closed(error) => return EndReason::Dropped(error),
                 }
-                next = events.try_recv().ok();
             }
-            self.ack(conn, batch);
         }
     }
 
@@ -588,7 +600,9 @@ impl Shared {
             return;
         }
         let conn = conn.clone();
-        tokio::spawn(async move {
+        let mut acks = self.acks_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        while acks.try_join_next().is_some() {}
+        acks.spawn(async move {
             if let Err(e) = ack_all(&conn, &msg_ids).await {
                 // Unacked messages stay in the offline store and come back
                 // at the next sync, where they are deduplicated.

@@ -11,6 +11,7 @@
 //! the backends know nothing of the wire protocol.
 
 pub mod conformance;
+pub mod consume;
 pub mod discovery;
 pub mod embedded;
 pub mod kafka;
