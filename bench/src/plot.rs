@@ -63,10 +63,17 @@ type Err = Box<dyn std::error::Error>;
 
 /// S3: latency percentiles (p50 and p99, log scale) against the offered rate.
 fn latency_vs_rate(runs: &[RateRun], path: &Path) -> Result<(), Err> {
-    let mut series: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    // One point per (system, rate): a measured point ("at 70%") replaces a
+    // search step at the same rate, being the longer run.
+    let mut by_rate: BTreeMap<String, BTreeMap<u64, (f64, f64, f64)>> = BTreeMap::new();
     for r in runs.iter().filter(|r| r.latency.count > 0) {
-        series.entry(series_name(r)).or_default().push((r.offered_rate, r.latency.p50_ms, r.latency.p99_ms));
+        by_rate
+            .entry(series_name(r))
+            .or_default()
+            .insert(r.offered_rate.to_bits(), (r.offered_rate, r.latency.p50_ms, r.latency.p99_ms));
     }
+    let mut series: BTreeMap<String, Vec<(f64, f64, f64)>> =
+        by_rate.into_iter().map(|(k, v)| (k, v.into_values().collect())).collect();
     for pts in series.values_mut() {
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
@@ -158,7 +165,9 @@ fn peers(results: &Results, path: &Path) -> Result<(), Err> {
         .s3_max
         .iter()
         .map(|m| {
-            (if m.system == "tern" { format!("tern {}", m.target) } else { m.system.clone() }, m.max_rate)
+            let name = if m.system == "tern" { format!("tern {}", m.target) } else { m.system.clone() };
+            // At the search ceiling the true maximum is higher.
+            (if m.capped { format!("{name} ≥") } else { name }, m.max_rate)
         })
         .collect();
     let ymax = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.25;
@@ -182,7 +191,7 @@ fn peers(results: &Results, path: &Path) -> Result<(), Err> {
         let x = i as f64;
         chart.draw_series(std::iter::once(Rectangle::new([(x + 0.15, 0.0), (x + 0.85, *v)], c.filled())))?;
         chart.draw_series(std::iter::once(Text::new(
-            format!("{name}: {v:.0}/s"),
+            format!("{name} {v:.0}/s"),
             (x + 0.17, v + ymax * 0.03),
             ("sans-serif", 16).into_font(),
         )))?;

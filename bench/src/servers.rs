@@ -208,7 +208,8 @@ pub fn start_mosquitto(log_dir: &Path) -> anyhow::Result<(Server, u16)> {
     std::fs::create_dir_all(log_dir)?;
     let log = std::fs::File::create(log_dir.join("mosquitto.log"))?;
     cmd.stdout(Stdio::null()).stderr(log).stdin(Stdio::null());
-    let command_line = command_line(&cmd);
+    let settings: Vec<String> = std::fs::read_to_string(&conf)?.lines().map(str::to_owned).collect();
+    let command_line = format!("{}   # mosquitto.conf: {}", command_line(&cmd), settings.join("; "));
     let mut child = cmd.spawn().context("cannot start mosquitto (apt-get install mosquitto)")?;
     wait_listening(port, &mut child, "mosquitto")?;
     let pid = child.id();

@@ -211,13 +211,18 @@ async fn search_and_points(
         if ok {
             best = rate;
             best_run = Some(r);
-            if rate >= ceiling {
+            if failed.is_some() || rate >= ceiling {
                 break;
             }
             rate = (rate * 2.0).min(ceiling);
         } else {
+            // Going up: the first failure ends the doubling. Starting too
+            // high: halve until a rate holds (down to start / 64).
             failed = Some(rate);
-            break;
+            if best > 0.0 || rate / 2.0 < start / 64.0 {
+                break;
+            }
+            rate /= 2.0;
         }
     }
     if let (Some(mut bad), true) = (failed, best > 0.0) {

@@ -237,6 +237,12 @@ impl TernBed {
         run.measured(&flow, true, drained, slo_ms, duration);
         let _ = elapsed;
         run.print();
+        if !drained {
+            // An overloaded step leaves a backlog in the server; let it clear
+            // (not measured) so it does not load the next step.
+            eprintln!("  waiting up to 120 s for the server to work off the backlog…");
+            wait_drained(&flow, true, Duration::from_secs(120)).await;
+        }
         run
     }
 
