@@ -268,7 +268,7 @@ impl Connection {
                     let e = ServiceError::new(ErrorCode::NotLoggedIn, "log in first");
                     self.fail(frame.sequence, &e).await
                 }
-                Some(identity) => self.request(kind, &frame, &identity.user_id).await,
+                Some(identity) => self.request(kind, &frame, &identity).await,
             },
         }
     }
@@ -309,7 +309,8 @@ impl Connection {
                 );
             }
         }
-        let pending = node.services.offline.pending(&identity.user_id).await.unwrap_or(0);
+        let pending =
+            node.services.offline.pending(&identity.user_id, &identity.device_id).await.unwrap_or(0);
         let response = pb::LoginResponse {
             user_id: identity.user_id,
             device_id: identity.device_id,
@@ -321,8 +322,9 @@ impl Connection {
         self.send(Frame::new(RequestType::Login, frame.sequence, &response)).await
     }
 
-    async fn request(&self, kind: RequestType, frame: &Frame, user: &str) -> Flow {
+    async fn request(&self, kind: RequestType, frame: &Frame, identity: &Identity) -> Flow {
         let services = &self.node.services;
+        let (user, device) = (identity.user_id.as_str(), identity.device_id.as_str());
         match kind {
             RequestType::SendSingle => {
                 let result = async { services.dispatch.send_single(user, decode(frame)?).await }.await;
@@ -335,7 +337,7 @@ impl Connection {
             RequestType::AckMessages => {
                 let result = async {
                     let req: pb::AckMessagesRequest = decode(frame)?;
-                    services.offline.ack(user, &req.msg_ids).await?;
+                    services.offline.ack(user, device, &req.msg_ids).await?;
                     let mut unacked = self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner());
                     for id in &req.msg_ids {
                         unacked.remove(id);
@@ -348,7 +350,8 @@ impl Connection {
             RequestType::PullOffline => {
                 let result = async {
                     let req: pb::PullOfflineRequest = decode(frame)?;
-                    let (messages, more) = services.offline.pull(user, req.after_msg_id, req.limit).await?;
+                    let (messages, more) =
+                        services.offline.pull(user, device, req.after_msg_id, req.limit).await?;
                     Ok(pb::PullOfflineResponse { messages, more })
                 }
                 .await;

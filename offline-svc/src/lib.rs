@@ -22,7 +22,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
-use tern_store::{Bus, BusRecord, OfflineEntry, OfflineStore, Placement, SessionStore};
+use tern_store::{Bus, BusRecord, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore};
 
 /// Delivers a pushed message to the connection a placement names. Pushes are
 /// best effort: the offline set keeps the message until it is ACKed.
@@ -34,18 +34,20 @@ pub trait PushGateway: Send + Sync + 'static {
 /// What access nodes call for pulls and ACKs.
 #[async_trait]
 pub trait OfflineApi: Send + Sync + 'static {
-    /// Up to `limit` waiting messages after `after_msg_id`, oldest first, and
-    /// whether more are waiting.
+    /// Up to `limit` messages waiting for this device of `user` after
+    /// `after_msg_id`, oldest first, and whether more are waiting.
     async fn pull(
         &self,
         user: &str,
+        device: &str,
         after_msg_id: u64,
         limit: u32,
     ) -> ServiceResult<(Vec<pb::Message>, bool)>;
-    /// The client has the messages: delete them.
-    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()>;
-    /// How many messages are waiting.
-    async fn pending(&self, user: &str) -> ServiceResult<u64>;
+    /// The device has the messages: delete its copies (other devices keep
+    /// theirs).
+    async fn ack(&self, user: &str, device: &str, msg_ids: &[u64]) -> ServiceResult<()>;
+    /// How many messages are waiting for the device.
+    async fn pending(&self, user: &str, device: &str) -> ServiceResult<u64>;
 }
 
 #[derive(Debug, Clone)]
@@ -84,12 +86,19 @@ impl OfflineApi for OfflineService {
     async fn pull(
         &self,
         user: &str,
+        device: &str,
         after_msg_id: u64,
         limit: u32,
     ) -> ServiceResult<(Vec<pb::Message>, bool)> {
         let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
-        // One extra row tells whether another page exists.
-        let mut entries = self.store.pull(user, after_msg_id, limit + 1).await.map_err(backend)?;
+        // One extra row of each set tells whether another page exists.
+        let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
+        let own = self.store.pull(&own_key, after_msg_id, limit + 1);
+        let shared = self.store.pull(&shared_key, after_msg_id, limit + 1);
+        let (own, shared) = futures::future::try_join(own, shared).await.map_err(backend)?;
+        let mut entries: Vec<OfflineEntry> = own.into_iter().chain(shared).collect();
+        entries.sort_by_key(|e| e.msg_id);
+        entries.dedup_by_key(|e| e.msg_id);
         let more = tern_proto::cut_page(&mut entries, limit, |e| e.payload.len());
         let mut messages = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -101,16 +110,38 @@ impl OfflineApi for OfflineService {
         Ok((messages, more))
     }
 
-    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()> {
+    async fn ack(&self, user: &str, device: &str, msg_ids: &[u64]) -> ServiceResult<()> {
         if msg_ids.len() > self.config.max_ack_ids {
             return Err(ServiceError::invalid(format!("at most {} ids per ACK", self.config.max_ack_ids)));
         }
-        self.store.ack(user, msg_ids, self.config.tombstone_ttl).await.map_err(backend)
+        let ttl = self.config.tombstone_ttl;
+        let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
+        let own = self.store.ack(&own_key, msg_ids, ttl);
+        let shared = self.store.ack(&shared_key, msg_ids, ttl);
+        futures::future::try_join(own, shared).await.map_err(backend)?;
+        Ok(())
     }
 
-    async fn pending(&self, user: &str) -> ServiceResult<u64> {
-        self.store.count(user).await.map_err(backend)
+    async fn pending(&self, user: &str, device: &str) -> ServiceResult<u64> {
+        let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
+        let own = self.store.count(&own_key);
+        let shared = self.store.count(&shared_key);
+        let (own, shared) = futures::future::try_join(own, shared).await.map_err(backend)?;
+        Ok(own + shared)
     }
+}
+
+/// The offline set of one device of a user. Ids never contain `/`, so the
+/// key is unambiguous.
+pub fn device_inbox(user: &str, device: &str) -> String {
+    format!("{user}/{device}")
+}
+
+/// The offline set of a user who has no recorded device yet (registered,
+/// never logged in). Every device pulls it too; the first device to ACK an
+/// entry takes it.
+pub fn user_inbox(user: &str) -> String {
+    format!("{user}/")
 }
 
 /// Consumes the messages topic until `shutdown` resolves: offline write for
@@ -120,13 +151,14 @@ impl OfflineApi for OfflineService {
 pub async fn run_consumer(
     bus: Arc<dyn Bus>,
     names: BusNames,
+    meta: Arc<dyn MetaStore>,
     store: Arc<dyn OfflineStore>,
     sessions: Arc<dyn SessionStore>,
     pushes: Arc<dyn PushGateway>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
     let process = |batch: Vec<BusRecord>| {
-        let (store, sessions, pushes) = (store.clone(), sessions.clone(), pushes.clone());
+        let (store, sessions, pushes, meta) = (store.clone(), sessions.clone(), pushes.clone(), meta.clone());
         async move {
             let mut decoded = Vec::with_capacity(batch.len());
             for record in &batch {
@@ -140,7 +172,28 @@ pub async fn run_consumer(
                     }
                 }
             }
-            let writes = decoded.iter().map(|(receivers, entry)| store.insert(receivers, entry));
+            // Write diffusion per device: every recorded device of every
+            // receiver gets its own copy, ACKed and deleted independently.
+            let mut inboxes: std::collections::HashMap<String, Vec<String>> =
+                std::collections::HashMap::new();
+            for (receivers, _) in &decoded {
+                for receiver in receivers {
+                    if !inboxes.contains_key(receiver) {
+                        let devices = meta.devices(receiver).await?;
+                        let keys = if devices.is_empty() {
+                            vec![user_inbox(receiver)]
+                        } else {
+                            devices.iter().map(|d| device_inbox(receiver, d)).collect()
+                        };
+                        inboxes.insert(receiver.clone(), keys);
+                    }
+                }
+            }
+            let writes = decoded.iter().map(|(receivers, entry)| {
+                let keys: Vec<String> = receivers.iter().flat_map(|r| inboxes[r].iter().cloned()).collect();
+                let store = store.clone();
+                async move { store.insert(&keys, entry).await }
+            });
             futures::future::try_join_all(writes).await?;
             for (receivers, entry) in &decoded {
                 for receiver in receivers {

@@ -33,18 +33,19 @@ struct Server(Arc<dyn OfflineApi>);
 impl offline_server::Offline for Server {
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<pb::PullOfflineResponse>, Status> {
         let r = request.into_inner();
-        let (messages, more) = self.0.pull(&r.user_id, r.after_msg_id, r.limit).await?;
+        let (messages, more) = self.0.pull(&r.user_id, &r.device_id, r.after_msg_id, r.limit).await?;
         Ok(Response::new(pb::PullOfflineResponse { messages, more }))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<Empty>, Status> {
         let r = request.into_inner();
-        self.0.ack(&r.user_id, &r.msg_ids).await?;
+        self.0.ack(&r.user_id, &r.device_id, &r.msg_ids).await?;
         Ok(Response::new(Empty {}))
     }
 
     async fn pending(&self, request: Request<UserRequest>) -> Result<Response<CountResponse>, Status> {
-        let count = self.0.pending(&request.into_inner().user_id).await?;
+        let r = request.into_inner();
+        let count = self.0.pending(&r.user_id, &r.device_id).await?;
         Ok(Response::new(CountResponse { count }))
     }
 }
@@ -82,21 +83,26 @@ impl OfflineApi for RemoteOffline {
     async fn pull(
         &self,
         user: &str,
+        device: &str,
         after_msg_id: u64,
         limit: u32,
     ) -> ServiceResult<(Vec<pb::Message>, bool)> {
-        let request = PullRequest { user_id: user.to_owned(), after_msg_id, limit };
+        let request =
+            PullRequest { user_id: user.to_owned(), device_id: device.to_owned(), after_msg_id, limit };
         let r = self.client()?.pull(request).await?.into_inner();
         Ok((r.messages, r.more))
     }
 
-    async fn ack(&self, user: &str, msg_ids: &[u64]) -> ServiceResult<()> {
-        self.client()?.ack(AckRequest { user_id: user.to_owned(), msg_ids: msg_ids.to_vec() }).await?;
+    async fn ack(&self, user: &str, device: &str, msg_ids: &[u64]) -> ServiceResult<()> {
+        let request =
+            AckRequest { user_id: user.to_owned(), device_id: device.to_owned(), msg_ids: msg_ids.to_vec() };
+        self.client()?.ack(request).await?;
         Ok(())
     }
 
-    async fn pending(&self, user: &str) -> ServiceResult<u64> {
-        Ok(self.client()?.pending(UserRequest { user_id: user.to_owned() }).await?.into_inner().count)
+    async fn pending(&self, user: &str, device: &str) -> ServiceResult<u64> {
+        let request = UserRequest { user_id: user.to_owned(), device_id: device.to_owned() };
+        Ok(self.client()?.pending(request).await?.into_inner().count)
     }
 }
 

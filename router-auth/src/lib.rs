@@ -351,6 +351,9 @@ impl SessionAuthority for AuthService {
             .map_err(backend)?
             .into_iter()
             .find(|p| p.device_id == device_id);
+        // Recorded before the placement: from now on every message for the
+        // user is also kept for this device.
+        self.meta.add_device(&claims.sub, device_id).await.map_err(backend)?;
         let placement = Placement {
             user_id: claims.sub.clone(),
             device_id: device_id.to_owned(),

@@ -568,6 +568,42 @@ pub async fn meta_store(store: &dyn MetaStore) {
         vec![group.group_id.clone()],
         "meta: add_member to an unknown group adds no membership"
     );
+
+    // Devices: recorded per user, idempotent, sorted. The user need not
+    // have a user record.
+    let (owner, other) = (unique_id("mdu"), unique_id("mdu"));
+    assert!(store.devices(&owner).await.expect("devices").is_empty(), "meta: a new user has no devices");
+    store.add_device(&owner, "phone").await.expect("add_device");
+    store.add_device(&owner, "phone").await.expect("add_device");
+    assert_eq!(
+        store.devices(&owner).await.expect("devices"),
+        vec!["phone".to_owned()],
+        "meta: add_device is idempotent"
+    );
+    for device in ["tablet", "Desk-1", "laptop.2", "a@b_c-d", "phone"] {
+        store.add_device(&owner, device).await.expect("add_device");
+    }
+    let mut all = vec!["phone", "tablet", "Desk-1", "laptop.2", "a@b_c-d"];
+    all.sort_unstable();
+    assert_eq!(store.devices(&owner).await.expect("devices"), all, "meta: devices are sorted, unique");
+    assert!(
+        store.devices(&other).await.expect("devices").is_empty(),
+        "meta: devices of one user do not show for another"
+    );
+    // A user id that extends another (a prefix in key order) stays apart.
+    let longer = format!("{owner}0");
+    store.add_device(&longer, "watch").await.expect("add_device");
+    assert_eq!(
+        store.devices(&longer).await.expect("devices"),
+        vec!["watch".to_owned()],
+        "meta: devices are kept per user"
+    );
+    assert_eq!(store.devices(&owner).await.expect("devices"), all, "meta: devices are kept per user");
+    assert_eq!(
+        store.devices(&user.user_id).await.expect("devices"),
+        Vec::<String>::new(),
+        "meta: creating a user records no device"
+    );
 }
 
 /// Polls until `n` records arrived (or [`PATIENCE`] ran out), checking that

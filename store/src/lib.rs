@@ -177,6 +177,11 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn remove_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>>;
     /// Ids of the groups the user belongs to, sorted.
     async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<String>>;
+    /// Records that `device_id` of the user has logged in (idempotent).
+    /// Messages are kept offline for every recorded device of a receiver.
+    async fn add_device(&self, user_id: &str, device_id: &str) -> StoreResult<()>;
+    /// The user's recorded devices, sorted.
+    async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>>;
 }
 
 /// One record read from the bus.

@@ -3,13 +3,18 @@
 //!
 //! # Documents
 //!
-//! Two collections in the configured database:
+//! Three collections in the configured database:
 //!
 //! - `users`: `{ _id: <user_id>, password_hash: <string>, created_at_ms: <int64> }`
 //! - `groups`: `{ _id: <group_id>, name: <string>, owner: <string>,
 //!   members: [<user_id>, …], created_at_ms: <int64> }`, with an index on
 //!   `members` (multikey) so [`MetaStore::groups_of`] is an index lookup,
 //!   not a scan.
+//! - `devices`: `{ _id: <user_id>, devices: [<device_id>, …] }`, one
+//!   document per user that has logged in. It is separate from `users` so
+//!   a device is recorded even for a user without a `users` document; the
+//!   document is upserted with `$addToSet` (idempotent, atomic on the
+//!   document), so the array is in insertion order and reads sort it.
 //!
 //! The ids are the `_id`s, so MongoDB's unique `_id` index is what makes
 //! `create_user` / `create_group` refuse a taken id: the insert fails with
@@ -63,6 +68,7 @@ const DUPLICATE_KEY: i32 = 11000;
 
 const USERS: &str = "users";
 const GROUPS: &str = "groups";
+const DEVICES: &str = "devices";
 
 /// [`MetaStore`] on a MongoDB deployment.
 #[derive(Debug, Clone)]
@@ -70,6 +76,7 @@ pub struct MongoMetaStore {
     db: Database,
     users: Collection<Document>,
     groups: Collection<Document>,
+    devices: Collection<Document>,
     op_timeout: Duration,
 }
 
@@ -88,6 +95,7 @@ impl MongoMetaStore {
         let store = Self {
             users: db.collection(USERS),
             groups: db.collection(GROUPS),
+            devices: db.collection(DEVICES),
             db,
             op_timeout: DEFAULT_OP_TIMEOUT,
         };
@@ -207,6 +215,29 @@ impl MetaStore for MongoMetaStore {
         ids.sort();
         Ok(ids)
     }
+
+    async fn add_device(&self, user_id: &str, device_id: &str) -> StoreResult<()> {
+        let devices = self.devices.clone();
+        let filter = doc! { "_id": user_id };
+        let update = doc! { "$addToSet": { "devices": device_id } };
+        self.run("add_device", async move {
+            let upsert = || devices.update_one(filter.clone(), update.clone()).upsert(true);
+            match upsert().await {
+                // Two first logins of one user can both try to insert the
+                // document; the loser finds it on a second try.
+                Err(e) if is_duplicate_key(&e) => upsert().await.map(drop),
+                other => other.map(drop),
+            }
+        })
+        .await
+    }
+
+    async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        let devices = self.devices.clone();
+        let filter = doc! { "_id": user_id };
+        let found = self.run("devices", async move { devices.find_one(filter).await }).await?;
+        found.as_ref().map_or_else(|| Ok(Vec::new()), devices_from_doc)
+    }
 }
 
 /// `Ok(true)` for an insert that happened, `Ok(false)` for a taken `_id`.
@@ -314,6 +345,29 @@ fn group_from_doc(document: &Document) -> StoreResult<GroupRecord> {
     })
 }
 
+/// The sorted, unique device ids of a `devices` document.
+fn devices_from_doc(document: &Document) -> StoreResult<Vec<String>> {
+    let mut devices = string_array(document, "devices")?;
+    devices.sort();
+    devices.dedup();
+    Ok(devices)
+}
+
+fn string_array(document: &Document, field: &str) -> StoreResult<Vec<String>> {
+    match document.get(field) {
+        Some(Bson::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Bson::String(value) => Ok(value.clone()),
+                other => {
+                    Err(StoreError::Corrupt(format!("an item of field {field} is not a string: {other:?}")))
+                }
+            })
+            .collect(),
+        other => Err(StoreError::Corrupt(format!("field {field} is not an array: {other:?}"))),
+    }
+}
+
 fn string_field(document: &Document, field: &str) -> StoreResult<String> {
     match document.get(field) {
         Some(Bson::String(value)) => Ok(value.clone()),
@@ -390,6 +444,17 @@ mod tests {
         assert_eq!(group.members, vec!["a", "b", "d"]);
         let empty = doc! { "_id": "g1", "name": "n", "owner": "o", "members": [], "created_at_ms": 0_i64 };
         assert!(group_from_doc(&empty).expect("decode").members.is_empty());
+    }
+
+    #[test]
+    fn devices_are_sorted_on_read() {
+        // What `$addToSet` leaves behind: devices in login order.
+        let document = doc! { "_id": "alice", "devices": ["phone", "laptop", "desk"] };
+        assert_eq!(devices_from_doc(&document).expect("decode"), vec!["desk", "laptop", "phone"]);
+        let corrupt = |d: Document| matches!(devices_from_doc(&d), Err(StoreError::Corrupt(_)));
+        assert!(corrupt(doc! { "_id": "alice" }));
+        assert!(corrupt(doc! { "_id": "alice", "devices": "phone" }));
+        assert!(corrupt(doc! { "_id": "alice", "devices": ["phone", 1_i32] }));
     }
 
     #[test]

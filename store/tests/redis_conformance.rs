@@ -250,6 +250,7 @@ async fn keys_follow_the_layout_with_one_hash_tag_per_id() {
         })
         .await
         .expect("create_group");
+    b.meta.add_device("alice", "phone").await.expect("add_device");
 
     let p = b.key_prefix().to_owned();
     let expected: BTreeSet<String> = [
@@ -268,6 +269,7 @@ async fn keys_follow_the_layout_with_one_hash_tag_per_id() {
         "gmembers:{g1}",
         "ugroups:{alice}",
         "ugroups:{bob}",
+        "devices:{alice}",
     ]
     .iter()
     .map(|k| format!("{p}:{k}"))
@@ -284,6 +286,7 @@ async fn keys_follow_the_layout_with_one_hash_tag_per_id() {
     assert_eq!(slot("off:{bob}"), key_slot("bob"), "the slot is the receiver id's, not the prefix's");
     assert_eq!(slot("hist:{g1}"), slot("histmsg:{g1}"), "a group's history keys share a slot");
     assert_eq!(slot("group:{g1}"), slot("gmembers:{g1}"), "a group's keys share a slot");
+    assert_eq!(slot("user:{alice}"), slot("devices:{alice}"), "a user's keys share a slot");
 
     // Hash-tagged keys spread: many receivers land in many slots.
     let slots: BTreeSet<u16> = (0..100).map(|i| slot(&format!("off:{{user-{i}}}"))).collect();
@@ -301,6 +304,7 @@ async fn keys_follow_the_layout_with_one_hash_tag_per_id() {
         ("hist:{g1}", "zset"),
         ("histmsg:{g1}", "hash"),
         ("gmembers:{g1}", "zset"),
+        ("devices:{alice}", "zset"),
     ] {
         let actual: String = raw_cmd(&mut raw, &["TYPE", &format!("{p}:{key}")]).await;
         assert_eq!(actual, kind, "type of {key}");

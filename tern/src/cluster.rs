@@ -465,6 +465,7 @@ pub async fn run_role(
             let consumer = tern_offline_svc::run_consumer(
                 bus,
                 BusNames::with_prefix(&config.engines.kafka_prefix),
+                engines.meta(&config.engines).await?,
                 engines.redis.offline.clone(),
                 engines.redis.sessions.clone(),
                 RemotePushGateway::start(access_nodes),

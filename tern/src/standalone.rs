@@ -176,6 +176,7 @@ pub async fn run(
     let offline_consumer = tokio::spawn(tern_offline_svc::run_consumer(
         backends.bus.clone(),
         BusNames::default(),
+        backends.meta.clone(),
         backends.offline.clone(),
         backends.sessions.clone(),
         node.clone(),

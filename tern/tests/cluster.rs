@@ -41,6 +41,12 @@ async fn suite_offline_three() {
     common::suite::offline_three(&cluster.deployment()).await;
 }
 
+#[tokio::test]
+async fn suite_multi_device() {
+    let cluster = cluster_or_skip!(2, 2);
+    common::suite::multi_device(&cluster.deployment()).await;
+}
+
 /// Polls `registry` until `check` holds for the access-node counts.
 async fn wait_counts(
     registry: &dyn Registry,

@@ -101,10 +101,11 @@ async fn second_login_of_a_device_kicks_the_first() {
     }
     assert!(kicked, "the older connection was not told why it was closed");
 
-    // Messages now reach the newer connection.
+    // Messages are kept for the device (the raw connections' "raw") and
+    // reach its next login.
     let (bob, _bob_events) = server.client("bob").await;
     bob.send_single("alice", "to the new one").await.unwrap();
-    let (alice, mut alice_events) = server.client("alice").await;
+    let (alice, mut alice_events) = server.deployment().client_on("alice", "raw").await;
     assert_eq!(text(&next_message(&mut alice_events, WAIT).await), "to the new one");
     drop(alice);
 }

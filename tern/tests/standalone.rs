@@ -31,6 +31,12 @@ async fn offline_receiver_gets_exactly_three_in_order_once() {
 }
 
 #[tokio::test]
+async fn every_device_gets_every_message() {
+    let (server, _dir) = Server::start();
+    common::suite::multi_device(&server.deployment()).await;
+}
+
+#[tokio::test]
 async fn acknowledged_message_survives_sigkill() {
     let (server, dir) = Server::start();
     server.token("bob").await;

@@ -4,7 +4,9 @@
 //! - `users`: user id → JSON [`UserRecord`];
 //! - `groups`: group id → JSON [`GroupRecord`] (members sorted, unique);
 //! - `memberships`: (user, group) → (), the reverse index behind
-//!   [`MetaStore::groups_of`], updated in the same transaction as `groups`.
+//!   [`MetaStore::groups_of`], updated in the same transaction as `groups`;
+//! - `devices`: (user, device) → (), the devices each user has logged in
+//!   with ([`MetaStore::devices`]).
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use crate::{GroupRecord, MetaStore, StoreError, StoreResult, UserRecord};
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const MEMBERSHIPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("memberships");
+const DEVICES: TableDefinition<(&str, &str), ()> = TableDefinition::new("devices");
 
 pub(crate) struct Meta;
 
@@ -26,6 +29,7 @@ pub(crate) struct MetaTables<'t> {
     users: Table<'t, &'static str, &'static [u8]>,
     groups: Table<'t, &'static str, &'static [u8]>,
     memberships: Table<'t, (&'static str, &'static str), ()>,
+    devices: Table<'t, (&'static str, &'static str), ()>,
 }
 
 impl Schema for Meta {
@@ -37,6 +41,7 @@ impl Schema for Meta {
             users: txn.open_table(USERS).map_err(db_err)?,
             groups: txn.open_table(GROUPS).map_err(db_err)?,
             memberships: txn.open_table(MEMBERSHIPS).map_err(db_err)?,
+            devices: txn.open_table(DEVICES).map_err(db_err)?,
         })
     }
 }
@@ -103,7 +108,42 @@ impl EmbeddedMetaStore {
             })
             .await
     }
+
+    /// Whether `(first, second)` is in a (user, x) → () table.
+    async fn contains(&self, table: PairTable, first: &str, second: &str) -> StoreResult<bool> {
+        let (first, second) = (first.to_owned(), second.to_owned());
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(table).map_err(db_err)?;
+                Ok(table.get((first.as_str(), second.as_str())).map_err(db_err)?.is_some())
+            })
+            .await
+    }
+
+    /// The second halves of the keys of a (user, x) → () table whose first
+    /// half is `first`, in key (byte) order.
+    async fn second_keys(&self, table: PairTable, first: &str) -> StoreResult<Vec<String>> {
+        let first = first.to_owned();
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(table).map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in table.range((first.as_str(), "")..).map_err(db_err)? {
+                    let (k, _) = entry.map_err(db_err)?;
+                    let (f, second) = k.value();
+                    if f != first {
+                        break;
+                    }
+                    out.push(second.to_owned());
+                }
+                Ok(out)
+            })
+            .await
+    }
 }
+
+/// A table keyed by (user, x) pairs with no value: an index.
+type PairTable = TableDefinition<'static, (&'static str, &'static str), ()>;
 
 #[async_trait]
 impl MetaStore for EmbeddedMetaStore {
@@ -160,21 +200,25 @@ impl MetaStore for EmbeddedMetaStore {
     }
 
     async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<String>> {
-        let user = user_id.to_owned();
+        self.second_keys(MEMBERSHIPS, user_id).await
+    }
+
+    async fn add_device(&self, user_id: &str, device_id: &str) -> StoreResult<()> {
+        // Called on every login: skip the write (and its commit) when the
+        // device is already recorded, as it almost always is.
+        if self.contains(DEVICES, user_id, device_id).await? {
+            return Ok(());
+        }
+        let (user, device) = (user_id.to_owned(), device_id.to_owned());
         self.store
-            .read(move |txn| {
-                let table = txn.open_table(MEMBERSHIPS).map_err(db_err)?;
-                let mut out = Vec::new();
-                for entry in table.range((user.as_str(), "")..).map_err(db_err)? {
-                    let (k, _) = entry.map_err(db_err)?;
-                    let (u, group) = k.value();
-                    if u != user {
-                        break;
-                    }
-                    out.push(group.to_owned());
-                }
-                Ok(out)
+            .write(move |t: &mut MetaTables<'_>| {
+                t.devices.insert((user.as_str(), device.as_str()), ()).map_err(db_err)?;
+                Ok(())
             })
             .await
+    }
+
+    async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        self.second_keys(DEVICES, user_id).await
     }
 }

@@ -1,4 +1,5 @@
-//! [`MetaStore`] on Redis: users, groups and the user → groups index.
+//! [`MetaStore`] on Redis: users, groups, the user → groups index and the
+//! users' devices.
 //!
 //! Production deployments keep this data in MongoDB; this store exists so
 //! cluster mode can run (and CI can test it) where no MongoDB server is
@@ -12,6 +13,9 @@
 //! superset of the truth (written before and after a member is added,
 //! removed after a member is removed and then re-checked) and `groups_of`
 //! checks each entry against the group's member set.
+//!
+//! A user's devices are a lexicographic sorted set `P:devices:{user}`
+//! (score 0), so `ZADD` is idempotent and `ZRANGE` returns them sorted.
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -72,7 +76,7 @@ struct GroupHeader {
 }
 
 /// [`MetaStore`] on Redis; keys `P:user:{user}`, `P:group:{group}`,
-/// `P:gmembers:{group}`, `P:ugroups:{user}`.
+/// `P:gmembers:{group}`, `P:ugroups:{user}`, `P:devices:{user}`.
 #[derive(Clone)]
 pub struct RedisMetaStore {
     shared: Shared,
@@ -281,5 +285,27 @@ impl MetaStore for RedisMetaStore {
         let scores: Vec<Option<f64>> = check.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
         // The index is sorted, so the filtered list is too.
         Ok(candidates.into_iter().zip(scores).filter_map(|(g, s)| s.map(|_| g)).collect())
+    }
+
+    async fn add_device(&self, user_id: &str, device_id: &str) -> StoreResult<()> {
+        redis::cmd("ZADD")
+            .arg(self.shared.key("devices", user_id))
+            .arg(0)
+            .arg(device_id)
+            .query_async::<()>(&mut self.shared.conn())
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        let devices: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(self.shared.key("devices", user_id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.shared.conn())
+            .await
+            .map_err(redis_err)?;
+        // Members of equal score are in byte order, the order of `String`.
+        devices.into_iter().map(|d| utf8(d, "device id")).collect()
     }
 }

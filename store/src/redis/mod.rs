@@ -38,6 +38,7 @@
 //! | `P:group:{group}` | string | JSON group header (name, owner, created_at_ms) |
 //! | `P:gmembers:{group}` | sorted set, lex | member ids (sorted by byte order, like `String`) |
 //! | `P:ugroups:{user}` | sorted set, lex | ids of the user's groups (index) |
+//! | `P:devices:{user}` | sorted set, lex | ids of the user's recorded devices, score 0 |
 //!
 //! Message ids are 64-bit; sorted-set scores are `f64` and cannot hold them
 //! exactly, so the ordered sets use score 0 and order by member

@@ -41,6 +41,13 @@ impl Deployment {
             .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
     }
 
+    /// A logged-in SDK client on a named device of `user`.
+    pub async fn client_on(&self, user: &str, device: &str) -> (Client, mpsc::Receiver<Event>) {
+        let mut config = self.client_config(user);
+        config.device_id = device.to_owned();
+        Client::connect(config).await.unwrap_or_else(|e| panic!("{user}/{device} cannot connect: {e}"))
+    }
+
     /// Makes sure `user` exists without logging in on a connection.
     pub async fn register(&self, user: &str) {
         AuthClient::new(&self.auth_url).login_or_register(user, PASSWORD).await.expect("register");

@@ -110,3 +110,28 @@ pub async fn offline_three(d: &Deployment) {
     assert_eq!(bob_again.login_info().unwrap().pending_offline, 0);
     no_message(&mut bob_again_events, Duration::from_millis(500)).await;
 }
+
+/// Every device of a user gets every message; one device's ACK does not
+/// clear another device's copy.
+pub async fn multi_device(d: &Deployment) {
+    let (alice, _alice_events) = d.client("alice").await;
+    let (phone, mut phone_events) = d.client_on("bob", "phone").await;
+    let (laptop, mut laptop_events) = d.client_on("bob", "laptop").await;
+
+    alice.send_single("bob", "to both").await.unwrap();
+    assert_eq!(text(&next_message(&mut phone_events, WAIT).await), "to both");
+    assert_eq!(text(&next_message(&mut laptop_events, WAIT).await), "to both");
+
+    laptop.close().await;
+    alice.send_single("bob", "while the laptop is away").await.unwrap();
+    // The phone shows and ACKs it...
+    assert_eq!(text(&next_message(&mut phone_events, WAIT).await), "while the laptop is away");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and the laptop still gets its own copy when it comes back, but not
+    // what it had already ACKed.
+    let (_laptop, mut laptop_events) = d.client_on("bob", "laptop").await;
+    assert_eq!(text(&next_message(&mut laptop_events, WAIT).await), "while the laptop is away");
+    no_message(&mut laptop_events, Duration::from_millis(500)).await;
+    no_message(&mut phone_events, Duration::from_millis(100)).await;
+    drop(phone);
+}
