@@ -174,21 +174,24 @@ pub async fn run_consumer(
             }
             // Write diffusion per device: every recorded device of every
             // receiver gets its own copy, ACKed and deleted independently.
-            let mut inboxes: std::collections::HashMap<String, Vec<String>> =
-                std::collections::HashMap::new();
-            for (receivers, _) in &decoded {
-                for receiver in receivers {
-                    if !inboxes.contains_key(receiver) {
-                        let devices = meta.devices(receiver).await?;
-                        let keys = if devices.is_empty() {
-                            vec![user_inbox(receiver)]
-                        } else {
-                            devices.iter().map(|d| device_inbox(receiver, d)).collect()
-                        };
-                        inboxes.insert(receiver.clone(), keys);
-                    }
+            let receivers: std::collections::BTreeSet<&String> =
+                decoded.iter().flat_map(|(receivers, _)| receivers).collect();
+            // One lookup per distinct receiver, all at once (a remote store
+            // answers them concurrently).
+            let lookups = receivers.into_iter().map(|receiver| {
+                let meta = meta.clone();
+                async move {
+                    let devices = meta.devices(receiver).await?;
+                    let keys: Vec<String> = if devices.is_empty() {
+                        vec![user_inbox(receiver)]
+                    } else {
+                        devices.iter().map(|d| device_inbox(receiver, d)).collect()
+                    };
+                    Ok::<_, tern_store::StoreError>((receiver.clone(), keys))
                 }
-            }
+            });
+            let inboxes: std::collections::HashMap<String, Vec<String>> =
+                futures::future::try_join_all(lookups).await?.into_iter().collect();
             let writes = decoded.iter().map(|(receivers, entry)| {
                 let keys: Vec<String> = receivers.iter().flat_map(|r| inboxes[r].iter().cloned()).collect();
                 let store = store.clone();
