@@ -138,6 +138,8 @@ pub struct SegmentAllocator {
     source: Arc<dyn SegmentSource>,
     biz_tag: String,
     buffers: Arc<Mutex<Buffers>>,
+    /// Signalled when a prefetch lands (or fails).
+    landed: Arc<tokio::sync::Notify>,
 }
 
 impl SegmentAllocator {
@@ -152,20 +154,33 @@ impl SegmentAllocator {
                 next: None,
                 prefetching: false,
             })),
+            landed: Arc::default(),
         })
     }
 
-    /// The next id.
+    /// The next id. Ids from one allocator increase: segments are used in
+    /// the order they were fetched.
     pub async fn next_id(&self) -> ServiceResult<u64> {
-        let mut b = self.buffers.lock().await;
-        if b.current.0 >= b.current.1 {
-            b.current = match b.next.take() {
-                Some(next) => next,
-                // The prefetch has not landed (or failed): fetch inline.
-                None => self.source.fetch(&self.biz_tag, 0).await?,
-            };
+        let mut b = loop {
+            let mut b = self.buffers.lock().await;
+            if b.current.0 < b.current.1 {
+                break b;
+            }
+            if let Some(next) = b.next.take() {
+                b.current = next;
+            } else if b.prefetching {
+                // Wait for the segment already on its way: fetching another
+                // now would make the late prefetch an older, lower segment.
+                let landed = self.landed.notified();
+                drop(b);
+                landed.await;
+                continue;
+            } else {
+                b.current = self.source.fetch(&self.biz_tag, 0).await?;
+            }
             b.segment_start = b.current.0;
-        }
+            break b;
+        };
         let id = b.current.0;
         b.current.0 += 1;
         let size = b.current.1 - b.segment_start;
@@ -173,6 +188,7 @@ impl SegmentAllocator {
         if b.next.is_none() && !b.prefetching && used * 10 >= size {
             b.prefetching = true;
             let (source, tag, buffers) = (self.source.clone(), self.biz_tag.clone(), self.buffers.clone());
+            let landed = self.landed.clone();
             tokio::spawn(async move {
                 let fetched = source.fetch(&tag, 0).await;
                 let mut b = buffers.lock().await;
@@ -181,6 +197,8 @@ impl SegmentAllocator {
                     Ok(range) => b.next = Some(range),
                     Err(e) => tracing::warn!(error = %e, "segment prefetch failed; will fetch inline"),
                 }
+                drop(b);
+                landed.notify_waiters();
             });
         }
         Ok(id)
@@ -207,9 +225,12 @@ mod tests {
         let a = SegmentAllocator::new(service.clone(), "users").await.unwrap();
         let b = SegmentAllocator::new(service.clone(), "users").await.unwrap();
         let mut seen = std::collections::HashSet::new();
+        let (mut last_a, mut last_b) = (None, None);
         for _ in 0..1_000 {
-            assert!(seen.insert(a.next_id().await.unwrap()));
-            assert!(seen.insert(b.next_id().await.unwrap()));
+            let (x, y) = (a.next_id().await.unwrap(), b.next_id().await.unwrap());
+            assert!(seen.insert(x) && seen.insert(y), "ids overlap");
+            assert!(last_a < Some(x) && last_b < Some(y), "ids from one allocator increase");
+            (last_a, last_b) = (Some(x), Some(y));
         }
         // Prefetch: each allocator used ~10 segments for 1000 ids; the
         // counter advanced by at most one spare segment per allocator.
