@@ -94,10 +94,6 @@ pub struct Dispatcher {
     stripes: Vec<Mutex<()>>,
 }
 
-fn backend(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::internal(format!("backend failure: {e}"))
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -152,7 +148,7 @@ impl Dispatcher {
     }
 
     async fn require_user(&self, user_id: &str) -> ServiceResult<()> {
-        match self.backends.meta.get_user(user_id).await.map_err(backend)? {
+        match self.backends.meta.get_user(user_id).await.map_err(ServiceError::backend)? {
             Some(_) => Ok(()),
             None => Err(ServiceError::new(ErrorCode::NoSuchUser, format!("no user {user_id:?}"))),
         }
@@ -164,7 +160,7 @@ impl Dispatcher {
             .meta
             .get_group(group_id)
             .await
-            .map_err(backend)?
+            .map_err(ServiceError::backend)?
             .ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, format!("no group {group_id:?}")))
     }
 
@@ -201,7 +197,12 @@ impl Dispatcher {
     /// copy is harmless: storage writes are idempotent per message id and
     /// clients drop a message id they have shown.
     async fn replay(&self, draft: &Draft) -> ServiceResult<Option<pb::SendAck>> {
-        let seen = self.backends.dedup.get(&draft.sender, &draft.client_msg_id).await.map_err(backend)?;
+        let seen = self
+            .backends
+            .dedup
+            .get(&draft.sender, &draft.client_msg_id)
+            .await
+            .map_err(ServiceError::backend)?;
         let Some(ids) = seen else { return Ok(None) };
         self.publish(draft, ids).await?;
         Ok(Some(pb::SendAck {
@@ -221,13 +222,13 @@ impl Dispatcher {
         if let Some(ack) = self.replay(&draft).await? {
             return Ok(ack);
         }
-        let seq = self.backends.sequences.incr(&draft.conversation).await.map_err(backend)?;
+        let seq = self.backends.sequences.incr(&draft.conversation).await.map_err(ServiceError::backend)?;
         let msg_id = match self.ids.next_id() {
             Ok(id) => id,
             Err(e) => {
                 // Clock trouble or a lost worker id: temporary, retry later.
                 self.undo_sequence(&draft.conversation, seq).await;
-                return Err(ServiceError::new(ErrorCode::Unavailable, e.to_string()));
+                return Err(ServiceError::unavailable(e));
             }
         };
         let ids = DedupRecord { msg_id, seq, sent_at_ms: now_ms() };
@@ -238,7 +239,7 @@ impl Dispatcher {
             self.backends.dedup.put(&draft.sender, &draft.client_msg_id, ids, self.config.dedup_ttl).await;
         if let Err(e) = reserved {
             self.undo_sequence(&draft.conversation, seq).await;
-            return Err(backend(e));
+            return Err(ServiceError::backend(e));
         }
         self.publish(&draft, ids).await?;
         Ok(pb::SendAck {
@@ -343,7 +344,7 @@ impl DispatchService for Dispatcher {
             members: members.into_iter().collect(),
             created_at_ms: now_ms(),
         };
-        if !self.backends.meta.create_group(&record).await.map_err(backend)? {
+        if !self.backends.meta.create_group(&record).await.map_err(ServiceError::backend)? {
             return Err(ServiceError::new(
                 ErrorCode::GroupExists,
                 format!("group {:?} already exists", record.group_id),
@@ -358,7 +359,7 @@ impl DispatchService for Dispatcher {
             return Ok(group_info(group));
         }
         self.check_group_size(group.members.len() + 1)?;
-        let updated = self.backends.meta.add_member(group_id, user).await.map_err(backend)?;
+        let updated = self.backends.meta.add_member(group_id, user).await.map_err(ServiceError::backend)?;
         updated.map(group_info).ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, "group was deleted"))
     }
 
@@ -367,7 +368,8 @@ impl DispatchService for Dispatcher {
         if !group.members.iter().any(|m| m == user) {
             return Err(Self::not_member(group_id));
         }
-        let updated = self.backends.meta.remove_member(group_id, user).await.map_err(backend)?;
+        let updated =
+            self.backends.meta.remove_member(group_id, user).await.map_err(ServiceError::backend)?;
         updated.map(group_info).ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, "group was deleted"))
     }
 
@@ -380,12 +382,12 @@ impl DispatchService for Dispatcher {
     }
 
     async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>> {
-        let mut ids = self.backends.meta.groups_of(user).await.map_err(backend)?;
+        let mut ids = self.backends.meta.groups_of(user).await.map_err(ServiceError::backend)?;
         // Bounds the response (each group carries its member list).
         ids.truncate(MAX_LISTED_GROUPS);
         let mut groups = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(group) = self.backends.meta.get_group(&id).await.map_err(backend)? {
+            if let Some(group) = self.backends.meta.get_group(&id).await.map_err(ServiceError::backend)? {
                 groups.push(group_info(group));
             }
         }

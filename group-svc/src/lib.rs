@@ -37,10 +37,6 @@ pub struct HistoryService {
     meta: Arc<dyn MetaStore>,
 }
 
-fn backend(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::internal(format!("backend failure: {e}"))
-}
-
 impl HistoryService {
     pub fn new(history: Arc<dyn HistoryStore>, meta: Arc<dyn MetaStore>) -> Self {
         Self { history, meta }
@@ -61,7 +57,7 @@ impl HistoryApi for HistoryService {
             .meta
             .get_group(group_id)
             .await
-            .map_err(backend)?
+            .map_err(ServiceError::backend)?
             .ok_or_else(|| ServiceError::new(ErrorCode::NoSuchGroup, format!("no group {group_id:?}")))?;
         if !group.members.iter().any(|m| m == user) {
             return Err(ServiceError::new(
@@ -70,7 +66,8 @@ impl HistoryApi for HistoryService {
             ));
         }
         let limit = if limit == 0 { 50 } else { limit.min(MAX_PAGE) } as usize;
-        let mut rows = self.history.page(group_id, before_msg_id, limit + 1).await.map_err(backend)?;
+        let mut rows =
+            self.history.page(group_id, before_msg_id, limit + 1).await.map_err(ServiceError::backend)?;
         let more = tern_proto::cut_page(&mut rows, limit, |(_, payload)| payload.len());
         let messages = rows
             .into_iter()

@@ -9,7 +9,7 @@ use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::HistoryRequest;
 use tern_proto::rpc::internal::history_client::HistoryClient;
 use tern_proto::rpc::internal::history_server::{self, HistoryServer};
-use tern_proto::{ErrorCode, ServiceError, ServiceResult};
+use tern_proto::{ServiceError, ServiceResult};
 use tern_store::discovery::{Dial, Peers};
 use tonic::{Request, Response, Status};
 
@@ -58,10 +58,7 @@ impl HistoryApi for RemoteHistory {
         before_msg_id: u64,
         limit: u32,
     ) -> ServiceResult<(Vec<pb::Message>, bool)> {
-        let (_, channel) = self
-            .peers
-            .any(Dial::Addr)
-            .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))?;
+        let (_, channel) = self.peers.any(Dial::Addr).map_err(ServiceError::unavailable)?;
         let request =
             HistoryRequest { user_id: user.to_owned(), group_id: group_id.to_owned(), before_msg_id, limit };
         let mut client = HistoryClient::new(channel)

@@ -10,7 +10,7 @@ use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::id_gen_client::IdGenClient;
 use tern_proto::rpc::internal::id_gen_server::{self, IdGenServer};
 use tern_proto::rpc::internal::{NextIdsRequest, NextIdsResponse, SegmentRequest, SegmentResponse};
-use tern_proto::{ErrorCode, ServiceError, ServiceResult, validate_id};
+use tern_proto::{ServiceError, ServiceResult, validate_id};
 use tern_store::SequenceStore;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -68,9 +68,7 @@ impl id_gen_server::IdGen for IdGenService {
             return Err(ServiceError::invalid(format!("count must be 1 to {MAX_BATCH}")).into());
         }
         let mut ids = vec![0; count as usize];
-        self.snowflake
-            .fill(&mut ids)
-            .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))?;
+        self.snowflake.fill(&mut ids).map_err(ServiceError::unavailable)?;
         Ok(Response::new(NextIdsResponse { ids }))
     }
 
@@ -208,6 +206,7 @@ impl SegmentAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_proto::ErrorCode;
     use tern_store::embedded::EmbeddedSequenceStore;
 
     #[tokio::test]

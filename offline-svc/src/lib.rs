@@ -71,10 +71,6 @@ pub struct OfflineService {
     config: OfflineConfig,
 }
 
-fn backend(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::internal(format!("backend failure: {e}"))
-}
-
 impl OfflineService {
     pub fn new(store: Arc<dyn OfflineStore>, config: OfflineConfig) -> Self {
         Self { store, config }
@@ -95,7 +91,7 @@ impl OfflineApi for OfflineService {
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
         let own = self.store.pull(&own_key, after_msg_id, limit + 1);
         let shared = self.store.pull(&shared_key, after_msg_id, limit + 1);
-        let (own, shared) = futures::future::try_join(own, shared).await.map_err(backend)?;
+        let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
         let mut entries: Vec<OfflineEntry> = own.into_iter().chain(shared).collect();
         entries.sort_by_key(|e| e.msg_id);
         entries.dedup_by_key(|e| e.msg_id);
@@ -118,7 +114,7 @@ impl OfflineApi for OfflineService {
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
         let own = self.store.ack(&own_key, msg_ids, ttl);
         let shared = self.store.ack(&shared_key, msg_ids, ttl);
-        futures::future::try_join(own, shared).await.map_err(backend)?;
+        futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
         Ok(())
     }
 
@@ -126,7 +122,7 @@ impl OfflineApi for OfflineService {
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
         let own = self.store.count(&own_key);
         let shared = self.store.count(&shared_key);
-        let (own, shared) = futures::future::try_join(own, shared).await.map_err(backend)?;
+        let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
         Ok(own + shared)
     }
 }

@@ -16,7 +16,7 @@ use tern_proto::rpc::internal::offline_server::{self, OfflineServer};
 use tern_proto::rpc::internal::{
     AckRequest, CountResponse, Empty, PullRequest, PushBatch, PushItem, UserRequest,
 };
-use tern_proto::{ErrorCode, ServiceError, ServiceResult};
+use tern_proto::{ServiceError, ServiceResult};
 use tern_store::Placement;
 use tern_store::discovery::{Dial, Peers};
 use tokio::sync::mpsc;
@@ -56,10 +56,6 @@ pub fn service(api: Arc<dyn OfflineApi>) -> OfflineServer<impl offline_server::O
         .max_encoding_message_size(MAX_RPC_MESSAGE)
 }
 
-fn no_peer(e: tern_store::StoreError) -> ServiceError {
-    ServiceError::new(ErrorCode::Unavailable, e.to_string())
-}
-
 /// [`OfflineApi`] on the live offline-svc nodes (round robin).
 pub struct RemoteOffline {
     peers: Arc<Peers>,
@@ -71,7 +67,7 @@ impl RemoteOffline {
     }
 
     fn client(&self) -> ServiceResult<OfflineClient<tonic::transport::Channel>> {
-        let channel = self.peers.any(Dial::Addr).map_err(no_peer)?.1;
+        let channel = self.peers.any(Dial::Addr).map_err(ServiceError::unavailable)?.1;
         Ok(OfflineClient::new(channel)
             .max_decoding_message_size(MAX_RPC_MESSAGE)
             .max_encoding_message_size(MAX_RPC_MESSAGE))

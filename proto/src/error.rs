@@ -135,6 +135,16 @@ impl ServiceError {
         Self::new(ErrorCode::Internal, message.to_string())
     }
 
+    /// A backend (store, bus) failed: `INTERNAL`, the request may be retried.
+    pub fn backend(error: impl fmt::Display) -> Self {
+        Self::new(ErrorCode::Internal, format!("backend failure: {error}"))
+    }
+
+    /// A peer role or resource is unavailable right now: `UNAVAILABLE`.
+    pub fn unavailable(error: impl fmt::Display) -> Self {
+        Self::new(ErrorCode::Unavailable, error.to_string())
+    }
+
     pub fn to_body(&self) -> crate::pb::ErrorBody {
         crate::pb::ErrorBody { code: self.code as u32, message: self.message.clone() }
     }

@@ -131,10 +131,6 @@ pub struct AuthService {
 const HASH_PERMITS: usize = 4;
 const HASH_WAIT: Duration = Duration::from_secs(5);
 
-fn backend(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::internal(format!("backend failure: {e}"))
-}
-
 impl AuthService {
     pub fn new(
         meta: Arc<dyn MetaStore>,
@@ -229,14 +225,14 @@ impl AuthService {
     /// Live access nodes, ordered by the configured [`AccessSelection`];
     /// `user` feeds consistent hashing.
     pub async fn ip_list(&self, user: Option<&str>) -> ServiceResult<Vec<NodeInfo>> {
-        let mut nodes = self.registry.list(ACCESS_TCP_ROLE).await.map_err(backend)?;
+        let mut nodes = self.registry.list(ACCESS_TCP_ROLE).await.map_err(ServiceError::backend)?;
         order_nodes(&mut nodes, self.config.access_selection, user, &self.round_robin);
         Ok(nodes)
     }
 
     /// Whether a user exists (for receivers and group members).
     pub async fn user_exists(&self, user_id: &str) -> ServiceResult<bool> {
-        Ok(self.meta.get_user(user_id).await.map_err(backend)?.is_some())
+        Ok(self.meta.get_user(user_id).await.map_err(ServiceError::backend)?.is_some())
     }
 }
 
@@ -341,36 +337,36 @@ impl SessionAuthority for AuthService {
         let device_id = if device_id.is_empty() { "default" } else { device_id };
         validate_id("device_id", device_id)?;
         // A token outlives nothing: an account that is gone cannot log in.
-        if self.meta.get_user(&claims.sub).await.map_err(backend)?.is_none() {
+        if self.meta.get_user(&claims.sub).await.map_err(ServiceError::backend)?.is_none() {
             return Err(ServiceError::new(ErrorCode::InvalidToken, "invalid token: unknown user"));
         }
         let previous = self
             .sessions
             .get(&claims.sub)
             .await
-            .map_err(backend)?
+            .map_err(ServiceError::backend)?
             .into_iter()
             .find(|p| p.device_id == device_id);
         // Recorded before the placement: from now on every message for the
         // user is also kept for this device.
-        self.meta.add_device(&claims.sub, device_id).await.map_err(backend)?;
+        self.meta.add_device(&claims.sub, device_id).await.map_err(ServiceError::backend)?;
         let placement = Placement {
             user_id: claims.sub.clone(),
             device_id: device_id.to_owned(),
             node_id: node_id.to_owned(),
             connection_id,
         };
-        self.sessions.put(&placement).await.map_err(backend)?;
+        self.sessions.put(&placement).await.map_err(ServiceError::backend)?;
         Ok((Identity { user_id: claims.sub, device_id: device_id.to_owned() }, previous))
     }
 
     async fn detach(&self, placement: &Placement) -> ServiceResult<()> {
-        self.sessions.remove(placement).await.map_err(backend)?;
+        self.sessions.remove(placement).await.map_err(ServiceError::backend)?;
         Ok(())
     }
 
     async fn detach_node(&self, node_id: &str) -> ServiceResult<usize> {
-        self.sessions.remove_node(node_id).await.map_err(backend)
+        self.sessions.remove_node(node_id).await.map_err(ServiceError::backend)
     }
 }
 

@@ -83,10 +83,7 @@ impl RemoteSessionAuthority {
     }
 
     fn client(&self) -> ServiceResult<SessionAuthorityClient<tonic::transport::Channel>> {
-        let (_, channel) = self
-            .peers
-            .any(Dial::Addr)
-            .map_err(|e| ServiceError::new(tern_proto::ErrorCode::Unavailable, e.to_string()))?;
+        let (_, channel) = self.peers.any(Dial::Addr).map_err(ServiceError::unavailable)?;
         Ok(SessionAuthorityClient::new(channel)
             .max_decoding_message_size(MAX_RPC_MESSAGE)
             .max_encoding_message_size(MAX_RPC_MESSAGE))

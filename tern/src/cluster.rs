@@ -181,13 +181,11 @@ impl Default for IdgenConfig {
 
 impl ClusterConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        crate::config::load_toml(path)
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
+        crate::config::to_toml(self)
     }
 
     /// Rejects values that would make a role misbehave.

@@ -108,16 +108,26 @@ impl Default for DispatcherSection {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// Reads a TOML configuration file; missing fields take their defaults,
+/// unknown fields are errors.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
+/// A configuration as TOML (what `tern config defaults` prints).
+pub fn to_toml(config: &impl Serialize) -> String {
+    toml::to_string_pretty(config).expect("config serializes")
+}
+
 impl StandaloneConfig {
-    /// Reads a TOML file; missing fields take their defaults.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        load_toml(path)
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
+        to_toml(self)
     }
 
     /// Rejects values that would make the server misbehave.
