@@ -327,11 +327,12 @@ impl Connection {
         let (user, device) = (identity.user_id.as_str(), identity.device_id.as_str());
         match kind {
             RequestType::SendSingle => {
-                let result = async { services.dispatch.send_single(user, decode(frame)?).await }.await;
+                let result =
+                    async { services.dispatch.send_single(user, device, decode(frame)?).await }.await;
                 self.reply(frame, kind, result).await
             }
             RequestType::SendGroup => {
-                let result = async { services.dispatch.send_group(user, decode(frame)?).await }.await;
+                let result = async { services.dispatch.send_group(user, device, decode(frame)?).await }.await;
                 self.reply(frame, kind, result).await
             }
             RequestType::AckMessages => {

@@ -42,8 +42,19 @@ pub const MAX_CLIENT_MSG_ID_LEN: usize = 128;
 /// adds a network client with the same trait.
 #[async_trait]
 pub trait DispatchService: Send + Sync + 'static {
-    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck>;
-    async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck>;
+    /// `device` is the sending device: the sender's other devices get a copy.
+    async fn send_single(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendSingleRequest,
+    ) -> ServiceResult<pb::SendAck>;
+    async fn send_group(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendGroupRequest,
+    ) -> ServiceResult<pb::SendAck>;
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo>;
     async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
     async fn leave_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
@@ -129,6 +140,7 @@ struct Draft {
     kind: ConversationKind,
     conversation: String,
     sender: String,
+    sender_device: String,
     receiver: String,
     group_id: String,
     client_msg_id: String,
@@ -181,7 +193,11 @@ impl Dispatcher {
             sent_at_ms: ids.sent_at_ms,
             client_msg_id: draft.client_msg_id.clone(),
         };
-        let envelope = pb::BusEnvelope { message: Some(message), receivers: draft.receivers.clone() };
+        let envelope = pb::BusEnvelope {
+            message: Some(message),
+            receivers: draft.receivers.clone(),
+            sender_device: draft.sender_device.clone(),
+        };
         let key = Bytes::from(draft.conversation.clone().into_bytes());
         let topic = &self.config.bus.messages_topic;
         self.backends.bus.publish(topic, key, Bytes::from(envelope.encode_to_vec())).await.map_err(|e| {
@@ -271,13 +287,19 @@ impl Dispatcher {
 
 #[async_trait]
 impl DispatchService for Dispatcher {
-    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_single(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendSingleRequest,
+    ) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
         validate_id("receiver", &req.receiver)?;
         let draft = Draft {
             kind: ConversationKind::Single,
             conversation: single_conversation_key(sender, &req.receiver),
             sender: sender.to_owned(),
+            sender_device: device.to_owned(),
             receiver: req.receiver.clone(),
             group_id: String::new(),
             client_msg_id: req.client_msg_id,
@@ -293,7 +315,12 @@ impl DispatchService for Dispatcher {
         self.accept(draft).await
     }
 
-    async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_group(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendGroupRequest,
+    ) -> ServiceResult<pb::SendAck> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
         let group = self.require_group(&req.group_id).await?;
         let is_member = group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_ok();
@@ -302,6 +329,7 @@ impl DispatchService for Dispatcher {
             kind: ConversationKind::Group,
             conversation: group_conversation_key(&req.group_id),
             sender: sender.to_owned(),
+            sender_device: device.to_owned(),
             receiver: String::new(),
             group_id: req.group_id,
             client_msg_id: req.client_msg_id,

@@ -62,14 +62,19 @@ fn decode<M: prost::Message + Default>(kind: RequestType, body: &[u8]) -> Servic
 /// Runs one linked request against the local dispatcher.
 async fn serve_request(dispatch: &dyn DispatchService, request: LinkRequest) -> LinkResponse {
     let user = request.user_id.as_str();
+    let device = request.device_id.as_str();
     let body = request.body.as_slice();
     let result: ServiceResult<(RequestType, Vec<u8>)> = async {
         let kind = RequestType::from_u32(request.request_type).ok_or_else(|| {
             ServiceError::new(ErrorCode::UnknownRequestType, format!("requestType {}", request.request_type))
         })?;
         let encoded = match kind {
-            RequestType::SendSingle => dispatch.send_single(user, decode(kind, body)?).await?.encode_to_vec(),
-            RequestType::SendGroup => dispatch.send_group(user, decode(kind, body)?).await?.encode_to_vec(),
+            RequestType::SendSingle => {
+                dispatch.send_single(user, device, decode(kind, body)?).await?.encode_to_vec()
+            }
+            RequestType::SendGroup => {
+                dispatch.send_group(user, device, decode(kind, body)?).await?.encode_to_vec()
+            }
             RequestType::CreateGroup => {
                 dispatch.create_group(user, decode(kind, body)?).await?.encode_to_vec()
             }
@@ -403,10 +408,12 @@ impl DispatcherLinks {
         }
     }
 
+    /// `(user, device)`: who the request is for; the device matters only
+    /// for sends.
     async fn call<M: prost::Message + Default>(
         &self,
         key: &str,
-        user: &str,
+        (user, device): (&str, &str),
         kind: RequestType,
         body: Vec<u8>,
     ) -> ServiceResult<M> {
@@ -414,7 +421,13 @@ impl DispatcherLinks {
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
-        let request = LinkRequest { id, user_id: user.to_owned(), request_type: kind as u32, body };
+        let request = LinkRequest {
+            id,
+            user_id: user.to_owned(),
+            device_id: device.to_owned(),
+            request_type: kind as u32,
+            body,
+        };
         if link.up.send(LinkUp { kind: Some(link_up::Kind::Request(request)) }).await.is_err() {
             link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             return Err(unavailable(format!("link to {dispatcher} is down")));
@@ -439,40 +452,50 @@ impl DispatcherLinks {
 
 #[async_trait]
 impl DispatchService for DispatcherLinks {
-    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_single(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendSingleRequest,
+    ) -> ServiceResult<pb::SendAck> {
         let key = single_conversation_key(sender, &req.receiver);
-        self.call(&key, sender, RequestType::SendSingle, req.encode_to_vec()).await
+        self.call(&key, (sender, device), RequestType::SendSingle, req.encode_to_vec()).await
     }
 
-    async fn send_group(&self, sender: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_group(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendGroupRequest,
+    ) -> ServiceResult<pb::SendAck> {
         let key = group_conversation_key(&req.group_id);
-        self.call(&key, sender, RequestType::SendGroup, req.encode_to_vec()).await
+        self.call(&key, (sender, device), RequestType::SendGroup, req.encode_to_vec()).await
     }
 
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {
         let key =
             if req.group_id.is_empty() { creator.to_owned() } else { group_conversation_key(&req.group_id) };
-        self.call(&key, creator, RequestType::CreateGroup, req.encode_to_vec()).await
+        self.call(&key, (creator, ""), RequestType::CreateGroup, req.encode_to_vec()).await
     }
 
     async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
         let body = pb::GroupRequest { group_id: group_id.to_owned() }.encode_to_vec();
-        self.call(&group_conversation_key(group_id), user, RequestType::JoinGroup, body).await
+        self.call(&group_conversation_key(group_id), (user, ""), RequestType::JoinGroup, body).await
     }
 
     async fn leave_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
         let body = pb::GroupRequest { group_id: group_id.to_owned() }.encode_to_vec();
-        self.call(&group_conversation_key(group_id), user, RequestType::LeaveGroup, body).await
+        self.call(&group_conversation_key(group_id), (user, ""), RequestType::LeaveGroup, body).await
     }
 
     async fn group_members(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
         let body = pb::GroupRequest { group_id: group_id.to_owned() }.encode_to_vec();
-        self.call(&group_conversation_key(group_id), user, RequestType::GroupMembers, body).await
+        self.call(&group_conversation_key(group_id), (user, ""), RequestType::GroupMembers, body).await
     }
 
     async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>> {
         let response: pb::ListGroupsResponse =
-            self.call(user, user, RequestType::ListGroups, pb::Empty {}.encode_to_vec()).await?;
+            self.call(user, (user, ""), RequestType::ListGroups, pb::Empty {}.encode_to_vec()).await?;
         Ok(response.groups)
     }
 }

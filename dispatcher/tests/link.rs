@@ -20,13 +20,18 @@ struct Numbered(u64);
 
 #[async_trait]
 impl DispatchService for Numbered {
-    async fn send_single(&self, sender: &str, req: pb::SendSingleRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_single(
+        &self,
+        sender: &str,
+        _: &str,
+        req: pb::SendSingleRequest,
+    ) -> ServiceResult<pb::SendAck> {
         if req.receiver == "nobody" {
             return Err(ServiceError::new(ErrorCode::NoSuchUser, format!("{sender} wrote to nobody")));
         }
         Ok(pb::SendAck { client_msg_id: req.client_msg_id, msg_id: self.0, ..Default::default() })
     }
-    async fn send_group(&self, _: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
+    async fn send_group(&self, _: &str, _: &str, req: pb::SendGroupRequest) -> ServiceResult<pb::SendAck> {
         Ok(pb::SendAck { client_msg_id: req.client_msg_id, msg_id: self.0, ..Default::default() })
     }
     async fn create_group(&self, _: &str, _: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {
@@ -76,7 +81,7 @@ async fn start_dispatcher(registry: &InProcessRegistry, id: u64) -> Running {
 async fn send(links: &DispatcherLinks, group: &str) -> ServiceResult<u64> {
     let req =
         pb::SendGroupRequest { client_msg_id: "c".into(), group_id: group.into(), ..Default::default() };
-    Ok(links.send_group("alice", req).await?.msg_id)
+    Ok(links.send_group("alice", "phone", req).await?.msg_id)
 }
 
 #[tokio::test]
@@ -113,7 +118,7 @@ async fn links_register_route_by_key_and_fail_over() {
     // Errors travel back with their code.
     let req =
         pb::SendSingleRequest { client_msg_id: "c".into(), receiver: "nobody".into(), ..Default::default() };
-    let err = links.send_single("alice", req).await.unwrap_err();
+    let err = links.send_single("alice", "phone", req).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::NoSuchUser);
 
     // d1 dies; the registry still lists it (as ZooKeeper does until the

@@ -127,6 +127,35 @@ impl OfflineApi for OfflineService {
     }
 }
 
+/// One message and who gets a copy.
+struct Delivery {
+    receivers: Vec<String>,
+    sender: String,
+    /// The device the message was sent from; empty if unknown.
+    sender_device: String,
+    entry: OfflineEntry,
+}
+
+impl Delivery {
+    /// The offline sets this message goes to: each receiver's recorded
+    /// devices (or the shared set of a receiver with none yet), and the
+    /// sender's devices other than the one it was sent from.
+    fn inboxes(&self, devices: &std::collections::HashMap<String, Vec<String>>) -> Vec<String> {
+        let mut keys = Vec::new();
+        for receiver in &self.receivers {
+            match devices.get(receiver).filter(|d| !d.is_empty()) {
+                Some(list) => keys.extend(list.iter().map(|d| device_inbox(receiver, d))),
+                None => keys.push(user_inbox(receiver)),
+            }
+        }
+        if !self.sender_device.is_empty() && !self.receivers.contains(&self.sender) {
+            let own = devices.get(&self.sender).into_iter().flatten();
+            keys.extend(own.filter(|d| **d != self.sender_device).map(|d| device_inbox(&self.sender, d)));
+        }
+        keys
+    }
+}
+
 /// The offline set of one device of a user. Ids never contain `/`, so the
 /// key is unambiguous.
 pub fn device_inbox(user: &str, device: &str) -> String {
@@ -159,50 +188,51 @@ pub async fn run_consumer(
             let mut decoded = Vec::with_capacity(batch.len());
             for record in &batch {
                 match pb::BusEnvelope::decode(record.payload.clone()) {
-                    Ok(pb::BusEnvelope { message: Some(message), receivers }) => {
+                    Ok(pb::BusEnvelope { message: Some(message), receivers, sender_device }) => {
                         let payload = Bytes::from(message.encode_to_vec());
-                        decoded.push((receivers, OfflineEntry { msg_id: message.msg_id, payload }));
+                        let entry = OfflineEntry { msg_id: message.msg_id, payload };
+                        decoded.push(Delivery { receivers, sender: message.sender, sender_device, entry });
                     }
                     Ok(_) | Err(_) => {
                         tracing::error!(offset = record.offset, "undecodable bus record skipped")
                     }
                 }
             }
-            // Write diffusion per device: every recorded device of every
-            // receiver gets its own copy, ACKed and deleted independently.
-            let receivers: std::collections::BTreeSet<&String> =
-                decoded.iter().flat_map(|(receivers, _)| receivers).collect();
-            // One lookup per distinct receiver, all at once (a remote store
-            // answers them concurrently).
-            let lookups = receivers.into_iter().map(|receiver| {
+            // The recorded devices of every user involved, one lookup per
+            // user, all at once (a remote store answers them concurrently).
+            let users: std::collections::BTreeSet<&String> = decoded
+                .iter()
+                .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
+                .collect();
+            let lookups = users.into_iter().map(|user| {
                 let meta = meta.clone();
-                async move {
-                    let devices = meta.devices(receiver).await?;
-                    let keys: Vec<String> = if devices.is_empty() {
-                        vec![user_inbox(receiver)]
-                    } else {
-                        devices.iter().map(|d| device_inbox(receiver, d)).collect()
-                    };
-                    Ok::<_, tern_store::StoreError>((receiver.clone(), keys))
-                }
+                async move { Ok::<_, tern_store::StoreError>((user.clone(), meta.devices(user).await?)) }
             });
-            let inboxes: std::collections::HashMap<String, Vec<String>> =
+            let devices: std::collections::HashMap<String, Vec<String>> =
                 futures::future::try_join_all(lookups).await?.into_iter().collect();
-            let writes = decoded.iter().map(|(receivers, entry)| {
-                let keys: Vec<String> = receivers.iter().flat_map(|r| inboxes[r].iter().cloned()).collect();
+            // Write diffusion per device: every recorded device of every
+            // receiver, and the sender's other devices, get their own copy,
+            // ACKed and deleted independently.
+            let writes = decoded.iter().map(|d| {
+                let keys = d.inboxes(&devices);
                 let store = store.clone();
-                async move { store.insert(&keys, entry).await }
+                async move { store.insert(&keys, &d.entry).await }
             });
             futures::future::try_join_all(writes).await?;
-            for (receivers, entry) in &decoded {
-                for receiver in receivers {
-                    match sessions.get(receiver).await {
+            for d in &decoded {
+                let sender_copy = !d.sender_device.is_empty() && !d.receivers.contains(&d.sender);
+                for user in d.receivers.iter().chain(sender_copy.then_some(&d.sender)) {
+                    match sessions.get(user).await {
                         Ok(placements) => {
                             for placement in &placements {
-                                pushes.push(placement, entry.msg_id, entry.payload.clone());
+                                let sending_device =
+                                    *user == d.sender && placement.device_id == d.sender_device;
+                                if !sending_device || d.receivers.contains(&d.sender) {
+                                    pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+                                }
                             }
                         }
-                        // The entry is stored; the receiver pulls it at its next sync.
+                        // The entry is stored; the device pulls it at its next sync.
                         Err(e) => tracing::warn!(error = %e, "placement lookup failed; push skipped"),
                     }
                 }

@@ -133,5 +133,11 @@ pub async fn multi_device(d: &Deployment) {
     assert_eq!(text(&next_message(&mut laptop_events, WAIT).await), "while the laptop is away");
     no_message(&mut laptop_events, Duration::from_millis(500)).await;
     no_message(&mut phone_events, Duration::from_millis(100)).await;
-    drop(phone);
+
+    // What one device sends reaches the user's other devices, not itself.
+    phone.send_single("alice", "sent from the phone").await.unwrap();
+    let copy = next_message(&mut laptop_events, WAIT).await;
+    assert_eq!((copy.sender.as_str(), copy.receiver.as_str()), ("bob", "alice"));
+    assert_eq!(text(&copy), "sent from the phone");
+    no_message(&mut phone_events, Duration::from_millis(500)).await;
 }
