@@ -301,12 +301,13 @@ impl Connection {
         *self.handle.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
         if let Some(previous) = previous {
             // The same device logged in again: the newer connection wins.
-            if previous.node_id == node.config.node_id && previous.connection_id != self.id {
-                node.close_with_notice(
-                    previous.connection_id,
-                    NoticeKind::Kicked,
-                    "logged in again from the same device",
-                );
+            const REASON: &str = "logged in again from the same device";
+            if previous.node_id == node.config.node_id {
+                if previous.connection_id != self.id {
+                    node.kick(&previous, REASON);
+                }
+            } else if let Some(remote) = &node.services.remote_kick {
+                remote.kick(&previous, REASON);
             }
         }
         let pending =

@@ -83,6 +83,12 @@ impl AccessConfig {
     }
 }
 
+/// Closes a connection on another access node (cluster mode), when a newer
+/// login of the same device lands here. Best effort.
+pub trait RemoteKick: Send + Sync + 'static {
+    fn kick(&self, placement: &Placement, reason: &str);
+}
+
 /// The services an access node calls.
 #[derive(Clone)]
 pub struct AccessServices {
@@ -92,6 +98,8 @@ pub struct AccessServices {
     pub history: Arc<dyn HistoryApi>,
     pub sessions: Arc<dyn SessionStore>,
     pub registry: Arc<dyn Registry>,
+    /// Other access nodes, for kicks; `None` when this is the only one.
+    pub remote_kick: Option<Arc<dyn RemoteKick>>,
 }
 
 /// A connection as seen from outside its task.
@@ -150,6 +158,21 @@ impl AccessNode {
 
     fn connection(&self, id: u64) -> Option<Arc<ConnHandle>> {
         self.lock_connections().get(&id).cloned()
+    }
+
+    /// Closes the connection of `placement` (on this node) with a KICKED
+    /// notice, if it still belongs to that user and device.
+    pub fn kick(&self, placement: &Placement, reason: &str) {
+        let Some(conn) = self.connection(placement.connection_id) else { return };
+        let matches = conn
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|id| id.user_id == placement.user_id && id.device_id == placement.device_id);
+        if matches {
+            self.close_with_notice(placement.connection_id, NoticeKind::Kicked, reason);
+        }
     }
 
     /// Sends a notice to a connection and closes it.

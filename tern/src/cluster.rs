@@ -580,6 +580,9 @@ async fn run_access(
         history: Arc::new(RemoteHistory::new(Peers::follow(&*registry, GROUP_ROLE).await?)),
         sessions: engines.redis.sessions.clone(),
         registry: registry.clone(),
+        remote_kick: Some(tern_access_tcp::rpc::PeerKick::new(
+            Peers::follow(&*registry, ACCESS_TCP_ROLE).await?,
+        )),
     };
     let listen = listener.local_addr()?;
     let internal_addr = internal.local_addr()?;

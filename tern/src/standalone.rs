@@ -169,6 +169,7 @@ pub async fn run(
             history,
             sessions: backends.sessions.clone(),
             registry: backends.registry.clone(),
+            remote_kick: None,
         },
     );
 

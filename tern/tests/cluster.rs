@@ -260,3 +260,35 @@ async fn idgen_serves_snowflake_batches_and_segments() {
         assert!(seen.insert(b.next_id().await.unwrap()), "segment ids overlap");
     }
 }
+
+#[tokio::test]
+async fn a_second_login_on_another_access_node_kicks_the_first() {
+    use tern_sdk::pb::{self, NoticeKind};
+    use tern_sdk::{ConnectOptions, Connection, ServerEvent, TlsMode};
+    let cluster = cluster_or_skip!(2, 1);
+    let token = tern_sdk::AuthClient::new(cluster.auth_url())
+        .login_or_register("alice", common::PASSWORD)
+        .await
+        .unwrap()
+        .token;
+    let login = |access: &str| {
+        let options = ConnectOptions::new(cluster.access_addr(access), TlsMode::CaFile(cluster.ca()));
+        let request = pb::LoginRequest { token: token.clone(), device_id: "phone".into() };
+        async move {
+            let (conn, events) = Connection::connect(&options).await.unwrap();
+            let _: pb::LoginResponse = conn.request(tern_proto::RequestType::Login, &request).await.unwrap();
+            (conn, events)
+        }
+    };
+    let (_first, mut first_events) = login("access-1").await;
+    let (_second, _second_events) = login("access-2").await;
+    let mut kicked = false;
+    while let Ok(Some(event)) = tokio::time::timeout(WAIT, first_events.recv()).await {
+        match event {
+            ServerEvent::Notice(n) if n.kind == NoticeKind::Kicked as i32 => kicked = true,
+            ServerEvent::Closed(_) => break,
+            _ => {}
+        }
+    }
+    assert!(kicked, "the connection on access-1 was not kicked by the login on access-2");
+}
