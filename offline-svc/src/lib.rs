@@ -219,21 +219,35 @@ pub async fn run_consumer(
                 async move { store.insert(&keys, &d.entry).await }
             });
             futures::future::try_join_all(writes).await?;
-            for d in &decoded {
+            // Placements of everyone to push to, one lookup per user, all at
+            // once; then the pushes in message order.
+            let push_targets = |d: &Delivery| {
                 let sender_copy = !d.sender_device.is_empty() && !d.receivers.contains(&d.sender);
-                for user in d.receivers.iter().chain(sender_copy.then_some(&d.sender)) {
-                    match sessions.get(user).await {
-                        Ok(placements) => {
-                            for placement in &placements {
-                                let sending_device =
-                                    *user == d.sender && placement.device_id == d.sender_device;
-                                if !sending_device || d.receivers.contains(&d.sender) {
-                                    pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-                                }
-                            }
-                        }
+                d.receivers.iter().chain(sender_copy.then_some(&d.sender)).cloned().collect::<Vec<String>>()
+            };
+            let users: std::collections::BTreeSet<String> = decoded.iter().flat_map(push_targets).collect();
+            let lookups = users.into_iter().map(|user| {
+                let sessions = sessions.clone();
+                async move {
+                    match sessions.get(&user).await {
+                        Ok(placements) => (user, placements),
                         // The entry is stored; the device pulls it at its next sync.
-                        Err(e) => tracing::warn!(error = %e, "placement lookup failed; push skipped"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "placement lookup failed; push skipped");
+                            (user, Vec::new())
+                        }
+                    }
+                }
+            });
+            let placements: std::collections::HashMap<String, Vec<Placement>> =
+                futures::future::join_all(lookups).await.into_iter().collect();
+            for d in &decoded {
+                for user in push_targets(d) {
+                    for placement in placements.get(&user).into_iter().flatten() {
+                        let sending_device = user == d.sender && placement.device_id == d.sender_device;
+                        if !sending_device || d.receivers.contains(&d.sender) {
+                            pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+                        }
                     }
                 }
             }
