@@ -160,17 +160,23 @@ impl AccessNode {
         self.lock_connections().get(&id).cloned()
     }
 
-    /// Closes the connection of `placement` (on this node) with a KICKED
-    /// notice, if it still belongs to that user and device.
-    pub fn kick(&self, placement: &Placement, reason: &str) {
-        let Some(conn) = self.connection(placement.connection_id) else { return };
+    /// The connection a placement names, if it is still logged in as that
+    /// user and device (a placement can be stale).
+    fn placed_connection(&self, placement: &Placement) -> Option<Arc<ConnHandle>> {
+        let conn = self.connection(placement.connection_id)?;
         let matches = conn
             .identity
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|id| id.user_id == placement.user_id && id.device_id == placement.device_id);
-        if matches {
+        matches.then_some(conn)
+    }
+
+    /// Closes the connection of `placement` (on this node) with a KICKED
+    /// notice, if it still belongs to that user and device.
+    pub fn kick(&self, placement: &Placement, reason: &str) {
+        if self.placed_connection(placement).is_some() {
             self.close_with_notice(placement.connection_id, NoticeKind::Kicked, reason);
         }
     }
@@ -281,16 +287,7 @@ impl AccessNode {
 
 impl PushGateway for AccessNode {
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
-        let Some(conn) = self.connection(placement.connection_id) else { return };
-        let matches = conn
-            .identity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|id| id.user_id == placement.user_id && id.device_id == placement.device_id);
-        if !matches {
-            return;
-        }
+        let Some(conn) = self.placed_connection(placement) else { return };
         conn.unacked.lock().unwrap_or_else(|e| e.into_inner()).entry(msg_id).or_insert_with(Instant::now);
         let frame = Frame {
             client_version: tern_proto::PROTOCOL_VERSION,
