@@ -1,33 +1,43 @@
 //! The high-level client: logs in over HTTP, connects, keeps the connection
 //! alive and reconnects, pulls offline messages, ACKs and deduplicates
-//! pushes, and retries sends until the server ACKs them.
+//! pushes, shows each conversation in `seq` order (see `order.rs`), and
+//! retries sends until the server ACKs them.
 //!
 //! One background task (`Shared::supervise`) owns the connection's events:
 //! it pulls the offline store, then shows the pushes that arrived meanwhile
 //! (they wait in the connection's unbounded event queue), and reconnects
-//! when the connection drops. A second task per connection heartbeats it and
-//! aborts it when a heartbeat goes unanswered, so a half-open connection is
-//! noticed; heartbeats are independent of the first task, which can be
-//! blocked for long on an application that reads events slowly.
+//! when the connection drops. It alone ACKs messages and hands them to the
+//! application, so what the ordering buffer releases keeps its order
+//! whatever released it (a push, a pull, the gap timer, which it waits on
+//! alongside the connection's events, or this device's own SendAck, which
+//! wakes it). A second task per connection heartbeats it and aborts it when
+//! a heartbeat goes unanswered, so a half-open connection is noticed;
+//! heartbeats are independent of the first task, which can be blocked for
+//! long on an application that reads events slowly.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_proto::pb::{self, NoticeKind};
 use tern_proto::{ErrorCode, RequestType, ServiceError};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::ClientError;
 use crate::connection::{ConnectOptions, Connection, ServerEvent, TlsMode};
 use crate::http::{AuthClient, IssuedToken};
+use crate::order::{Admission, Inbox, MAX_HELD, Output};
 
 /// The most ids the server takes in one ACK_MESSAGES (PROTOCOL §5.3;
 /// offline-svc `max_ack_ids`); a longer list is refused as a whole.
 const MAX_ACK_IDS: usize = 1_000;
+
+/// How many shown message ids are remembered for deduplication.
+const SEEN_IDS: usize = 100_000;
 
 /// How a [`Client`] logs in and connects.
 #[derive(Debug, Clone)]
@@ -49,6 +59,15 @@ pub struct ClientConfig {
     pub send_attempts: u32,
     /// Reconnect after the connection drops.
     pub reconnect: bool,
+    /// How long a gap in a conversation's `seq` may stay open before the
+    /// messages held behind it are shown anyway and [`Event::Skipped`]
+    /// reports the missing seqs. Default 5 s; keep it below the server's
+    /// push-ACK timeout (10 s), since held messages are not ACKed.
+    pub gap_timeout: Duration,
+    /// Cursors to resume from, as returned by [`Client::cursors`] of an
+    /// earlier run (conversation key → highest seq accounted for). A
+    /// conversation not listed starts at the first message seen.
+    pub cursors: HashMap<String, u64>,
 }
 
 impl ClientConfig {
@@ -70,6 +89,8 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             send_attempts: 8,
             reconnect: true,
+            gap_timeout: Duration::from_secs(5),
+            cursors: HashMap::new(),
         }
     }
 }
@@ -78,7 +99,16 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A new message (pulled or pushed), shown once: duplicates are dropped.
+    /// Within a conversation messages come in `seq` order, except a message
+    /// whose seq was already reported in [`Event::Skipped`], which still
+    /// comes, late, when it arrives.
     Message(pb::Message),
+    /// A gap in a conversation stayed open for
+    /// [`ClientConfig::gap_timeout`] (or too many messages were held): the
+    /// messages after it follow this event, and these seqs were never
+    /// received. `conversation` is a key as in [`Client::cursors`];
+    /// `missing` lists the seqs as inclusive ranges (a gap can be long).
+    Skipped { conversation: String, missing: Vec<RangeInclusive<u64>> },
     /// The connection dropped; the client is reconnecting if configured to.
     Disconnected(Option<ServiceError>),
     /// A new connection is logged in and the offline store was pulled.
@@ -87,39 +117,15 @@ pub enum Event {
     Kicked(String),
 }
 
-/// Message ids already shown, bounded so memory stays flat.
-struct SeenIds {
-    set: HashSet<u64>,
-    order: VecDeque<u64>,
-    capacity: usize,
-}
-
-impl SeenIds {
-    fn new(capacity: usize) -> Self {
-        Self { set: HashSet::new(), order: VecDeque::new(), capacity }
-    }
-
-    /// True the first time an id is seen.
-    fn insert(&mut self, id: u64) -> bool {
-        if !self.set.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        if self.order.len() > self.capacity
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
-    }
-}
-
 struct Shared {
     config: ClientConfig,
     auth: AuthClient,
     token: Mutex<Option<IssuedToken>>,
     connection: watch::Sender<Option<Connection>>,
-    seen: Mutex<SeenIds>,
+    /// Deduplication and per-conversation order; outlives connections.
+    inbox: Mutex<Inbox>,
+    /// Wakes the supervisor when a send changed the inbox.
+    inbox_changed: Notify,
     events: mpsc::Sender<Event>,
     closed: CancellationToken,
     client_msg_counter: AtomicU64,
@@ -163,10 +169,11 @@ impl Client {
         let shared = Arc::new(Shared {
             auth: AuthClient::new(config.auth_url.clone()),
             client_msg_prefix: format!("{}-{:016x}", config.device_id, rand::random::<u64>()),
+            inbox: Mutex::new(Inbox::new(config.gap_timeout, MAX_HELD, SEEN_IDS, &config.cursors)),
+            inbox_changed: Notify::new(),
             config,
             token: Mutex::new(None),
             connection,
-            seen: Mutex::new(SeenIds::new(100_000)),
             events,
             closed: CancellationToken::new(),
             client_msg_counter: AtomicU64::new(0),
@@ -182,6 +189,16 @@ impl Client {
 
     pub fn user_id(&self) -> &str {
         &self.shared.config.user_id
+    }
+
+    /// A snapshot of every conversation's cursor: the highest seq this
+    /// device has accounted for (shown, given up on, or sent itself) with
+    /// nothing missing below it. Keys are `p:<a>:<b>` (the two user ids of
+    /// a 1:1 chat, sorted) and `g:<group id>`, as [`crate::conversation_key`]
+    /// gives them. Persist it and pass it back in [`ClientConfig::cursors`]
+    /// to resume after a restart.
+    pub fn cursors(&self) -> HashMap<String, u64> {
+        self.shared.lock_inbox().cursors()
     }
 
     /// The last LOGIN response (connection id, pending count, intervals).
@@ -206,7 +223,9 @@ impl Client {
         }
     }
 
-    /// One request on the current connection.
+    /// One request on the current connection. A send made this way is not
+    /// counted in its conversation's cursor (use [`Client::send_single`] or
+    /// [`Client::send_group`]), so this device sees a gap at its seq.
     pub async fn request<Req, Resp>(&self, kind: RequestType, body: &Req) -> Result<Resp, ClientError>
     where
         Req: prost::Message,
@@ -242,7 +261,8 @@ impl Client {
 
     /// Sends a 1:1 message; returns once the server has it durably. Retries
     /// (with the same client message id, so it is stored once) across
-    /// timeouts and reconnects.
+    /// timeouts and reconnects. The acknowledged seq counts as accounted for
+    /// in the conversation (this device never receives its own message).
     pub async fn send_single(
         &self,
         receiver: &str,
@@ -254,7 +274,9 @@ impl Client {
             receiver: receiver.to_owned(),
             content: content.into(),
         };
-        self.send_with_retry(RequestType::SendSingle, body).await
+        let ack = self.send_with_retry(RequestType::SendSingle, body).await?;
+        self.shared.own_send(tern_proto::single_conversation_key(self.user_id(), receiver), ack.seq);
+        Ok(ack)
     }
 
     /// Sends a group message; see [`Client::send_single`].
@@ -269,7 +291,9 @@ impl Client {
             group_id: group_id.to_owned(),
             content: content.into(),
         };
-        self.send_with_retry(RequestType::SendGroup, body).await
+        let ack = self.send_with_retry(RequestType::SendGroup, body).await?;
+        self.shared.own_send(tern_proto::group_conversation_key(group_id), ack.seq);
+        Ok(ack)
     }
 
     pub async fn create_group(
@@ -398,16 +422,79 @@ impl Shared {
         }
     }
 
-    /// Shows a message unless it was shown already. Either way the caller
-    /// ACKs it, so the server drops a duplicate too.
-    async fn deliver(&self, message: pb::Message) {
-        let fresh = self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(message.msg_id);
-        if fresh {
-            let _ = self.events.send(Event::Message(message)).await;
+    fn lock_inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records this device's own sent seq and lets the supervisor show what
+    /// it released.
+    fn own_send(&self, conversation: String, seq: u64) {
+        self.lock_inbox().own_send(conversation, seq, tokio::time::Instant::now());
+        self.inbox_changed.notify_one();
+    }
+
+    /// Takes received messages into the inbox and returns the ids to ACK at
+    /// once: those shown before (the server drops its copy too). Fresh
+    /// messages are ACKed by `flush` when they are shown; a second copy of
+    /// a held message is not ACKed at all (the held one will be).
+    fn admit(&self, messages: Vec<pb::Message>) -> Vec<u64> {
+        let now = tokio::time::Instant::now();
+        let mut inbox = self.lock_inbox();
+        messages
+            .into_iter()
+            .filter_map(|message| {
+                let id = message.msg_id;
+                (inbox.admit(message, now) == Admission::Duplicate).then_some(id)
+            })
+            .collect()
+    }
+
+    /// Takes received messages into the inbox, then shows and ACKs what can
+    /// be shown (`flush`).
+    async fn receive(&self, conn: &Connection, messages: Vec<pb::Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let duplicates = self.admit(messages);
+        self.flush(conn, duplicates).await;
+    }
+
+    /// Gives up on expired gaps, then ACKs `ack_now` and every message the
+    /// inbox released, and hands those to the application. The ACK is
+    /// queued before the messages are handed over, so `close` right after
+    /// the application saw one still lets its ACK land.
+    async fn flush(&self, conn: &Connection, mut ack_now: Vec<u64>) {
+        let ready = {
+            let mut inbox = self.lock_inbox();
+            inbox.expire(tokio::time::Instant::now());
+            inbox.take_ready()
+        };
+        ack_now.extend(ready.iter().filter_map(|o| match o {
+            Output::Show(m) => Some(m.msg_id),
+            Output::Skipped { .. } => None,
+        }));
+        self.ack(conn, ack_now);
+        for output in ready {
+            let event = match output {
+                Output::Show(message) => Event::Message(message),
+                Output::Skipped { conversation, missing } => Event::Skipped { conversation, missing },
+            };
+            let _ = self.events.send(event).await;
         }
     }
 
-    /// Pulls every page of the offline store, shows and ACKs it.
+    /// The gap timer fired: pulls the offline store if a hole asked for it,
+    /// and gives up on expired gaps.
+    async fn on_gap_timer(&self, conn: &Connection) {
+        let pull = self.lock_inbox().take_pull(tokio::time::Instant::now());
+        if pull && let Err(e) = self.sync_offline(conn).await {
+            tracing::debug!(error = %e, "pull for a gap failed");
+        }
+        self.flush(conn, Vec::new()).await;
+    }
+
+    /// Pulls every page of the offline store into the inbox; shows and ACKs
+    /// what it can (a message held behind a gap is ACKed when shown).
     async fn sync_offline(&self, conn: &Connection) -> Result<(), ClientError> {
         let mut after = 0;
         loop {
@@ -417,14 +504,10 @@ impl Shared {
                     &pb::PullOfflineRequest { after_msg_id: after, limit: 200 },
                 )
                 .await?;
-            let ids: Vec<u64> = page.messages.iter().map(|m| m.msg_id).collect();
-            if let Some(last) = ids.last() {
-                after = *last;
+            if let Some(last) = page.messages.last() {
+                after = last.msg_id;
             }
-            for message in page.messages {
-                self.deliver(message).await;
-            }
-            ack_all(conn, &ids).await?;
+            self.receive(conn, page.messages).await;
             if !page.more {
                 return Ok(());
             }
@@ -553,45 +636,65 @@ impl Shared {
         conn: &Connection,
         events: &mut mpsc::UnboundedReceiver<ServerEvent>,
     ) -> EndReason {
+        // Held messages released while no connection served (a send's ACK
+        // can close a gap during a reconnect).
+        self.flush(conn, Vec::new()).await;
         loop {
+            // The earliest open gap (or pull it asked for) wakes the loop;
+            // recomputed on every turn, as every turn can change it.
+            let wake = self.lock_inbox().next_wake();
             let event = tokio::select! {
                 _ = self.closed.cancelled() => {
                     conn.close().await;
                     return EndReason::Closed;
                 }
+                () = self.inbox_changed.notified() => {
+                    self.flush(conn, Vec::new()).await;
+                    continue;
+                }
+                () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)),
+                    if wake.is_some() =>
+                {
+                    self.on_gap_timer(conn).await;
+                    continue;
+                }
                 event = events.recv() => event,
             };
             // The reader always ends with Closed; None means it died.
             let Some(event) = event else { return EndReason::Dropped(None) };
-            // Everything already received is one burst: one ACK frame for
-            // its messages, queued before they are handed to the app so
-            // that `close` right after seeing one still lets its ACK land.
+            // Everything already received is one burst: one ACK frame
+            // covers the messages it shows at once and its duplicates.
             let mut burst = vec![event];
             while let Ok(event) = events.try_recv() {
                 burst.push(event);
             }
-            let ids = burst
-                .iter()
-                .filter_map(|e| if let ServerEvent::Message(m) = e { Some(m.msg_id) } else { None })
-                .collect();
-            self.ack(conn, ids);
+            // In arrival order; the messages up to a notice (or the end of
+            // the burst) go into the inbox together.
+            let mut messages = Vec::new();
             for event in burst {
                 match event {
-                    ServerEvent::Message(message) => self.deliver(message).await,
-                    ServerEvent::Notice(notice) => match NoticeKind::try_from(notice.kind) {
-                        Ok(NoticeKind::Sync) => {
-                            if let Err(e) = self.sync_offline(conn).await {
-                                tracing::debug!(error = %e, "sync after notice failed");
+                    ServerEvent::Message(message) => messages.push(message),
+                    ServerEvent::Notice(notice) => {
+                        self.receive(conn, std::mem::take(&mut messages)).await;
+                        match NoticeKind::try_from(notice.kind) {
+                            Ok(NoticeKind::Sync) => {
+                                if let Err(e) = self.sync_offline(conn).await {
+                                    tracing::debug!(error = %e, "sync after notice failed");
+                                }
                             }
+                            Ok(NoticeKind::Kicked) => return EndReason::Kicked(notice.reason),
+                            // RECONNECT: the server closes the connection
+                            // next; the Closed event starts the reconnect.
+                            _ => {}
                         }
-                        Ok(NoticeKind::Kicked) => return EndReason::Kicked(notice.reason),
-                        // RECONNECT: the server closes the connection next;
-                        // the Closed event below starts the reconnect.
-                        _ => {}
-                    },
-                    ServerEvent::Closed(error) => return EndReason::Dropped(error),
+                    }
+                    ServerEvent::Closed(error) => {
+                        self.receive(conn, messages).await;
+                        return EndReason::Dropped(error);
+                    }
                 }
             }
+            self.receive(conn, messages).await;
         }
     }
 

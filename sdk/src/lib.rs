@@ -5,17 +5,21 @@
 //!   need raw frames.
 //! - [`Client`]: what an app uses: logs in through router-auth, connects to
 //!   the least-loaded access node, pulls the offline store, shows every
-//!   message once (dedup by message id), ACKs what it showed, retries sends
+//!   message once (dedup by message id) and each conversation in `seq`
+//!   order (holding a message behind a gap, pulling what is missing, and
+//!   reporting seqs that never came), ACKs what it showed, retries sends
 //!   until the server ACKs them, heartbeats and reconnects.
 //! - [`AuthClient`]: the router-auth HTTP API.
 
 mod client;
 mod connection;
 mod http;
+mod order;
 
 pub use client::{Client, ClientConfig, Event};
 pub use connection::{ConnectOptions, Connection, ServerEvent, TlsMode};
 pub use http::{AccessNodeInfo, AuthClient, IssuedToken};
+pub use order::conversation_key;
 pub use tern_proto::{self as proto, ErrorCode, ServiceError, pb};
 
 /// Why a client call failed.

@@ -1,11 +1,13 @@
 //! `Client` against a scripted fake server: a plaintext access node built
 //! from `TcpListener` + `FrameCodec` that answers LOGIN, PULL_OFFLINE,
-//! ACK_MESSAGES and HEARTBEAT as each test dictates, and a router-auth
-//! stand-in for the HTTP login. This reaches situations the real server
-//! does not produce on demand: a huge offline backlog, a peer that stops
-//! answering, a failing sync.
+//! ACK_MESSAGES, SEND_* and HEARTBEAT as each test dictates, and a
+//! router-auth stand-in for the HTTP login. This reaches situations the real
+//! server does not produce on demand: a huge offline backlog, a peer that
+//! stops answering, a failing sync, pushes out of `seq` order, a seq that
+//! never comes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -178,6 +180,183 @@ impl Peer {
             }
         }
         ack_sizes
+    }
+}
+
+/// What a [`Served`] connection holds and has seen.
+#[derive(Default)]
+struct ServedState {
+    /// The device's offline store: messages stored or pushed and not yet
+    /// ACKed (the real server writes before it pushes).
+    offline: BTreeMap<u64, pb::Message>,
+    /// Every ACKed id, in ACK order.
+    acked: Vec<u64>,
+    /// PULL_OFFLINE requests answered (pages, not syncs).
+    pulls: usize,
+    /// Answers to SEND_SINGLE / SEND_GROUP, in order.
+    send_answers: VecDeque<Result<pb::SendAck, ErrorCode>>,
+}
+
+/// A logged-in connection served by a background task, like a real access
+/// node with offline-svc behind it: PULL_OFFLINE pages come from the
+/// offline store, ACKs remove from it, sends get the scripted answers.
+/// Dropping it closes the connection.
+struct Served {
+    pushes: mpsc::UnboundedSender<pb::Message>,
+    state: Arc<Mutex<ServedState>>,
+}
+
+impl Served {
+    fn state(&self) -> std::sync::MutexGuard<'_, ServedState> {
+        self.state.lock().unwrap()
+    }
+
+    /// Writes `message` to the offline store and pushes it.
+    fn push(&self, message: pb::Message) {
+        self.pushes.send(message).unwrap();
+    }
+
+    /// Writes `message` to the offline store only: a pull finds it.
+    fn store(&self, message: pb::Message) {
+        self.state().offline.insert(message.msg_id, message);
+    }
+
+    fn acked(&self) -> Vec<u64> {
+        self.state().acked.clone()
+    }
+
+    fn pulls(&self) -> usize {
+        self.state().pulls
+    }
+
+    /// Waits until every id in `ids` has been ACKed.
+    async fn wait_acked(&self, ids: &[u64]) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while !ids.iter().all(|id| self.state().acked.contains(id)) {
+            assert!(tokio::time::Instant::now() < deadline, "not ACKed: {ids:?}; ACKed: {:?}", self.acked());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Peer {
+    /// Serves this (logged-in) connection in the background from here on,
+    /// starting with the client's initial sync of `offline`.
+    fn serve_in_background(
+        mut self,
+        offline: Vec<pb::Message>,
+        send_answers: Vec<Result<pb::SendAck, ErrorCode>>,
+    ) -> Served {
+        let state = Arc::new(Mutex::new(ServedState {
+            offline: offline.into_iter().map(|m| (m.msg_id, m)).collect(),
+            send_answers: send_answers.into(),
+            ..Default::default()
+        }));
+        let (pushes, mut commands) = mpsc::unbounded_channel::<pb::Message>();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    command = commands.recv() => {
+                        // `Served` dropped: close the connection.
+                        let Some(message) = command else { return };
+                        shared.lock().unwrap().offline.insert(message.msg_id, message.clone());
+                        self.send(Frame::new(RequestType::PushMessage, 0, &message)).await;
+                        continue;
+                    }
+                    frame = self.frames.next() => frame,
+                };
+                let Some(Ok(frame)) = frame else { return };
+                match frame.kind() {
+                    Some(RequestType::Heartbeat) => self.reply(&frame, &pb::Heartbeat {}).await,
+                    Some(RequestType::PullOffline) => {
+                        let pull: pb::PullOfflineRequest = frame.decode().unwrap();
+                        let limit = if pull.limit == 0 { 200 } else { pull.limit as usize };
+                        let page = {
+                            let mut state = shared.lock().unwrap();
+                            state.pulls += 1;
+                            let rest: Vec<_> = state
+                                .offline
+                                .range(pull.after_msg_id + 1..)
+                                .map(|(_, m)| m.clone())
+                                .collect();
+                            let more = rest.len() > limit;
+                            pb::PullOfflineResponse { messages: rest.into_iter().take(limit).collect(), more }
+                        };
+                        self.reply(&frame, &page).await;
+                    }
+                    Some(RequestType::AckMessages) => {
+                        let ack: pb::AckMessagesRequest = frame.decode().unwrap();
+                        {
+                            let mut state = shared.lock().unwrap();
+                            for id in &ack.msg_ids {
+                                state.offline.remove(id);
+                            }
+                            state.acked.extend(&ack.msg_ids);
+                        }
+                        self.reply(&frame, &pb::Empty {}).await;
+                    }
+                    Some(RequestType::SendSingle | RequestType::SendGroup) => {
+                        let answer =
+                            shared.lock().unwrap().send_answers.pop_front().expect("unexpected send");
+                        match answer {
+                            Ok(ack) => self.reply(&frame, &ack).await,
+                            Err(code) => self.send(Frame::error(frame.sequence, code, "scripted")).await,
+                        }
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+        });
+        Served { pushes, state }
+    }
+}
+
+/// Accepts the next connection, answers its LOGIN and serves it in the
+/// background (see [`Peer::serve_in_background`]).
+async fn serve_next(
+    access: &FakeAccess,
+    offline: Vec<pb::Message>,
+    send_answers: Vec<Result<pb::SendAck, ErrorCode>>,
+) -> Served {
+    let mut peer = access.accept().await;
+    peer.login(60_000, 0, offline.len() as u64).await;
+    peer.serve_in_background(offline, send_answers)
+}
+
+/// Connects `config` to `access`, served in the background.
+async fn connect_served(
+    access: &FakeAccess,
+    config: ClientConfig,
+    offline: Vec<pb::Message>,
+    send_answers: Vec<Result<pb::SendAck, ErrorCode>>,
+) -> (Client, mpsc::Receiver<Event>, Served) {
+    let (connected, served) =
+        tokio::join!(Client::connect(config), serve_next(access, offline, send_answers));
+    let (client, events) = connected.expect("connect");
+    (client, events, served)
+}
+
+/// A 1:1 message from alice to bob (conversation `p:alice:bob`).
+fn from_alice(msg_id: u64, seq: u64) -> pb::Message {
+    pb::Message { seq, ..message(msg_id) }
+}
+
+/// A message in group `g` (conversation `g:g`).
+fn in_group(msg_id: u64, seq: u64) -> pb::Message {
+    pb::Message {
+        kind: pb::ConversationKind::Group as i32,
+        receiver: String::new(),
+        group_id: "g".into(),
+        ..from_alice(msg_id, seq)
+    }
+}
+
+/// Expects a message event and returns it.
+async fn next_message(events: &mut mpsc::Receiver<Event>) -> pb::Message {
+    match next_event(events).await {
+        Event::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
     }
 }
 
@@ -404,5 +583,204 @@ async fn a_failed_sync_closes_the_connection_and_retries() {
     assert!(matches!(next_event(&mut events).await, Event::Reconnected));
     let _peer = server.await.unwrap();
     no_event(&mut events, Duration::from_millis(300)).await;
+    client.close().await;
+}
+
+/// Pushes arriving out of `seq` order are shown in `seq` order, per
+/// conversation (a group's order is independent of a 1:1 chat's), with no
+/// Skipped event, and everything is ACKed.
+#[tokio::test]
+async fn pushes_out_of_order_are_shown_in_seq_order() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let (client, mut events, served) =
+        connect_served(&access, config(&auth, &access.addr()), vec![], vec![]).await;
+
+    // 1:1 seqs arrive 1, 3, 2; the group's 1, 3, 2.
+    for m in
+        [from_alice(1, 1), in_group(2, 1), from_alice(3, 3), in_group(4, 3), in_group(5, 2), from_alice(6, 2)]
+    {
+        served.push(m);
+    }
+    assert_eq!(message_ids(&mut events, 6).await, [1, 2, 5, 4, 6, 3]);
+    served.wait_acked(&[1, 2, 3, 4, 5, 6]).await;
+    no_event(&mut events, Duration::from_millis(300)).await;
+    let expected = HashMap::from([("p:alice:bob".to_owned(), 3), ("g:g".to_owned(), 3)]);
+    assert_eq!(client.cursors(), expected);
+    client.close().await;
+}
+
+/// A gap makes the client pull the offline store shortly after; the
+/// missing message, which the server has only in the offline store (its
+/// push was lost), is shown before the held one, well before the gap
+/// timeout.
+#[tokio::test]
+async fn a_gap_is_filled_by_the_pull_it_triggers() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    config.gap_timeout = Duration::from_secs(5);
+    let (client, mut events, served) = connect_served(&access, config, vec![], vec![]).await;
+
+    served.push(from_alice(1, 1));
+    assert_eq!(next_message(&mut events).await.msg_id, 1);
+    assert_eq!(served.pulls(), 1, "only the login sync so far");
+    served.store(from_alice(2, 2));
+    let pushed = tokio::time::Instant::now();
+    served.push(from_alice(3, 3));
+    assert_eq!(next_message(&mut events).await.msg_id, 2);
+    assert_eq!(next_message(&mut events).await.msg_id, 3);
+    assert!(pushed.elapsed() < Duration::from_secs(4), "released by the timeout, not the pull");
+    assert_eq!(served.pulls(), 2, "one pull for the gap");
+    served.wait_acked(&[1, 2, 3]).await;
+    no_event(&mut events, Duration::from_millis(300)).await;
+    client.close().await;
+}
+
+/// A seq that never comes: after the gap timeout the held message is shown
+/// after a Skipped event naming the missing seq. The missing message, if it
+/// turns up later, is still shown (late), and the conversation goes on.
+#[tokio::test]
+async fn a_gap_never_filled_is_given_up_after_the_timeout() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    let gap_timeout = Duration::from_millis(600);
+    config.gap_timeout = gap_timeout;
+    let (client, mut events, served) = connect_served(&access, config, vec![], vec![]).await;
+
+    served.push(from_alice(1, 1));
+    assert_eq!(next_message(&mut events).await.msg_id, 1);
+    let pushed = tokio::time::Instant::now();
+    served.push(from_alice(3, 3));
+    match next_event(&mut events).await {
+        Event::Skipped { conversation, missing } => {
+            assert_eq!(conversation, "p:alice:bob");
+            assert_eq!(missing, [2..=2]);
+        }
+        other => panic!("expected Skipped, got {other:?}"),
+    }
+    assert!(pushed.elapsed() >= gap_timeout, "given up before the gap timeout");
+    assert_eq!(next_message(&mut events).await.msg_id, 3);
+    assert!(served.pulls() >= 2, "the gap was looked for in the offline store");
+    assert_eq!(client.cursors()["p:alice:bob"], 3);
+
+    served.push(from_alice(2, 2));
+    assert_eq!(next_message(&mut events).await.msg_id, 2, "a late message is still shown");
+    served.push(from_alice(4, 4));
+    assert_eq!(next_message(&mut events).await.msg_id, 4);
+    served.wait_acked(&[1, 2, 3, 4]).await;
+    assert_eq!(client.cursors()["p:alice:bob"], 4);
+    client.close().await;
+}
+
+/// A message held behind a gap is not ACKed (not even when the gap's pull
+/// delivers it again) until it is shown; a process dying meanwhile would
+/// otherwise lose it.
+#[tokio::test]
+async fn a_held_message_is_not_acked_before_it_is_shown() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    config.gap_timeout = Duration::from_secs(5);
+    let (client, mut events, served) = connect_served(&access, config, vec![], vec![]).await;
+
+    served.push(from_alice(1, 1));
+    assert_eq!(next_message(&mut events).await.msg_id, 1);
+    served.wait_acked(&[1]).await;
+    served.push(from_alice(3, 3));
+    // Past the gap's pull, which returns 3 (still in the offline store).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(served.pulls() >= 2, "no pull for the gap");
+    assert!(!served.acked().contains(&3), "held message ACKed: {:?}", served.acked());
+    no_event(&mut events, Duration::from_millis(100)).await;
+
+    served.push(from_alice(2, 2));
+    assert_eq!(message_ids(&mut events, 2).await, [2, 3]);
+    served.wait_acked(&[2, 3]).await;
+    client.close().await;
+}
+
+/// This device never receives its own messages: the seq of its own send
+/// (acknowledged as a duplicate after a retry) closes the gap it left in
+/// the 1:1 conversation, which is keyed by the two user ids whichever way
+/// the message went.
+#[tokio::test]
+async fn own_send_ack_closes_a_gap_in_a_one_to_one_chat() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    config.gap_timeout = Duration::from_secs(5);
+    let answers = vec![
+        Err(ErrorCode::Unavailable),
+        Ok(pb::SendAck { client_msg_id: "c".into(), msg_id: 2, seq: 2, sent_at_ms: 1, duplicate: true }),
+    ];
+    let (client, mut events, served) = connect_served(&access, config, vec![], answers).await;
+
+    served.push(from_alice(1, 1));
+    assert_eq!(next_message(&mut events).await.msg_id, 1);
+    served.push(from_alice(3, 3));
+    no_event(&mut events, Duration::from_millis(200)).await;
+    let sent = tokio::time::Instant::now();
+    let ack = client.send_single("alice", "hi").await.expect("send");
+    assert_eq!(ack.seq, 2);
+    assert_eq!(next_message(&mut events).await.msg_id, 3);
+    assert!(sent.elapsed() < Duration::from_secs(4), "released by the timeout, not the send");
+    served.wait_acked(&[1, 3]).await;
+    assert_eq!(client.cursors(), HashMap::from([("p:alice:bob".to_owned(), 3)]));
+    served.push(from_alice(4, 4));
+    assert_eq!(next_message(&mut events).await.msg_id, 4);
+    client.close().await;
+}
+
+/// Cursors live in the client, not the connection: after a reconnect a
+/// push that skips a seq is held as before.
+#[tokio::test]
+async fn cursors_survive_a_reconnect() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let (client, mut events, served) =
+        connect_served(&access, config(&auth, &access.addr()), vec![], vec![]).await;
+    served.push(from_alice(1, 1));
+    served.push(from_alice(2, 2));
+    assert_eq!(message_ids(&mut events, 2).await, [1, 2]);
+    served.wait_acked(&[1, 2]).await;
+
+    drop(served);
+    assert!(matches!(next_event(&mut events).await, Event::Disconnected(None)));
+    let served = serve_next(&access, vec![], vec![]).await;
+    assert!(matches!(next_event(&mut events).await, Event::Reconnected));
+    served.push(from_alice(4, 4));
+    no_event(&mut events, Duration::from_millis(200)).await;
+    served.push(from_alice(3, 3));
+    assert_eq!(message_ids(&mut events, 2).await, [3, 4]);
+    client.close().await;
+}
+
+/// Cursors given at connect (from an earlier run) are resumed: a
+/// conversation whose next seq is missing from the offline store is
+/// reported as skipped; one that continues is shown at once.
+#[tokio::test]
+async fn seeded_cursors_are_resumed_at_connect() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let mut config = config(&auth, &access.addr());
+    config.gap_timeout = Duration::from_millis(500);
+    config.cursors = HashMap::from([("p:alice:bob".to_owned(), 4), ("g:g".to_owned(), 7)]);
+    let offline = vec![from_alice(10, 6), in_group(11, 8)];
+    let (client, mut events, served) = connect_served(&access, config, offline, vec![]).await;
+
+    assert_eq!(next_message(&mut events).await.msg_id, 11);
+    match next_event(&mut events).await {
+        Event::Skipped { conversation, missing } => {
+            assert_eq!(conversation, "p:alice:bob");
+            assert_eq!(missing, [5..=5]);
+        }
+        other => panic!("expected Skipped, got {other:?}"),
+    }
+    assert_eq!(next_message(&mut events).await.msg_id, 10);
+    served.wait_acked(&[10, 11]).await;
+    let expected = HashMap::from([("p:alice:bob".to_owned(), 6), ("g:g".to_owned(), 8)]);
+    assert_eq!(client.cursors(), expected);
     client.close().await;
 }

@@ -91,6 +91,9 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
                     None => println!("-- disconnected: reconnecting"),
                 },
                 Event::Reconnected => println!("-- reconnected"),
+                Event::Skipped { conversation, missing } => {
+                    println!("-- {conversation}: message(s) {missing:?} never arrived")
+                }
                 Event::Kicked(why) => {
                     println!("-- signed out: {why}");
                     break;
