@@ -104,6 +104,18 @@ pub struct KafkaOptions {
     /// so turn it off on Apache Kafka or Redpanda, which serve the batch
     /// containing the offset. On by default: losing records is worse.
     pub single_record_batches: bool,
+    /// A consumer that has held no partition for this long (never less
+    /// than two session timeouts) leaves its group and joins again; `None`
+    /// never does. tansu 0.6 can strand a
+    /// consumer that joined while a crashed member's session was still
+    /// open: the new generation gives it nothing, and no rebalance follows
+    /// when the dead member is finally dropped, so records wait until some
+    /// consumer joins again (seen in `tern chaos` after a SIGKILL of
+    /// offline-svc). Rejoining after the dead session has expired forms a
+    /// group without it. With more consumers than partitions some of them
+    /// rightly hold nothing and would rejoin, and rebalance the group, at
+    /// this interval: on Apache Kafka or Redpanda set `None`.
+    pub rejoin_when_unassigned: Option<Duration>,
 }
 
 impl Default for KafkaOptions {
@@ -118,6 +130,7 @@ impl Default for KafkaOptions {
             fetch_wait: Duration::from_millis(100),
             linger: Duration::ZERO,
             single_record_batches: true,
+            rejoin_when_unassigned: Some(Duration::from_secs(12)),
         }
     }
 }
@@ -345,6 +358,14 @@ impl Bus for KafkaBus {
             topic: topic.to_owned(),
             buffer: VecDeque::new(),
             commit_timeout: self.options.request_timeout,
+            // Never less than two sessions: a first join, or a takeover
+            // from a crashed member, legitimately takes about one.
+            rejoin_when_unassigned: self
+                .options
+                .rejoin_when_unassigned
+                .map(|after| after.max(self.options.session_timeout * 2)),
+            unassigned_since: None,
+            next_assignment_check: tokio::time::Instant::now(),
         }))
     }
 }
@@ -360,11 +381,43 @@ pub struct KafkaConsumer {
     /// cancelled (e.g. in a `select!`) loses nothing.
     buffer: VecDeque<BusRecord>,
     commit_timeout: Duration,
+    /// See [`KafkaOptions::rejoin_when_unassigned`].
+    rejoin_when_unassigned: Option<Duration>,
+    unassigned_since: Option<tokio::time::Instant>,
+    next_assignment_check: tokio::time::Instant,
 }
 
 impl KafkaConsumer {
     fn consumer(&self) -> StoreResult<&Arc<StreamConsumer<TracingContext>>> {
         self.consumer.as_ref().ok_or_else(|| StoreError::Backend("kafka consumer closed".to_owned()))
+    }
+
+    /// Leaves and rejoins the group when this consumer has been without a
+    /// partition for too long (checked at most once a second).
+    fn rejoin_if_stranded(&mut self, consumer: &StreamConsumer<TracingContext>) -> StoreResult<()> {
+        let Some(after) = self.rejoin_when_unassigned else { return Ok(()) };
+        let now = tokio::time::Instant::now();
+        if now < self.next_assignment_check {
+            return Ok(());
+        }
+        self.next_assignment_check = now + Duration::from_secs(1);
+        // An error asking librdkafka is no evidence of being stranded.
+        let assigned = consumer.assignment().map(|list| list.count() > 0).unwrap_or(true);
+        if assigned {
+            self.unassigned_since = None;
+            return Ok(());
+        }
+        let since = *self.unassigned_since.get_or_insert(now);
+        if now.duration_since(since) < after {
+            return Ok(());
+        }
+        tracing::warn!(
+            topic = %self.topic,
+            "kafka consumer has held no partition for {after:?}; leaving and joining its group again"
+        );
+        self.unassigned_since = None;
+        consumer.unsubscribe();
+        consumer.subscribe(&[&self.topic]).map_err(|e| kafka_err(&format!("subscribe to {}", self.topic), e))
     }
 }
 
@@ -410,6 +463,7 @@ impl BusConsumer for KafkaConsumer {
         // A handle of our own, so records can go into `self.buffer` while it
         // is borrowed.
         let consumer = Arc::clone(self.consumer()?);
+        self.rejoin_if_stranded(&consumer)?;
         loop {
             // Take what librdkafka already holds, without waiting.
             while self.buffer.len() < max {
