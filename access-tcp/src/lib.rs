@@ -8,7 +8,9 @@
 //! ([`AccessConfig::outbound_queue`]). Responses wait for room (the client's
 //! own reads are slowed down); a push that finds the queue full closes the
 //! connection (disconnect-and-resync): every pushed message is still in the
-//! offline store, and the client pulls it after reconnecting.
+//! offline store, and the client pulls it after reconnecting. A SYNC notice
+//! from offline-svc (a burst of large-group messages to pull) follows the
+//! same policy.
 
 mod connection;
 pub mod rpc;
@@ -285,6 +287,24 @@ impl AccessNode {
     }
 }
 
+impl AccessNode {
+    /// Queues a server-initiated frame (push or notice) on `conn`. Policy
+    /// when the outbound queue is full: disconnect-and-resync — the
+    /// connection is closed, and the client pulls the offline store after
+    /// reconnecting, which holds every pushed message and everything a
+    /// SYNC notice pointed at.
+    fn deliver(conn: &ConnHandle, placement: &Placement, frame: Frame) {
+        match conn.outbound.try_send(Outbound::Frame(frame)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(conn = placement.connection_id, user = %placement.user_id, "slow consumer: outbound queue full, disconnecting");
+                conn.cancel.cancel();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
 impl PushGateway for AccessNode {
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
         let Some(conn) = self.placed_connection(placement) else { return };
@@ -295,13 +315,12 @@ impl PushGateway for AccessNode {
             sequence: 0,
             body: message,
         };
-        match conn.outbound.try_send(Outbound::Frame(frame)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(conn = placement.connection_id, user = %placement.user_id, "slow consumer: outbound queue full, disconnecting");
-                conn.cancel.cancel();
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        Self::deliver(&conn, placement, frame);
+    }
+
+    fn sync_notice(&self, placement: &Placement, reason: &str) {
+        let Some(conn) = self.placed_connection(placement) else { return };
+        let notice = pb::Notice { kind: NoticeKind::Sync as i32, reason: reason.to_owned() };
+        Self::deliver(&conn, placement, Frame::new(RequestType::Notice, 0, &notice));
     }
 }

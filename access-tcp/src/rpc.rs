@@ -1,4 +1,5 @@
-//! The access node's internal gRPC endpoint: pushes from offline-svc.
+//! The access node's internal gRPC endpoint: pushes and SYNC notices from
+//! offline-svc, kicks from other access nodes.
 
 use std::sync::Arc;
 
@@ -28,7 +29,10 @@ impl access_push_server::AccessPush for Server {
                 node_id: node_id.clone(),
                 connection_id: item.connection_id,
             };
-            self.0.push(&placement, item.msg_id, Bytes::from(item.message));
+            match item.sync_notice {
+                Some(reason) => self.0.sync_notice(&placement, &reason),
+                None => self.0.push(&placement, item.msg_id, Bytes::from(item.message)),
+            }
         }
         Ok(Response::new(Empty {}))
     }

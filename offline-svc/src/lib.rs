@@ -10,7 +10,14 @@
 //! write. A client that logs in after the write pulls it; one that logged in
 //! before the write is found by the placement lookup and pushed. No message
 //! falls between the two.
+//!
+//! Large groups: a device that would get more than
+//! [`OfflineConfig::pull_notice_threshold`] messages of large groups
+//! ([`OfflineConfig::large_group_members`]) in one consumer batch gets one
+//! NOTICE SYNC instead of those pushes, and pulls them (they are in its
+//! offline set already, like every message).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +33,15 @@ use tern_store::{Bus, BusRecord, MetaStore, OfflineEntry, OfflineStore, Placemen
 
 /// Delivers a pushed message to the connection a placement names. Pushes are
 /// best effort: the offline set keeps the message until it is ACKed.
+///
+/// Pushes and notices to one connection arrive in the order they were
+/// handed over.
 pub trait PushGateway: Send + Sync + 'static {
     /// `message` is an encoded `tern.v1.Message`.
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes);
+    /// Tells the connection to pull its offline set: NOTICE SYNC with
+    /// `reason`. Best effort, like a push.
+    fn sync_notice(&self, placement: &Placement, reason: &str);
 }
 
 /// What access nodes call for pulls and ACKs.
@@ -58,11 +71,25 @@ pub struct OfflineConfig {
     pub tombstone_ttl: Duration,
     /// Most ids one ACK may carry.
     pub max_ack_ids: usize,
+    /// A group with at least this many members (the message's receivers
+    /// plus its sender) is large: its messages count towards
+    /// `pull_notice_threshold`.
+    pub large_group_members: usize,
+    /// A device that would be pushed more than this many large-group
+    /// messages from one consumer batch gets one NOTICE SYNC instead of
+    /// those pushes.
+    pub pull_notice_threshold: usize,
 }
 
 impl Default for OfflineConfig {
     fn default() -> Self {
-        Self { max_pull: 200, tombstone_ttl: Duration::from_secs(3600), max_ack_ids: 1_000 }
+        Self {
+            max_pull: 200,
+            tombstone_ttl: Duration::from_secs(3600),
+            max_ack_ids: 1_000,
+            large_group_members: 200,
+            pull_notice_threshold: 20,
+        }
     }
 }
 
@@ -133,14 +160,38 @@ struct Delivery {
     sender: String,
     /// The device the message was sent from; empty if unknown.
     sender_device: String,
+    /// The group of a group message; empty for 1:1.
+    group_id: String,
     entry: OfflineEntry,
 }
 
 impl Delivery {
+    /// The group, if the message went to a group of at least
+    /// `large_group_members` members. The envelope lists every member but
+    /// the sender as a receiver, so the size costs no lookup.
+    fn large_group(&self, config: &OfflineConfig) -> Option<&str> {
+        let members = self.receivers.len() + 1;
+        (!self.group_id.is_empty() && members >= config.large_group_members).then_some(self.group_id.as_str())
+    }
+
+    /// The users whose connections get the message pushed: the receivers,
+    /// and the sender (for its other devices).
+    fn push_targets(&self) -> impl Iterator<Item = &String> {
+        let sender_copy = !self.sender_device.is_empty() && !self.receivers.contains(&self.sender);
+        self.receivers.iter().chain(sender_copy.then_some(&self.sender))
+    }
+
+    /// Whether `placement` of `user` gets this message pushed: not the
+    /// device it was sent from (unless sent to oneself).
+    fn pushed_to(&self, user: &str, placement: &Placement) -> bool {
+        let sending_device = user == self.sender && placement.device_id == self.sender_device;
+        !sending_device || self.receivers.contains(&self.sender)
+    }
+
     /// The offline sets this message goes to: each receiver's recorded
     /// devices (or the shared set of a receiver with none yet), and the
     /// sender's devices other than the one it was sent from.
-    fn inboxes(&self, devices: &std::collections::HashMap<String, Vec<String>>) -> Vec<String> {
+    fn inboxes(&self, devices: &HashMap<String, Vec<String>>) -> Vec<String> {
         let mut keys = Vec::new();
         for receiver in &self.receivers {
             match devices.get(receiver).filter(|d| !d.is_empty()) {
@@ -169,21 +220,110 @@ pub fn user_inbox(user: &str) -> String {
     format!("{user}/")
 }
 
+/// What one consumer batch sends to the connections.
+struct Plan<'a> {
+    /// (message, connection), in message order.
+    pushes: Vec<(&'a Delivery, &'a Placement)>,
+    /// Connections that pull their large-group messages of the batch
+    /// instead, each with the reason of its NOTICE SYNC.
+    notices: Vec<(&'a Placement, String)>,
+}
+
+/// The large-group messages of one batch for one connection.
+struct Owed<'a> {
+    placement: &'a Placement,
+    /// How many, by group.
+    by_group: BTreeMap<&'a str, usize>,
+}
+
+/// Decides, per connection, whether the batch's large-group messages are
+/// pushed one by one or replaced by one NOTICE SYNC (more than
+/// `pull_notice_threshold` of them). 1:1 and small-group messages are always
+/// pushed.
+fn plan<'a>(
+    decoded: &'a [Delivery],
+    placements: &'a HashMap<String, Vec<Placement>>,
+    config: &OfflineConfig,
+) -> Plan<'a> {
+    let mut pushes = Vec::new();
+    // Per connection, keyed by (node, connection id): its large-group
+    // messages by group.
+    let mut large: BTreeMap<(&str, u64), Owed> = BTreeMap::new();
+    for d in decoded {
+        let group = d.large_group(config);
+        for user in d.push_targets() {
+            for placement in placements.get(user).into_iter().flatten() {
+                if !d.pushed_to(user, placement) {
+                    continue;
+                }
+                pushes.push((d, placement));
+                if let Some(group) = group {
+                    let key = (placement.node_id.as_str(), placement.connection_id);
+                    let owed =
+                        large.entry(key).or_insert_with(|| Owed { placement, by_group: BTreeMap::new() });
+                    *owed.by_group.entry(group).or_default() += 1;
+                }
+            }
+        }
+    }
+    large.retain(|_, owed| owed.by_group.values().sum::<usize>() > config.pull_notice_threshold);
+    if !large.is_empty() {
+        pushes.retain(|(d, p)| {
+            d.large_group(config).is_none() || !large.contains_key(&(p.node_id.as_str(), p.connection_id))
+        });
+    }
+    let notices = large.into_values().map(|owed| (owed.placement, sync_reason(&owed.by_group))).collect();
+    Plan { pushes, notices }
+}
+
+/// Most groups a SYNC reason names.
+const REASON_GROUPS: usize = 5;
+
+/// "37 new messages in group g1; pull", or for several groups
+/// "40 new messages in groups g1 (37), g2 (3); pull", largest first.
+fn sync_reason(groups: &BTreeMap<&str, usize>) -> String {
+    let total: usize = groups.values().sum();
+    if let [(group, _)] = groups.iter().collect::<Vec<_>>()[..] {
+        return format!("{total} new messages in group {group}; pull");
+    }
+    let mut by_count: Vec<(&str, usize)> = groups.iter().map(|(g, n)| (*g, *n)).collect();
+    by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut named: Vec<String> =
+        by_count.iter().take(REASON_GROUPS).map(|(g, n)| format!("{g} ({n})")).collect();
+    if by_count.len() > REASON_GROUPS {
+        named.push(format!("{} more", by_count.len() - REASON_GROUPS));
+    }
+    format!("{total} new messages in groups {}; pull", named.join(", "))
+}
+
+/// The stores the consumer reads and writes.
+#[derive(Clone)]
+pub struct ConsumerBackends {
+    /// Recorded devices of each user.
+    pub meta: Arc<dyn MetaStore>,
+    /// The offline sets.
+    pub store: Arc<dyn OfflineStore>,
+    /// Placements of online devices.
+    pub sessions: Arc<dyn SessionStore>,
+}
+
 /// Consumes the messages topic until `shutdown` resolves: offline write for
-/// every receiver, then pushes to online receivers, then the offset commit.
-/// A crash before the commit replays the batch; the writes are idempotent and
-/// clients drop duplicate pushes by message id.
+/// every receiver, then pushes to online receivers (or one SYNC notice per
+/// device for a burst of large-group messages, see [`OfflineConfig`]), then
+/// the offset commit. A crash before the commit replays the batch; the
+/// writes are idempotent and clients drop duplicate pushes by message id.
 pub async fn run_consumer(
     bus: Arc<dyn Bus>,
     names: BusNames,
-    meta: Arc<dyn MetaStore>,
-    store: Arc<dyn OfflineStore>,
-    sessions: Arc<dyn SessionStore>,
+    backends: ConsumerBackends,
     pushes: Arc<dyn PushGateway>,
+    config: OfflineConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
+    let config = Arc::new(config);
     let process = |batch: Vec<BusRecord>| {
-        let (store, sessions, pushes, meta) = (store.clone(), sessions.clone(), pushes.clone(), meta.clone());
+        let ConsumerBackends { meta, store, sessions } = backends.clone();
+        let (pushes, config) = (pushes.clone(), config.clone());
         async move {
             let mut decoded = Vec::with_capacity(batch.len());
             for record in &batch {
@@ -191,7 +331,18 @@ pub async fn run_consumer(
                     Ok(pb::BusEnvelope { message: Some(message), receivers, sender_device }) => {
                         let payload = Bytes::from(message.encode_to_vec());
                         let entry = OfflineEntry { msg_id: message.msg_id, payload };
-                        decoded.push(Delivery { receivers, sender: message.sender, sender_device, entry });
+                        let group_id = if message.kind == pb::ConversationKind::Group as i32 {
+                            message.group_id
+                        } else {
+                            String::new()
+                        };
+                        decoded.push(Delivery {
+                            receivers,
+                            sender: message.sender,
+                            sender_device,
+                            group_id,
+                            entry,
+                        });
                     }
                     Ok(_) | Err(_) => {
                         tracing::error!(offset = record.offset, "undecodable bus record skipped")
@@ -200,7 +351,7 @@ pub async fn run_consumer(
             }
             // The recorded devices of every user involved, one lookup per
             // user, all at once (a remote store answers them concurrently).
-            let users: std::collections::BTreeSet<&String> = decoded
+            let users: BTreeSet<&String> = decoded
                 .iter()
                 .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
                 .collect();
@@ -208,7 +359,7 @@ pub async fn run_consumer(
                 let meta = meta.clone();
                 async move { Ok::<_, tern_store::StoreError>((user.clone(), meta.devices(user).await?)) }
             });
-            let devices: std::collections::HashMap<String, Vec<String>> =
+            let devices: HashMap<String, Vec<String>> =
                 futures::future::try_join_all(lookups).await?.into_iter().collect();
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
@@ -220,36 +371,31 @@ pub async fn run_consumer(
             });
             futures::future::try_join_all(writes).await?;
             // Placements of everyone to push to, one lookup per user, all at
-            // once; then the pushes in message order.
-            let push_targets = |d: &Delivery| {
-                let sender_copy = !d.sender_device.is_empty() && !d.receivers.contains(&d.sender);
-                d.receivers.iter().chain(sender_copy.then_some(&d.sender)).cloned().collect::<Vec<String>>()
-            };
-            let users: std::collections::BTreeSet<String> = decoded.iter().flat_map(push_targets).collect();
+            // once; then the pushes in message order, and the SYNC notices
+            // that replace a device's large-group pushes after them.
+            let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
             let lookups = users.into_iter().map(|user| {
                 let sessions = sessions.clone();
                 async move {
-                    match sessions.get(&user).await {
-                        Ok(placements) => (user, placements),
+                    match sessions.get(user).await {
+                        Ok(placements) => (user.clone(), placements),
                         // The entry is stored; the device pulls it at its next sync.
                         Err(e) => {
                             tracing::warn!(error = %e, "placement lookup failed; push skipped");
-                            (user, Vec::new())
+                            (user.clone(), Vec::new())
                         }
                     }
                 }
             });
-            let placements: std::collections::HashMap<String, Vec<Placement>> =
+            let placements: HashMap<String, Vec<Placement>> =
                 futures::future::join_all(lookups).await.into_iter().collect();
-            for d in &decoded {
-                for user in push_targets(d) {
-                    for placement in placements.get(&user).into_iter().flatten() {
-                        let sending_device = user == d.sender && placement.device_id == d.sender_device;
-                        if !sending_device || d.receivers.contains(&d.sender) {
-                            pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-                        }
-                    }
-                }
+            let plan = plan(&decoded, &placements, &config);
+            for (d, placement) in plan.pushes {
+                pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+            }
+            for (placement, reason) in plan.notices {
+                tracing::debug!(user = %placement.user_id, %reason, "large-group burst: SYNC notice instead of pushes");
+                pushes.sync_notice(placement, &reason);
             }
             Ok(())
         }

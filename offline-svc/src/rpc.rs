@@ -107,7 +107,8 @@ impl OfflineApi for RemoteOffline {
 /// sends what is queued in batches, to every access node at once, so one
 /// slow or dead node does not hold up the others. A push that cannot be
 /// delivered is dropped: the message stays in the offline store and the
-/// client gets it at its next pull (SYNC notice or reconnect).
+/// client gets it at its next pull (SYNC notice or reconnect). SYNC notices
+/// travel as items of the same batches.
 pub struct RemotePushGateway {
     queue: mpsc::Sender<(String, PushItem)>,
 }
@@ -194,6 +195,15 @@ impl RemotePushGateway {
     }
 }
 
+impl RemotePushGateway {
+    /// Queues `item` for the node of `placement`; a full queue drops it.
+    fn enqueue(&self, placement: &Placement, item: PushItem) {
+        if self.queue.try_send((placement.node_id.clone(), item)).is_err() {
+            tracing::warn!("push queue full; push dropped (the message stays offline)");
+        }
+    }
+}
+
 impl PushGateway for RemotePushGateway {
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
         let item = PushItem {
@@ -202,9 +212,22 @@ impl PushGateway for RemotePushGateway {
             connection_id: placement.connection_id,
             msg_id,
             message: message.to_vec(),
+            sync_notice: None,
         };
-        if self.queue.try_send((placement.node_id.clone(), item)).is_err() {
-            tracing::warn!("push queue full; push dropped (the message stays offline)");
-        }
+        self.enqueue(placement, item);
+    }
+
+    /// Goes through the same queue and batches as the pushes, so the node
+    /// writes it to the connection in order with them.
+    fn sync_notice(&self, placement: &Placement, reason: &str) {
+        let item = PushItem {
+            user_id: placement.user_id.clone(),
+            device_id: placement.device_id.clone(),
+            connection_id: placement.connection_id,
+            msg_id: 0,
+            message: Vec::new(),
+            sync_notice: Some(reason.to_owned()),
+        };
+        self.enqueue(placement, item);
     }
 }

@@ -22,7 +22,7 @@ use tern_group_svc::rpc::{GROUP_ROLE, RemoteHistory};
 use tern_idgen::Snowflake;
 use tern_idgen::rpc::{IDGEN_ROLE, IdGenService};
 use tern_offline_svc::rpc::{OFFLINE_ROLE, RemoteOffline, RemotePushGateway};
-use tern_offline_svc::{OfflineConfig, OfflineService};
+use tern_offline_svc::{ConsumerBackends, OfflineService};
 use tern_proto::BusNames;
 use tern_router_auth::rpc::{ROUTER_AUTH_ROLE, RemoteSessionAuthority};
 use tern_router_auth::{ACCESS_TCP_ROLE, AccessSelection, AuthConfig, AuthService, TokenSigner};
@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AccessTcpConfig, ConfigError, DispatcherSection};
+use crate::config::{AccessTcpConfig, ConfigError, DispatcherSection, OfflineSection};
 
 /// The roles a cluster runs, one process each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +72,7 @@ pub struct ClusterConfig {
     pub access_tcp: AccessTcpConfig,
     pub router_auth: ClusterAuthConfig,
     pub dispatcher: DispatcherSection,
+    pub offline_svc: OfflineSection,
     pub idgen: IdgenConfig,
     /// Seconds a SIGTERM drain may take before the process exits anyway.
     pub shutdown_grace_secs: u64,
@@ -135,6 +136,7 @@ impl Default for ClusterConfig {
             access_tcp: AccessTcpConfig::default(),
             router_auth: ClusterAuthConfig::default(),
             dispatcher: DispatcherSection::default(),
+            offline_svc: OfflineSection::default(),
             idgen: IdgenConfig::default(),
             shutdown_grace_secs: 10,
         }
@@ -199,7 +201,7 @@ impl ClusterConfig {
         if self.engines.kafka_partitions == 0 || self.idgen.segment_step == 0 {
             return Err(ConfigError("engines.kafka_partitions and idgen.segment_step must be > 0".into()));
         }
-        Ok(())
+        crate::config::validate_offline(&self.offline_svc)
     }
 }
 
@@ -452,8 +454,9 @@ pub async fn run_role(
             let listener = bind(&settings.listen, "offline-svc gRPC").await?;
             let access_nodes = Peers::follow(&*registry, ACCESS_TCP_ROLE).await?;
             let bus = Engines::bus(&config.engines, &settings.node_id).await?;
+            let offline_config = config.offline_svc.offline_config();
             let offline =
-                Arc::new(OfflineService::new(engines.redis.offline.clone(), OfflineConfig::default()));
+                Arc::new(OfflineService::new(engines.redis.offline.clone(), offline_config.clone()));
             let endpoints =
                 RoleEndpoints { listen: listener.local_addr()?, internal: None, http: None, ca_cert: None };
             let info = node(advertised(&settings, endpoints.listen), String::new());
@@ -463,10 +466,13 @@ pub async fn run_role(
             let consumer = tern_offline_svc::run_consumer(
                 bus,
                 BusNames::with_prefix(&config.engines.kafka_prefix),
-                engines.meta(&config.engines).await?,
-                engines.redis.offline.clone(),
-                engines.redis.sessions.clone(),
+                ConsumerBackends {
+                    meta: engines.meta(&config.engines).await?,
+                    store: engines.redis.offline.clone(),
+                    sessions: engines.redis.sessions.clone(),
+                },
                 RemotePushGateway::start(access_nodes),
+                offline_config,
                 stop.clone().cancelled_owned(),
             );
             let work = async {

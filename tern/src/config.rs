@@ -15,6 +15,7 @@ pub struct StandaloneConfig {
     pub access_tcp: AccessTcpConfig,
     pub router_auth: RouterAuthConfig,
     pub dispatcher: DispatcherSection,
+    pub offline_svc: OfflineSection,
     /// Seconds a SIGTERM drain may take before the process exits anyway.
     pub shutdown_grace_secs: u64,
 }
@@ -61,6 +62,18 @@ pub struct DispatcherSection {
     pub dedup_ttl_secs: u64,
 }
 
+/// The `[offline_svc]` section: how pushes are sent (standalone and cluster).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OfflineSection {
+    /// Groups with at least this many members are large.
+    pub large_group_members: usize,
+    /// A device owed more than this many large-group messages from one
+    /// consumer batch gets one NOTICE SYNC (and pulls) instead of a push
+    /// per message.
+    pub pull_notice_threshold: usize,
+}
+
 impl Default for StandaloneConfig {
     fn default() -> Self {
         Self {
@@ -68,6 +81,7 @@ impl Default for StandaloneConfig {
             access_tcp: AccessTcpConfig::default(),
             router_auth: RouterAuthConfig::default(),
             dispatcher: DispatcherSection::default(),
+            offline_svc: OfflineSection::default(),
             shutdown_grace_secs: 10,
         }
     }
@@ -100,6 +114,27 @@ impl Default for DispatcherSection {
     fn default() -> Self {
         let defaults = tern_dispatcher::DispatcherConfig::default();
         Self { max_group_members: defaults.max_group_members, dedup_ttl_secs: defaults.dedup_ttl.as_secs() }
+    }
+}
+
+impl Default for OfflineSection {
+    fn default() -> Self {
+        let defaults = tern_offline_svc::OfflineConfig::default();
+        Self {
+            large_group_members: defaults.large_group_members,
+            pull_notice_threshold: defaults.pull_notice_threshold,
+        }
+    }
+}
+
+impl OfflineSection {
+    /// offline-svc settings: these on top of the library defaults.
+    pub fn offline_config(&self) -> tern_offline_svc::OfflineConfig {
+        tern_offline_svc::OfflineConfig {
+            large_group_members: self.large_group_members,
+            pull_notice_threshold: self.pull_notice_threshold,
+            ..tern_offline_svc::OfflineConfig::default()
+        }
     }
 }
 
@@ -139,8 +174,16 @@ impl StandaloneConfig {
         if self.dispatcher.max_group_members < 2 {
             return Err(ConfigError("dispatcher.max_group_members must be at least 2".into()));
         }
-        Ok(())
+        validate_offline(&self.offline_svc)
     }
+}
+
+/// Checks the `[offline_svc]` section (standalone and cluster).
+pub fn validate_offline(o: &OfflineSection) -> Result<(), ConfigError> {
+    if o.large_group_members < 2 {
+        return Err(ConfigError("offline_svc.large_group_members must be at least 2".into()));
+    }
+    Ok(())
 }
 
 /// Checks the `[access_tcp]` section (standalone and cluster).
@@ -172,6 +215,22 @@ mod tests {
         let parsed: StandaloneConfig = toml::from_str(&text).unwrap();
         parsed.validate().unwrap();
         assert_eq!(parsed.access_tcp.listen, "127.0.0.1:7800");
+        assert_eq!(parsed.offline_svc.large_group_members, 200);
+        assert_eq!(parsed.offline_svc.pull_notice_threshold, 20);
+    }
+
+    #[test]
+    fn offline_section_reaches_the_offline_config() {
+        let config: StandaloneConfig =
+            toml::from_str("[offline_svc]\nlarge_group_members = 3\npull_notice_threshold = 2\n").unwrap();
+        config.validate().unwrap();
+        let offline = config.offline_svc.offline_config();
+        assert_eq!((offline.large_group_members, offline.pull_notice_threshold), (3, 2));
+        assert_eq!(offline.max_pull, tern_offline_svc::OfflineConfig::default().max_pull);
+        assert!(toml::from_str::<StandaloneConfig>("[offline_svc]\nlarge_group = 3\n").is_err());
+        let mut config = StandaloneConfig::default();
+        config.offline_svc.large_group_members = 1;
+        assert!(config.validate().is_err());
     }
 
     #[test]

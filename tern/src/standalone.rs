@@ -14,7 +14,7 @@ use anyhow::Context;
 use tern_access_tcp::{AccessNode, AccessServices};
 use tern_dispatcher::{Dispatcher, DispatcherBackends, DispatcherConfig};
 use tern_group_svc::HistoryService;
-use tern_offline_svc::{OfflineConfig, OfflineService};
+use tern_offline_svc::{ConsumerBackends, OfflineService};
 use tern_proto::BusNames;
 use tern_router_auth::{AuthConfig, AuthService, TokenSigner};
 use tern_store::embedded::EmbeddedBackends;
@@ -148,7 +148,8 @@ pub async fn run(
             bus: BusNames::default(),
         },
     ));
-    let offline = Arc::new(OfflineService::new(backends.offline.clone(), OfflineConfig::default()));
+    let offline_config = config.offline_svc.offline_config();
+    let offline = Arc::new(OfflineService::new(backends.offline.clone(), offline_config.clone()));
     let history = Arc::new(HistoryService::new(backends.history.clone(), backends.meta.clone()));
 
     let access_addr = access_listener.local_addr()?;
@@ -177,10 +178,13 @@ pub async fn run(
     let offline_consumer = tokio::spawn(tern_offline_svc::run_consumer(
         backends.bus.clone(),
         BusNames::default(),
-        backends.meta.clone(),
-        backends.offline.clone(),
-        backends.sessions.clone(),
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: backends.sessions.clone(),
+        },
         node.clone(),
+        offline_config,
         stop.clone().cancelled_owned(),
     ));
     let group_consumer = tokio::spawn(tern_group_svc::run_consumer(

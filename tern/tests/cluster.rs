@@ -292,3 +292,12 @@ async fn a_second_login_on_another_access_node_kicks_the_first() {
     }
     assert!(kicked, "the connection on access-1 was not kicked by the login on access-2");
 }
+
+#[tokio::test]
+async fn large_group_burst_is_pulled_after_a_sync_notice() {
+    // SYNC notices reach the connection through RemotePushGateway and the
+    // access node's AccessPush endpoint, in order with the pushes.
+    let config = common::suite::large_group_config();
+    let Some(cluster) = Cluster::start_with_config(1, 1, &config) else { return };
+    common::suite::large_group_burst(&cluster.deployment_on("access-1")).await;
+}

@@ -1,5 +1,6 @@
 //! End-to-end behaviour of `tern standalone` over real TLS sockets: 1:1 and
-//! group chat, offline delivery, durability across SIGKILL, SIGTERM drain.
+//! group chat, offline delivery, durability across SIGKILL, SIGTERM drain,
+//! pull notices for large groups.
 
 mod common;
 
@@ -171,4 +172,12 @@ async fn retry_after_leaving_the_group_still_gets_its_ack() {
     let fresh = pb::SendGroupRequest { client_msg_id: "g-new".into(), ..send };
     let err = conn.request::<_, pb::SendAck>(tern_proto::RequestType::SendGroup, &fresh).await.unwrap_err();
     assert_eq!(err.code(), Some(tern_proto::ErrorCode::NotGroupMember));
+}
+
+/// R12: a burst of messages in large groups reaches an online member as
+/// NOTICE SYNC (it pulls them) instead of a push per message.
+#[tokio::test]
+async fn large_group_burst_is_pulled_after_a_sync_notice() {
+    let (server, _dir) = Server::start_with_config(&common::suite::large_group_config());
+    common::suite::large_group_burst(&server.deployment()).await;
 }

@@ -43,12 +43,18 @@ impl Cluster {
     /// offline-svc and `access` access nodes named `access-1`, `access-2`, …
     /// Returns `None` when the engines are not configured (test skipped).
     pub fn start(access: usize, dispatchers: usize) -> Option<Cluster> {
+        Self::start_with_config(access, dispatchers, "")
+    }
+
+    /// [`Cluster::start`] with `extra` appended to the shared config file
+    /// (whole sections other than `[engines]` and `[router_auth]`).
+    pub fn start_with_config(access: usize, dispatchers: usize, extra: &str) -> Option<Cluster> {
         let (redis_url, zk_addr, kafka) = engines()?;
         let dir = tempfile::tempdir().expect("temp dir");
         let namespace = tern_store::conformance::unique_id("t").replace('-', "_");
         let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + namespace.len()) as u8)).collect();
         let config = format!(
-            "data_dir = \"{data}\"\nshutdown_grace_secs = 5\n\n[engines]\nredis_url = \"{redis_url}\"\nredis_prefix = \"{namespace}\"\nzookeeper = \"{zk_addr}\"\nzookeeper_root = \"{namespace}\"\nzookeeper_session_timeout_ms = 3000\nkafka_brokers = \"{kafka}\"\nkafka_prefix = \"{namespace}\"\nkafka_session_timeout_ms = 6000\n\n[router_auth]\ntoken_secret = \"{secret}\"\n",
+            "data_dir = \"{data}\"\nshutdown_grace_secs = 5\n\n[engines]\nredis_url = \"{redis_url}\"\nredis_prefix = \"{namespace}\"\nzookeeper = \"{zk_addr}\"\nzookeeper_root = \"{namespace}\"\nzookeeper_session_timeout_ms = 3000\nkafka_brokers = \"{kafka}\"\nkafka_prefix = \"{namespace}\"\nkafka_session_timeout_ms = 6000\n\n[router_auth]\ntoken_secret = \"{secret}\"\n\n{extra}",
             data = dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("cluster.toml"), config).expect("write config");

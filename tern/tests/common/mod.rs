@@ -48,6 +48,24 @@ impl Deployment {
         Client::connect(config).await.unwrap_or_else(|e| panic!("{user}/{device} cannot connect: {e}"))
     }
 
+    /// A raw connection to the fixed access node, logged in as `user` on
+    /// `device` (the account is created if needed).
+    pub async fn raw_on(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> (Connection, mpsc::UnboundedReceiver<ServerEvent>) {
+        let token =
+            AuthClient::new(&self.auth_url).login_or_register(user, PASSWORD).await.expect("login").token;
+        let access = self.access.as_deref().expect("raw connections need a fixed access node");
+        let options = ConnectOptions::new(access, TlsMode::CaFile(self.ca.clone()));
+        let (conn, events) = Connection::connect(&options).await.expect("raw connect");
+        let login = pb::LoginRequest { token, device_id: device.into() };
+        let _: pb::LoginResponse =
+            conn.request(tern_sdk::proto::RequestType::Login, &login).await.expect("login");
+        (conn, events)
+    }
+
     /// Makes sure `user` exists without logging in on a connection.
     pub async fn register(&self, user: &str) {
         AuthClient::new(&self.auth_url).login_or_register(user, PASSWORD).await.expect("register");

@@ -4,6 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use tern_proto::RequestType;
+use tern_sdk::pb::{self, NoticeKind};
+use tern_sdk::{Connection, ServerEvent};
+
 use super::{Deployment, next_message, no_message, text};
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -140,4 +144,153 @@ pub async fn multi_device(d: &Deployment) {
     assert_eq!((copy.sender.as_str(), copy.receiver.as_str()), ("bob", "alice"));
     assert_eq!(text(&copy), "sent from the phone");
     no_message(&mut phone_events, Duration::from_millis(500)).await;
+}
+
+/// More than this many large-group messages in one batch make a device pull.
+const PULL_NOTICE_THRESHOLD: usize = 2;
+
+/// The configuration (standalone or cluster) [`large_group_burst`] needs:
+/// every group of at least 3 members is large, and a low threshold.
+pub fn large_group_config() -> String {
+    format!("[offline_svc]\nlarge_group_members = 3\npull_notice_threshold = {PULL_NOTICE_THRESHOLD}\n")
+}
+
+/// Every page of the connection's offline set, oldest first.
+async fn pull_all(conn: &Connection) -> Vec<pb::Message> {
+    let mut messages = Vec::new();
+    loop {
+        let after_msg_id = messages.last().map_or(0, |m: &pb::Message| m.msg_id);
+        let page: pb::PullOfflineResponse = conn
+            .request(RequestType::PullOffline, &pb::PullOfflineRequest { after_msg_id, limit: 0 })
+            .await
+            .unwrap();
+        messages.extend(page.messages);
+        if !page.more {
+            return messages;
+        }
+    }
+}
+
+/// ACKs `msg_ids` on the connection.
+async fn ack(conn: &Connection, msg_ids: Vec<u64>) {
+    let _: pb::Empty =
+        conn.request(RequestType::AckMessages, &pb::AckMessagesRequest { msg_ids }).await.unwrap();
+}
+
+/// R12, on a deployment started with [`large_group_config`]: a burst of
+/// messages in large groups reaches an online member as NOTICE SYNC (it
+/// pulls them) instead of a push per message; the member still gets every
+/// message once and in order.
+pub async fn large_group_burst(d: &Deployment) {
+    // Senders in several groups at once, so that the offline consumer finds
+    // several messages for bob per batch: one group's sends are serialised
+    // under its sequence, and alone they reach the consumer about one at a
+    // time. Bursts are repeated until one became a notice.
+    const GROUPS: usize = 6;
+    const PER_GROUP: u64 = 10;
+    const ROUNDS: u64 = 5;
+    d.register("carol").await;
+    let (bob, mut bob_events) = d.raw_on("bob", "phone").await;
+    let mut senders = Vec::new();
+    for g in 0..GROUPS {
+        let (alice, _events) = d.raw_on("alice", &format!("sender-{g}")).await;
+        let create = pb::CreateGroupRequest {
+            group_id: format!("big-{g}"),
+            name: String::new(),
+            members: vec!["bob".into(), "carol".into()],
+        };
+        let _: pb::GroupInfo = alice.request(RequestType::CreateGroup, &create).await.unwrap();
+        senders.push(alice);
+    }
+
+    // bob behaves like a client: handles events in arrival order, pulls on
+    // SYNC, shows each message id once, ACKs what it got.
+    let mut shown: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    let (mut sent, mut pushes, mut notices) = (0u64, 0u64, Vec::new());
+    for round in 0..ROUNDS {
+        // The burst: every group's sends pipelined on its sender's
+        // connection, all groups at once.
+        let bursts = senders.iter().enumerate().map(|(g, alice)| {
+            let sends = (0..PER_GROUP).map(move |i| {
+                let send = pb::SendGroupRequest {
+                    client_msg_id: format!("burst-{round}-{g}-{i}"),
+                    sender: String::new(),
+                    group_id: format!("big-{g}"),
+                    content: format!("#{i}").into_bytes(),
+                };
+                async move { alice.request::<_, pb::SendAck>(RequestType::SendGroup, &send).await.unwrap() }
+            });
+            futures::future::join_all(sends)
+        });
+        for acks in futures::future::join_all(bursts).await {
+            let seqs: Vec<u64> = acks.iter().map(|a| a.seq).collect();
+            assert_eq!(seqs, (round * PER_GROUP + 1..=(round + 1) * PER_GROUP).collect::<Vec<_>>());
+        }
+        sent += GROUPS as u64 * PER_GROUP;
+
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while (seen.len() as u64) < sent {
+            let received = match tokio::time::timeout_at(deadline, bob_events.recv()).await {
+                Ok(Some(ServerEvent::Message(m))) => {
+                    pushes += 1;
+                    vec![m]
+                }
+                Ok(Some(ServerEvent::Notice(n))) if n.kind == NoticeKind::Sync as i32 => {
+                    notices.push(n.reason);
+                    pull_all(&bob).await
+                }
+                other => panic!("shown {shown:?}, pushes {pushes}, notices {notices:?}, then {other:?}"),
+            };
+            ack(&bob, received.iter().map(|m| m.msg_id).collect()).await;
+            for m in received {
+                if seen.insert(m.msg_id) {
+                    shown.entry(m.group_id).or_default().push(m.seq);
+                }
+            }
+        }
+        if !notices.is_empty() {
+            break;
+        }
+    }
+    assert!(!notices.is_empty(), "no SYNC notice for {sent} messages ({pushes} pushes)");
+    // Every message once, each group in order.
+    assert_eq!(shown.len(), GROUPS);
+    for (group, seqs) in &shown {
+        assert_eq!(*seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{group}");
+        assert_eq!(seqs.len() as u64 * GROUPS as u64, sent, "{group}");
+    }
+
+    // What bob has not read yet are duplicates of shown messages. Each
+    // message was either pushed or counted in exactly one notice, and each
+    // notice counted more than the threshold.
+    let noticed = |notices: &[String]| -> u64 {
+        notices
+            .iter()
+            .map(|reason| {
+                let count: u64 = reason
+                    .split_once(" new messages in group")
+                    .filter(|_| reason.ends_with("; pull"))
+                    .and_then(|(n, _)| n.parse().ok())
+                    .unwrap_or_else(|| panic!("unexpected reason {reason:?}"));
+                assert!(count > PULL_NOTICE_THRESHOLD as u64, "{reason:?}");
+                count
+            })
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pushes + noticed(&notices) < sent {
+        match tokio::time::timeout_at(deadline, bob_events.recv()).await {
+            Ok(Some(ServerEvent::Message(m))) => {
+                pushes += 1;
+                assert!(seen.contains(&m.msg_id), "unexpected {m:?}");
+                ack(&bob, vec![m.msg_id]).await;
+            }
+            Ok(Some(ServerEvent::Notice(n))) if n.kind == NoticeKind::Sync as i32 => notices.push(n.reason),
+            other => panic!("pushes {pushes}, notices {notices:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(pushes + noticed(&notices), sent, "pushes {pushes}, notices {notices:?}");
+    assert!(pushes < sent);
+    assert_eq!(pull_all(&bob).await, []);
 }

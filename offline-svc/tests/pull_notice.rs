@@ -1,0 +1,184 @@
+//! The consumer's push decision for large groups, end to end through
+//! `run_consumer` on the embedded backends: every message goes to the
+//! offline sets; per connection, a batch with more than
+//! `pull_notice_threshold` large-group messages becomes one SYNC notice
+//! instead of their pushes, while 1:1 and small-group messages (and a large
+//! group at or under the threshold) are pushed as before.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use tern_offline_svc::{ConsumerBackends, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_proto::{BusNames, pb};
+use tern_store::embedded::EmbeddedBackends;
+use tern_store::{Bus, MetaStore, Placement, SessionStore};
+
+/// What the consumer handed to the gateway, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sent {
+    Push { connection: u64, msg_id: u64 },
+    Sync { connection: u64, reason: String },
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Sent>>);
+
+impl Recorder {
+    fn sent(&self) -> Vec<Sent> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl PushGateway for Recorder {
+    fn push(&self, placement: &Placement, msg_id: u64, _message: Bytes) {
+        self.0.lock().unwrap().push(Sent::Push { connection: placement.connection_id, msg_id });
+    }
+
+    fn sync_notice(&self, placement: &Placement, reason: &str) {
+        let sent = Sent::Sync { connection: placement.connection_id, reason: reason.to_owned() };
+        self.0.lock().unwrap().push(sent);
+    }
+}
+
+/// A message as the dispatcher publishes it: `receivers` are the members
+/// other than the sender.
+fn envelope(msg_id: u64, group: &str, sender: &str, receivers: &[&str]) -> Bytes {
+    let kind = if group.is_empty() { pb::ConversationKind::Single } else { pb::ConversationKind::Group };
+    let message = pb::Message {
+        msg_id,
+        kind: kind as i32,
+        sender: sender.into(),
+        receiver: if group.is_empty() { receivers[0].into() } else { String::new() },
+        group_id: group.into(),
+        seq: msg_id,
+        content: format!("m{msg_id}").into_bytes(),
+        sent_at_ms: 1,
+        client_msg_id: format!("c{msg_id}"),
+    };
+    let envelope = pb::BusEnvelope {
+        message: Some(message),
+        receivers: receivers.iter().map(|r| r.to_string()).collect(),
+        sender_device: "a1".into(),
+    };
+    Bytes::from(envelope.encode_to_vec())
+}
+
+fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
+    Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
+}
+
+const BOB: u64 = 1;
+const CAROL: u64 = 2;
+const ERIN: u64 = 3;
+
+#[tokio::test]
+async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for (user, device, connection) in [("bob", "phone", BOB), ("carol", "desk", CAROL), ("erin", "e", ERIN)] {
+        backends.meta.add_device(user, device).await.unwrap();
+        backends.sessions.put(&placement(user, device, connection)).await.unwrap();
+    }
+    // Groups of 4 members are large, and more than 3 of their messages in
+    // one batch make a device pull.
+    let config =
+        OfflineConfig { large_group_members: 4, pull_notice_threshold: 3, ..OfflineConfig::default() };
+    let big = ["bob", "carol", "dave"]; // + alice: 4 members
+    let other_big = ["carol", "erin", "frank", "gina"]; // + alice: 5 members
+    let small = ["bob", "dave"]; // + alice: 3 members
+
+    // Everything is on the bus before the consumer starts: one batch.
+    let mut records = Vec::new();
+    let mut next_id = 0;
+    let mut add = |group: &str, receivers: &[&str]| {
+        next_id += 1;
+        records.push(envelope(next_id, group, "alice", receivers));
+        next_id
+    };
+    let big_ids: Vec<u64> = (0..5).map(|_| add("big", &big)).collect();
+    let small_ids: Vec<u64> = (0..2).map(|_| add("small", &small)).collect();
+    let single_id = add("", &["bob"]);
+    // Exactly the threshold for erin: still pushed; carol now has 8.
+    let other_big_ids: Vec<u64> = (0..3).map(|_| add("other-big", &other_big)).collect();
+    // Interleave the conversations so order is checked across them.
+    records.swap(1, 5);
+    records.swap(3, 7);
+    let names = BusNames::default();
+    let published: Vec<u64> =
+        records.iter().map(|r| pb::BusEnvelope::decode(r.clone()).unwrap().message.unwrap().msg_id).collect();
+    for record in records {
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+
+    let recorder = Arc::new(Recorder::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+        backends.bus.clone(),
+        names,
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: backends.sessions.clone(),
+        },
+        recorder.clone(),
+        config.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    // bob: 2 small + 1 single pushed, 1 notice; carol: 1 notice; erin: 3 pushes.
+    let expected_events = 3 + 1 + 1 + 3;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while recorder.sent().len() < expected_events && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+
+    let sent = recorder.sent();
+    let pushes_to = |connection: u64| -> Vec<u64> {
+        sent.iter()
+            .filter_map(|s| match s {
+                Sent::Push { connection: c, msg_id } if *c == connection => Some(*msg_id),
+                _ => None,
+            })
+            .collect()
+    };
+    let notices_to = |connection: u64| -> Vec<String> {
+        sent.iter()
+            .filter_map(|s| match s {
+                Sent::Sync { connection: c, reason } if *c == connection => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let in_bus_order =
+        |ids: &[u64]| -> Vec<u64> { published.iter().copied().filter(|id| ids.contains(id)).collect() };
+
+    // bob: the 5 large-group messages become one notice; the small-group and
+    // 1:1 messages are pushed, in bus order.
+    let bob_pushed: Vec<u64> = small_ids.iter().copied().chain([single_id]).collect();
+    assert_eq!(pushes_to(BOB), in_bus_order(&bob_pushed), "{sent:?}");
+    assert_eq!(notices_to(BOB), ["5 new messages in group big; pull"], "{sent:?}");
+    // carol: only large-group messages, of two groups, all by pull.
+    assert!(pushes_to(CAROL).is_empty(), "{sent:?}");
+    assert_eq!(notices_to(CAROL), ["8 new messages in groups big (5), other-big (3); pull"], "{sent:?}");
+    // erin: a large group, but not more than the threshold: pushed.
+    assert_eq!(pushes_to(ERIN), other_big_ids, "{sent:?}");
+    assert!(notices_to(ERIN).is_empty(), "{sent:?}");
+    assert_eq!(sent.len(), expected_events, "{sent:?}");
+
+    // Nothing changes for the offline sets: bob pulls all 8, carol all 5.
+    let offline = OfflineService::new(backends.offline.clone(), config);
+    let (bob_pulled, more) = offline.pull("bob", "phone", 0, 100).await.unwrap();
+    assert!(!more);
+    let mut bob_all: Vec<u64> = big_ids.iter().chain(&small_ids).copied().chain([single_id]).collect();
+    bob_all.sort_unstable();
+    assert_eq!(bob_pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), bob_all);
+    let (carol_pulled, _) = offline.pull("carol", "desk", 0, 100).await.unwrap();
+    let carol_all: Vec<u64> = big_ids.iter().chain(&other_big_ids).copied().collect();
+    assert_eq!(carol_pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), carol_all);
+}
