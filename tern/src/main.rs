@@ -69,6 +69,9 @@ enum Command {
     GroupSvc(RoleArgs),
     /// Cluster role: snowflake ids and Leaf-style segments over gRPC.
     Idgen(RoleArgs),
+    /// Kill processes at random under simulated chat traffic, then check
+    /// that every acknowledged message arrived once and in order.
+    Chaos(tern_chaos::ChaosOptions),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -284,6 +287,15 @@ async fn main() -> anyhow::Result<()> {
                 access_addr: access,
             })
             .await
+        }
+        Command::Chaos(options) => {
+            init_logging("warn");
+            let report = tern_chaos::run(options, |line| eprintln!("chaos: {line}")).await?;
+            print!("{}", report.render());
+            if !report.passed() {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Config { command: ConfigCommand::Defaults } => {
             print!("{}", StandaloneConfig::default().to_toml());
