@@ -216,6 +216,28 @@ impl Deployment {
         Ok(())
     }
 
+    /// SIGTERM: the process drains (an access node tells its clients to
+    /// reconnect elsewhere) and exits; SIGKILL if it is still there after
+    /// `grace`. Returns whether it exited by itself.
+    pub async fn terminate(&mut self, name: &str, grace: Duration) -> anyhow::Result<bool> {
+        let index = self.index(name)?;
+        let Some(mut child) = self.processes[index].child.take() else { return Ok(true) };
+        if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+            rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => {
+                status?;
+                Ok(true)
+            }
+            Err(_) => {
+                child.start_kill()?;
+                child.wait().await?;
+                Ok(false)
+            }
+        }
+    }
+
     /// Starts a killed process again (same data, fixed ports kept).
     pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let index = self.index(name)?;

@@ -4,9 +4,10 @@
 //! It starts a deployment of its own (`tern standalone`, or every cluster
 //! role as a separate process on the real engines), connects simulated
 //! users with the SDK (some on two devices), and has them send 1:1 and
-//! group messages at a constant rate while it SIGKILLs a process at random
-//! moments and starts it again, going through every process in a shuffled
-//! round so each role dies at least once per round. Then it stops the
+//! group messages at a constant rate while it stops a process at random
+//! moments (mostly SIGKILL; some SIGTERM, which makes it drain) and starts
+//! it again, going through every process in a shuffled round so each role
+//! dies at least once per round. Then it stops the
 //! traffic and the kills, lets the clients catch up, and checks every
 //! message a sender got a SendAck for: shown on each device it is owed to,
 //! exactly once, and in sequence order within its conversation.
@@ -71,6 +72,10 @@ pub struct ChaosOptions {
     /// Longest time a killed process stays down before its restart, in seconds.
     #[arg(long, default_value_t = 2.0)]
     pub max_down_secs: f64,
+    /// Share of the stops that are a SIGTERM (graceful drain: an access
+    /// node sends its clients to reconnect elsewhere) instead of a SIGKILL.
+    #[arg(long, default_value_t = 0.25)]
+    pub sigterm_share: f64,
     /// Time allowed after the traffic for clients to receive what is owed to them.
     #[arg(long, default_value_t = 120)]
     pub settle_secs: u64,
@@ -98,11 +103,16 @@ pub struct ChaosOptions {
     pub kafka_brokers: Option<String>,
 }
 
-/// One SIGKILL and its restart.
+/// One stop (SIGKILL, or SIGTERM and a drain) and its restart.
 #[derive(Debug, Clone)]
 pub struct Kill {
     pub at: Duration,
     pub process: String,
+    /// `SIGKILL` or `SIGTERM`.
+    pub signal: &'static str,
+    /// For a SIGTERM: whether the process drained and exited within its
+    /// grace period (else it was SIGKILLed).
+    pub drained: bool,
     pub down_for: Duration,
     pub restart_took: Duration,
 }
@@ -129,10 +139,12 @@ pub struct Report {
 
 impl Report {
     /// 0 lost, 0 duplicated, 0 out of order, nothing corrupted, no process
-    /// died on its own, nobody kicked, and enough messages acknowledged.
+    /// died on its own, every SIGTERM drained within the grace period,
+    /// nobody kicked, and enough messages acknowledged.
     pub fn passed(&self) -> bool {
         self.verdict.passed()
             && self.unexpected_exits.is_empty()
+            && self.kills.iter().all(|k| k.signal == "SIGKILL" || k.drained)
             && self.kicked == 0
             && self.verdict.acknowledged >= self.options.min_acked.max(1)
     }
@@ -146,7 +158,13 @@ impl Report {
             "tern chaos: {:?}, {} users, {} s of traffic at {} msgs/s, seed {}",
             self.target, o.users, o.duration_secs, o.rate, self.seed
         );
-        let _ = writeln!(out, "kills: {}", self.kills.len());
+        let sigterms = self.kills.iter().filter(|k| k.signal == "SIGTERM").count();
+        let _ = writeln!(
+            out,
+            "kills: {} ({} SIGKILL, {sigterms} SIGTERM)",
+            self.kills.len(),
+            self.kills.len() - sigterms
+        );
         let mut per_process: Vec<(String, usize)> = Vec::new();
         for kill in &self.kills {
             match per_process.iter_mut().find(|(name, _)| *name == kill.process) {
@@ -160,9 +178,11 @@ impl Report {
         for kill in &self.kills {
             let _ = writeln!(
                 out,
-                "  t={:>6.1}s SIGKILL {:<13} down {:.1} s, ready again after {:.1} s",
+                "  t={:>6.1}s {} {:<13}{} down {:.1} s, ready again after {:.1} s",
                 kill.at.as_secs_f64(),
+                kill.signal,
                 kill.process,
+                if kill.signal == "SIGTERM" && !kill.drained { " (drain overran; SIGKILLed)" } else { "" },
                 kill.down_for.as_secs_f64(),
                 kill.restart_took.as_secs_f64()
             );
@@ -228,6 +248,9 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
     }
     if !(options.kill_every_secs > 0.0 && options.max_down_secs >= 0.0) {
         bail!("--kill-every-secs must be positive and --max-down-secs not negative");
+    }
+    if !(0.0..=1.0).contains(&options.sigterm_share) {
+        bail!("--sigterm-share must be between 0 and 1");
     }
     let seed = options.seed.unwrap_or_else(rand::random);
     let bin = match &options.tern_bin {
@@ -304,19 +327,26 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
         }
         let victim = round.pop().expect("a round has every process");
         let at = started.elapsed();
-        deployment.kill(&victim).await?;
+        let graceful = rng.random_bool(options.sigterm_share);
+        let (signal, drained) = if graceful {
+            // The roles' grace period is 5 s (standalone: 10 s).
+            ("SIGTERM", deployment.terminate(&victim, Duration::from_secs(15)).await?)
+        } else {
+            deployment.kill(&victim).await?;
+            ("SIGKILL", false)
+        };
         let down_for = Duration::from_secs_f64(rng.random_range(0.2..=options.max_down_secs.max(0.2)));
         tokio::time::sleep(down_for).await;
         let restarting = Instant::now();
         deployment.restart(&victim).await?;
         let restart_took = restarting.elapsed();
         progress(&format!(
-            "t={:>5.1}s SIGKILL {victim}; restarted after {:.1} s down, ready in {:.1} s",
+            "t={:>5.1}s {signal} {victim}; restarted after {:.1} s down, ready in {:.1} s",
             at.as_secs_f64(),
             down_for.as_secs_f64(),
             restart_took.as_secs_f64()
         ));
-        kills.push(Kill { at, process: victim, down_for, restart_took });
+        kills.push(Kill { at, process: victim, signal, drained, down_for, restart_took });
         next_kill = Instant::now() + jitter(&mut rng, options.kill_every_secs);
     }
 

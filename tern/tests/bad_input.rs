@@ -575,3 +575,52 @@ async fn empty_client_msg_id_is_invalid_argument() {
     assert_nothing_stored_for(&server, "carol").await;
     bystanders.still_served().await;
 }
+
+// ---------------------------------------------------------------------------
+// A receiver that stops reading (DELIVERY R8).
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn receiver_that_stops_reading_is_cut_and_loses_nothing() {
+    // A short outbound queue, so the queue fills soon after the kernel's
+    // socket buffers do.
+    let (server, _dir) = Server::start_with_config("[access_tcp]\noutbound_queue = 4\n");
+    // bob logs in on device "raw", then never reads again.
+    let mut stalled = Raw::logged_in(&server, "bob").await;
+    let (alice, _alice_events) = client(&server, "alice").await;
+    // About 10 MB of pushes: more than loopback socket buffers hold.
+    const MESSAGES: usize = 200;
+    let mut sent = Vec::with_capacity(MESSAGES);
+    for i in 0..MESSAGES {
+        let mut content = format!("{i:04} ").into_bytes();
+        content.resize(48 * 1024, b'.');
+        sent.push(alice.send_single("bob", content).await.expect("acknowledged").msg_id);
+    }
+    // The server gave up on bob's connection: reading now finds what was
+    // buffered, then the end of the stream (or a reset).
+    let mut read_before_close = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stalled.framed.next().await {
+                Some(Ok(_)) => read_before_close += 1,
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a connection that stopped reading");
+    assert!(read_before_close < MESSAGES, "every push fit in the buffers; the test proves nothing");
+    assert!(server.log().contains("slow consumer"), "the close was not the slow-consumer policy");
+    // Reconnected on the same device, bob gets every message, in order, once.
+    let mut config = server.client_config("bob");
+    config.device_id = "raw".into();
+    let (bob, mut events) = Client::connect(config).await.expect("bob reconnects");
+    let mut got = Vec::with_capacity(MESSAGES);
+    while got.len() < MESSAGES {
+        got.push(next_message(&mut events, WAIT).await.msg_id);
+    }
+    assert_eq!(got, sent, "every message, in order, once");
+    no_message(&mut events, QUIET).await;
+    alice.close().await;
+    bob.close().await;
+}
