@@ -100,6 +100,15 @@ pub struct EnginesConfig {
     pub kafka_replication_factor: u32,
     /// Consumer session timeout: how long a dead consumer holds its partitions.
     pub kafka_session_timeout_ms: u64,
+    /// One record per produced batch: needed on tansu 0.6, which skips the
+    /// rest of a batch when a consumer resumes inside it; turn off on
+    /// Apache Kafka or Redpanda for throughput (`KafkaOptions::single_record_batches`).
+    pub kafka_single_record_batches: bool,
+    /// A consumer without partitions for this long (at least two session
+    /// timeouts) rejoins its group, a tansu 0.6 workaround; 0 turns it off,
+    /// as it should be on Apache Kafka or Redpanda when consumers may
+    /// outnumber partitions (`KafkaOptions::rejoin_when_unassigned`).
+    pub kafka_rejoin_unassigned_secs: u64,
     /// Users and groups: `redis`, or a `mongodb://` URI.
     pub meta: String,
     pub mongo_database: String,
@@ -156,6 +165,8 @@ impl Default for EnginesConfig {
             kafka_partitions: 4,
             kafka_replication_factor: 1,
             kafka_session_timeout_ms: 10_000,
+            kafka_single_record_batches: true,
+            kafka_rejoin_unassigned_secs: 12,
             meta: "redis".into(),
             mongo_database: "tern".into(),
             history: "redis".into(),
@@ -255,6 +266,9 @@ impl Engines {
             replication_factor: config.kafka_replication_factor,
             session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
             client_id: client_id.to_owned(),
+            single_record_batches: config.kafka_single_record_batches,
+            rejoin_when_unassigned: (config.kafka_rejoin_unassigned_secs > 0)
+                .then(|| Duration::from_secs(config.kafka_rejoin_unassigned_secs)),
             ..KafkaOptions::default()
         };
         let bus = KafkaBus::connect(&config.kafka_brokers, options)
