@@ -72,8 +72,9 @@ pub struct ChaosOptions {
     /// Longest time a killed process stays down before its restart, in seconds.
     #[arg(long, default_value_t = 2.0)]
     pub max_down_secs: f64,
-    /// Share of the stops that are a SIGTERM (graceful drain: an access
-    /// node sends its clients to reconnect elsewhere) instead of a SIGKILL.
+    /// Share of the stops after the first round (which is all SIGKILLs)
+    /// that are a SIGTERM (graceful drain: an access node sends its clients
+    /// to reconnect elsewhere) instead of a SIGKILL.
     #[arg(long, default_value_t = 0.25)]
     pub sigterm_share: f64,
     /// Time allowed after the traffic for clients to receive what is owed to them.
@@ -294,6 +295,7 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
     let traffic_ends = started + Duration::from_secs(options.duration_secs);
     let mut rng = StdRng::seed_from_u64(seed.rotate_left(17));
     let mut round: Vec<String> = Vec::new();
+    let mut rounds = 0u32;
     let mut kills = Vec::new();
     let mut unexpected_exits = Vec::new();
     let mut next_kill = started + jitter(&mut rng, options.kill_every_secs);
@@ -324,10 +326,13 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
         if round.is_empty() {
             round = deployment.names();
             round.shuffle(&mut rng);
+            rounds += 1;
         }
         let victim = round.pop().expect("a round has every process");
         let at = started.elapsed();
-        let graceful = rng.random_bool(options.sigterm_share);
+        // The first round is all SIGKILLs, so every process dies hard at
+        // least once whatever the share.
+        let graceful = rounds > 1 && rng.random_bool(options.sigterm_share);
         let (signal, drained) = if graceful {
             // The roles' grace period is 5 s (standalone: 10 s).
             ("SIGTERM", deployment.terminate(&victim, Duration::from_secs(15)).await?)
