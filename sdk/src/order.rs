@@ -135,18 +135,22 @@ impl Conversation {
     }
 
     /// When the oldest hole of this conversation times out (`None` also
-    /// for a timeout too large to represent: never).
+    /// for a timeout too large to represent, or when only this device's own
+    /// sends wait above holes: never).
     fn deadline(&self, gap_timeout: Duration) -> Option<Instant> {
-        self.held.values().map(|s| s.arrived).min()?.checked_add(gap_timeout)
+        self.held.values().filter(|s| s.message.is_some()).map(|s| s.arrived).min()?.checked_add(gap_timeout)
     }
 
-    /// The highest held seq whose hole below has been open for the gap
-    /// timeout. A hole is known from the arrival of the first seq above
-    /// it, so holes lower down are at least as old: the expired holes are
-    /// the ones below the returned seq.
+    /// The highest held message whose hole below has been open for the gap
+    /// timeout. A hole is timed from the arrival of the first message
+    /// above it, so holes lower down are at least as old: the expired holes
+    /// are the ones below the returned seq. Own sends above a hole start no
+    /// clock: they hold nothing back from the application, and the missing
+    /// messages may just be late (a storage service restarting), so a hole
+    /// is given up only when it delays a message someone else sent.
     fn expired_up_to(&self, now: Instant, gap_timeout: Duration) -> Option<u64> {
         let mut oldest: Option<Instant> = None;
-        for (&seq, slot) in self.held.iter().rev() {
+        for (&seq, slot) in self.held.iter().rev().filter(|(_, slot)| slot.message.is_some()) {
             let since = oldest.map_or(slot.arrived, |o| o.min(slot.arrived));
             oldest = Some(since);
             if since.checked_add(gap_timeout).is_some_and(|deadline| deadline <= now) {
@@ -259,6 +263,9 @@ impl Inbox {
         // A hole below `seq`: hold it.
         let highest = conversation.held.last_key_value().map_or(conversation.cursor, |(&s, _)| s);
         let reveals_a_hole = seq > highest.saturating_add(1);
+        // The first received message held in this conversation: the holes
+        // below it so far held back nothing and were never pulled for.
+        let first_message_held = !conversation.held.values().any(|slot| slot.message.is_some());
         match conversation.held.entry(seq) {
             SeqEntry::Occupied(mut slot) => {
                 let Some(message) = message else { return };
@@ -280,9 +287,12 @@ impl Inbox {
                 slot.insert(Slot { arrived: now, message });
             }
         }
+        let message_held = conversation.held.get(&seq).is_some_and(|slot| slot.message.is_some());
         self.held += 1;
         self.gapped.insert(key);
-        if reveals_a_hole && self.pull_requested.is_none() {
+        // Only a received message is worth a pull: one of this device's own
+        // sends above a hole holds nothing back.
+        if message_held && (reveals_a_hole || first_message_held) && self.pull_requested.is_none() {
             // New missing seqs: look for them in the offline store.
             self.pull_requested = Some(now);
         }
@@ -564,6 +574,31 @@ mod tests {
         inbox.admit(group(20, 11), now);
         assert_eq!(drain(&mut inbox), ["20"]);
         assert_eq!(inbox.next_wake(), None);
+    }
+
+    #[test]
+    fn own_sends_above_a_hole_start_no_clock() {
+        let mut inbox = inbox();
+        let start = Instant::now();
+        inbox.admit(m(1), start);
+        assert_eq!(drain(&mut inbox), ["1"]);
+        // seq 2 (from the peer) is late; this device sends 3 and 4.
+        inbox.own_send("p:alice:bob".into(), 3, start);
+        inbox.own_send("p:alice:bob".into(), 4, start);
+        assert_eq!(inbox.next_wake(), None, "nothing is held back, so nothing times out or is pulled");
+        inbox.expire(start + TIMEOUT * 10);
+        assert!(drain(&mut inbox).is_empty(), "no gap given up");
+        // The late message arrives long after: shown in its place.
+        inbox.admit(m(2), start + TIMEOUT * 10);
+        assert_eq!(drain(&mut inbox), ["2"]);
+        assert_eq!(inbox.cursors()["p:alice:bob"], 4);
+        // A received message above a hole does start the clock.
+        let later = start + TIMEOUT * 11;
+        inbox.own_send("p:alice:bob".into(), 6, later);
+        inbox.admit(m(7), later + Duration::from_secs(1));
+        assert_eq!(inbox.next_wake(), Some(later + Duration::from_secs(1) + GAP_PULL_DELAY));
+        inbox.expire(later + Duration::from_secs(1) + TIMEOUT);
+        assert_eq!(drain(&mut inbox), ["skip p:alice:bob [5..=5]", "7"]);
     }
 
     #[test]
