@@ -784,3 +784,82 @@ async fn seeded_cursors_are_resumed_at_connect() {
     assert_eq!(client.cursors(), expected);
     client.close().await;
 }
+
+/// DELIVERY R2: a send whose connection drops before the SendAck is sent
+/// again, with the same client message id, on the next connection.
+#[tokio::test]
+async fn a_send_cut_off_by_a_dropped_connection_is_retried_with_the_same_id() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let config = config(&auth, &access.addr());
+    let (connected, mut first) = tokio::join!(Client::connect(config), async {
+        let mut peer = access.accept().await;
+        peer.login_empty(60_000, 0).await;
+        peer
+    });
+    let (client, _events) = connected.expect("connect");
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_single("alice", "hi").await }
+    });
+    let request: pb::SendSingleRequest = first.expect(RequestType::SendSingle).await.decode().unwrap();
+    // The connection dies before the server answers.
+    drop(first);
+
+    let mut second = access.accept().await;
+    second.login(60_000, 0, 0).await;
+    // The offline sync and the retried send may come in either order.
+    let mut retried = None;
+    while retried.is_none() {
+        let frame = second.next_request().await.expect("client closed the new connection");
+        match frame.kind() {
+            Some(RequestType::PullOffline) => {
+                second.reply(&frame, &pb::PullOfflineResponse { messages: vec![], more: false }).await;
+            }
+            Some(RequestType::SendSingle) => {
+                let again: pb::SendSingleRequest = frame.decode().unwrap();
+                let ack = pb::SendAck {
+                    client_msg_id: again.client_msg_id.clone(),
+                    msg_id: 9,
+                    seq: 1,
+                    sent_at_ms: 1,
+                    duplicate: true,
+                };
+                second.reply(&frame, &ack).await;
+                retried = Some(again);
+            }
+            other => panic!("unexpected request {other:?}"),
+        }
+    }
+    let retried = retried.unwrap();
+    assert_eq!(retried.client_msg_id, request.client_msg_id, "the retry reuses the client message id");
+    assert_eq!((retried.receiver.as_str(), retried.content.as_slice()), ("alice", b"hi".as_slice()));
+    let ack =
+        tokio::time::timeout(STEP, sending).await.expect("send finished").unwrap().expect("acknowledged");
+    assert_eq!(ack.msg_id, 9);
+    client.close().await;
+}
+
+/// DELIVERY R6: a message that arrives twice (push, then again) is shown
+/// once and ACKed both times.
+#[tokio::test]
+async fn a_message_arriving_twice_is_shown_once_and_acked_twice() {
+    let auth = fake_auth().await;
+    let access = FakeAccess::bind().await;
+    let (client, mut events, served) =
+        connect_served(&access, config(&auth, &access.addr()), vec![], vec![]).await;
+    served.push(from_alice(1, 1));
+    assert_eq!(next_message(&mut events).await.msg_id, 1);
+    served.wait_acked(&[1]).await;
+    served.push(from_alice(1, 1));
+    served.push(from_alice(2, 2));
+    assert_eq!(next_message(&mut events).await.msg_id, 2, "the copy of 1 is not shown again");
+    served.wait_acked(&[2]).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while served.acked().iter().filter(|id| **id == 1).count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the copy was not ACKed: {:?}", served.acked());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    no_event(&mut events, Duration::from_millis(200)).await;
+    client.close().await;
+}
