@@ -1,7 +1,8 @@
 //! Embedded backends for `tern standalone`: redb files under the data
-//! directory, an in-process bus persisted in redb, and an in-memory registry.
+//! directory, an in-process bus persisted in redb, and in memory what lives
+//! no longer than the process (session placements, the registry).
 //!
-//! Each concern has its own redb file (`sessions.redb`, `sequences.redb`,
+//! Each concern has its own redb file (`sequences.redb`,
 //! `dedup.redb`, `offline.redb`, `history.redb`, `meta.redb`, `bus.redb`)
 //! because redb serializes writers per file: separate files let the hot
 //! paths (sequence numbers, bus appends, offline inserts) commit in parallel.
@@ -37,7 +38,7 @@ use crate::StoreResult;
 
 /// Cache for the large, append-heavy files (offline sets, history, bus).
 const LARGE_CACHE_BYTES: usize = 256 * 1024 * 1024;
-/// Cache for the small files (sessions, counters, dedup, metadata).
+/// Cache for the small files (counters, dedup, metadata).
 const SMALL_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Every embedded backend of a standalone process, opened from one data
@@ -59,7 +60,7 @@ impl EmbeddedBackends {
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         Ok(Self {
-            sessions: Arc::new(EmbeddedSessionStore::open(&dir.join("sessions.redb"))?),
+            sessions: Arc::new(EmbeddedSessionStore::new()),
             sequences: Arc::new(EmbeddedSequenceStore::open(&dir.join("sequences.redb"))?),
             dedup: Arc::new(EmbeddedDedupStore::open(&dir.join("dedup.redb"))?),
             offline: Arc::new(EmbeddedOfflineStore::open(&dir.join("offline.redb"))?),

@@ -128,7 +128,8 @@ async fn data_survives_reopen() {
     }
 
     let b = EmbeddedBackends::open(dir.path()).expect("reopen");
-    assert_eq!(b.sessions.get("alice").await.expect("get"), vec![placement]);
+    // Placements name connections of the process that died with it.
+    assert!(b.sessions.get("alice").await.expect("get").is_empty(), "placements do not outlive the process");
     assert_eq!(b.sequences.current("conv").await.expect("current"), 3);
     assert_eq!(b.sequences.incr("conv").await.expect("incr"), 4, "sequences continue after reopen");
     assert_eq!(b.dedup.get("alice", "c1").await.expect("get"), Some(dedup));

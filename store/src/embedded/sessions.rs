@@ -1,163 +1,118 @@
-//! Session placements in `sessions.redb`.
+//! Session placements of `tern standalone`, in memory.
 //!
-//! Tables:
-//! - `placements`: (user, device) → (node, connection);
-//! - `by_node`: (node, user, device) → connection, an index kept in the same
-//!   transaction so draining a node does not scan every session.
+//! A placement names a live connection of this very process, so it cannot
+//! outlive the process: after a restart every connection is gone and every
+//! placement would be stale. Keeping them in memory (rather than in a redb
+//! file, as before) makes a login one lock instead of a disk commit and two
+//! blocking-pool reads, and a crash leaves nothing to clean up.
+//!
+//! Two ordered maps under one lock: `placements` (user, device) → (node,
+//! connection), and `by_node` (node, user, device) so draining a node does
+//! not scan every session.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::writer::{Schema, Store, db_err};
 use crate::{Placement, SessionStore, StoreResult};
 
-const PLACEMENTS: TableDefinition<(&str, &str), (&str, u64)> = TableDefinition::new("placements");
-const BY_NODE: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("by_node");
-
-pub(crate) struct Sessions;
-
-pub(crate) struct SessionTables<'t> {
-    placements: Table<'t, (&'static str, &'static str), (&'static str, u64)>,
-    by_node: Table<'t, (&'static str, &'static str, &'static str), u64>,
+#[derive(Default)]
+struct Maps {
+    /// (user, device) → (node, connection id).
+    placements: BTreeMap<(String, String), (String, u64)>,
+    /// (node, user, device).
+    by_node: BTreeSet<(String, String, String)>,
 }
 
-impl Schema for Sessions {
-    const NAME: &'static str = "sessions";
-    type Tables<'t> = SessionTables<'t>;
-
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<SessionTables<'_>> {
-        Ok(SessionTables {
-            placements: txn.open_table(PLACEMENTS).map_err(db_err)?,
-            by_node: txn.open_table(BY_NODE).map_err(db_err)?,
-        })
-    }
-}
-
-/// [`SessionStore`] on redb.
+/// [`SessionStore`] in process memory.
+#[derive(Default)]
 pub struct EmbeddedSessionStore {
-    store: Store<Sessions>,
+    maps: Mutex<Maps>,
 }
 
 impl EmbeddedSessionStore {
-    /// Opens (creating if needed) the session file at `path`. Blocking.
-    pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // The maps are consistent after every statement that changes them.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 #[async_trait]
 impl SessionStore for EmbeddedSessionStore {
     async fn put(&self, placement: &Placement) -> StoreResult<()> {
-        let p = placement.clone();
-        self.store
-            .write(move |t: &mut SessionTables<'_>| {
-                let key = (p.user_id.as_str(), p.device_id.as_str());
-                let old_node = t
-                    .placements
-                    .insert(key, (p.node_id.as_str(), p.connection_id))
-                    .map_err(db_err)?
-                    .map(|old| old.value().0.to_owned());
-                if let Some(old_node) = old_node {
-                    t.by_node.remove((old_node.as_str(), key.0, key.1)).map_err(db_err)?;
-                }
-                t.by_node.insert((p.node_id.as_str(), key.0, key.1), p.connection_id).map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let p = placement;
+        let mut maps = self.maps();
+        let key = (p.user_id.clone(), p.device_id.clone());
+        if let Some((old_node, _)) = maps.placements.insert(key, (p.node_id.clone(), p.connection_id)) {
+            maps.by_node.remove(&(old_node, p.user_id.clone(), p.device_id.clone()));
+        }
+        maps.by_node.insert((p.node_id.clone(), p.user_id.clone(), p.device_id.clone()));
+        Ok(())
     }
 
     async fn remove(&self, placement: &Placement) -> StoreResult<bool> {
-        let p = placement.clone();
-        self.store
-            .write(move |t: &mut SessionTables<'_>| {
-                let key = (p.user_id.as_str(), p.device_id.as_str());
-                let current =
-                    t.placements.get(key).map_err(db_err)?.map(|v| (v.value().0 == p.node_id, v.value().1));
-                // Only the exact login being closed may be removed: a newer
-                // login of the same device (other node or connection) stays.
-                if current != Some((true, p.connection_id)) {
-                    return Ok(false);
-                }
-                t.placements.remove(key).map_err(db_err)?;
-                t.by_node.remove((p.node_id.as_str(), key.0, key.1)).map_err(db_err)?;
-                Ok(true)
-            })
-            .await
+        let p = placement;
+        let mut maps = self.maps();
+        let key = (p.user_id.clone(), p.device_id.clone());
+        // Only the exact login being closed may be removed: a newer login
+        // of the same device (other node or connection) stays.
+        let current = maps.placements.get(&key).map(|(node, conn)| (*node == p.node_id, *conn));
+        if current != Some((true, p.connection_id)) {
+            return Ok(false);
+        }
+        maps.placements.remove(&key);
+        maps.by_node.remove(&(p.node_id.clone(), key.0, key.1));
+        Ok(true)
     }
 
     async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>> {
-        let user = user_id.to_owned();
-        self.store
-            .read(move |txn| {
-                let table = txn.open_table(PLACEMENTS).map_err(db_err)?;
-                let mut out = Vec::new();
-                for entry in table.range((user.as_str(), "")..).map_err(db_err)? {
-                    let (k, v) = entry.map_err(db_err)?;
-                    let (u, device) = k.value();
-                    if u != user {
-                        break;
-                    }
-                    let (node, connection_id) = v.value();
-                    out.push(Placement {
-                        user_id: u.to_owned(),
-                        device_id: device.to_owned(),
-                        node_id: node.to_owned(),
-                        connection_id,
-                    });
-                }
-                Ok(out)
+        let maps = self.maps();
+        let from = (user_id.to_owned(), String::new());
+        Ok(maps
+            .placements
+            .range(from..)
+            .take_while(|((user, _), _)| user == user_id)
+            .map(|((user, device), (node, connection_id))| Placement {
+                user_id: user.clone(),
+                device_id: device.clone(),
+                node_id: node.clone(),
+                connection_id: *connection_id,
             })
-            .await
+            .collect())
     }
 
     async fn remove_node(&self, node_id: &str) -> StoreResult<usize> {
-        let node = node_id.to_owned();
-        self.store
-            .write(move |t: &mut SessionTables<'_>| {
-                let mut victims = Vec::new();
-                for entry in t.by_node.range((node.as_str(), "", "")..).map_err(db_err)? {
-                    let (k, _) = entry.map_err(db_err)?;
-                    let (n, user, device) = k.value();
-                    if n != node {
-                        break;
-                    }
-                    victims.push((user.to_owned(), device.to_owned()));
-                }
-                for (user, device) in &victims {
-                    t.by_node.remove((node.as_str(), user.as_str(), device.as_str())).map_err(db_err)?;
-                    t.placements.remove((user.as_str(), device.as_str())).map_err(db_err)?;
-                }
-                Ok(victims.len())
-            })
-            .await
+        let mut maps = self.maps();
+        let from = (node_id.to_owned(), String::new(), String::new());
+        let victims: Vec<(String, String, String)> =
+            maps.by_node.range(from..).take_while(|(node, _, _)| node == node_id).cloned().collect();
+        for victim in &victims {
+            maps.by_node.remove(victim);
+            let (_, user, device) = victim;
+            maps.placements.remove(&(user.clone(), device.clone()));
+        }
+        Ok(victims.len())
     }
 
     async fn online_users(&self, limit: usize) -> StoreResult<Vec<String>> {
-        self.store
-            .read(move |txn| {
-                let table = txn.open_table(PLACEMENTS).map_err(db_err)?;
-                let mut out: Vec<String> = Vec::new();
-                if limit == 0 {
-                    return Ok(out);
-                }
-                // Keys are ordered by (user, device): users come out sorted,
-                // each device of a user adjacent, so dedup is a comparison
-                // with the last one.
-                for entry in table.iter().map_err(db_err)? {
-                    let (k, _) = entry.map_err(db_err)?;
-                    let user = k.value().0;
-                    if out.last().is_some_and(|last| last == user) {
-                        continue;
-                    }
-                    if out.len() == limit {
-                        break;
-                    }
-                    out.push(user.to_owned());
-                }
-                Ok(out)
-            })
-            .await
+        let maps = self.maps();
+        let mut out: Vec<String> = Vec::new();
+        // Keys are ordered by (user, device): users come out sorted, each
+        // user's devices adjacent.
+        for (user, _) in maps.placements.keys() {
+            if out.last().is_some_and(|last| last == user) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            out.push(user.clone());
+        }
+        Ok(out)
     }
 }
