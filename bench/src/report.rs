@@ -229,8 +229,12 @@ fn targets(r: &Results) -> Vec<[String; 4]> {
             .unwrap_or_else(|| "–".into()),
         status(storm.map(|s| s.ramp.errors == 0 && s.ramp.logins_per_s >= 5000.0)),
     ]);
+    // One id per call (0: results older than the field): runs of ids per
+    // call are shown in the S5 table, not counted for the target.
     let ids =
-        r.s5.iter().filter(|x| x.place == "in-process").max_by(|a, b| a.ids_per_s.total_cmp(&b.ids_per_s));
+        r.s5.iter()
+            .filter(|x| x.place == "in-process" && x.ids_per_call <= 1)
+            .max_by(|a, b| a.ids_per_s.total_cmp(&b.ids_per_s));
     rows.push([
         "ids in-process".into(),
         "≥ 10,000,000 ids/s".into(),
@@ -482,7 +486,11 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
                 ]
             }),
         );
-        out.push_str("One snowflake worker issues at most 4096 ids per millisecond (12-bit sequence), 4.1 M ids/s, by design.\n\n");
+        out.push_str("One snowflake worker issues at most 4096 ids per millisecond (12-bit sequence), 4.1 M ids/s, by design. \
+            The segment allocator takes one compare-and-swap per call (`next_id`: one id, `next_range(n)`: up to n); \
+            it is bounded by the counter store (one durable increment per segment) with step 1000, \
+            and with `next_range` even with step 1000000, hence the runs with a larger step. \
+            The target row counts one-id-per-call figures only.\n\n");
     }
     if !plots.is_empty() {
         out.push_str("## Plots\n\n");

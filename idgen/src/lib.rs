@@ -6,6 +6,11 @@
 //! could collide with one already handed out) until the clock catches up;
 //! a backwards step of at most [`MAX_WAIT_BACKWARDS_MS`] is waited out
 //! instead of failing, since NTP slews of a few milliseconds are routine.
+//!
+//! [`rpc`] holds the idgen role and the Leaf-style
+//! [`SegmentAllocator`](rpc::SegmentAllocator), which is not bound by the
+//! 4096 ids per millisecond of one worker id: it hands out ranges counted
+//! in a store, lock-free in-process, one id or a run of ids per call.
 
 pub mod rpc;
 
