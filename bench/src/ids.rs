@@ -255,7 +255,7 @@ pub async fn run(duration: Duration, cluster_idgen: Option<String>) -> anyhow::R
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(
         tonic::transport::Server::builder().add_service(served.into_service()).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         ),
     );

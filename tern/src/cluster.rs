@@ -32,7 +32,6 @@ use tern_store::redis::RedisBackends;
 use tern_store::zookeeper::ZkRegistry;
 use tern_store::{HistoryStore, MetaStore, NodeInfo, Registry};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AccessTcpConfig, ConfigError, DispatcherSection, OfflineSection};
@@ -335,10 +334,11 @@ async fn serve_grpc(
     router: tonic::transport::server::Router,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-        .await
-        .context("gRPC server failed")
+    // The builder's `tcp_nodelay` does not apply to an incoming stream of
+    // our own: without TCP_NODELAY a small response waits for the peer's
+    // delayed ACK (40 ms per call on Linux).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await.context("gRPC server failed")
 }
 
 /// Registers the node, runs `work` until `shutdown`, deregisters first on
