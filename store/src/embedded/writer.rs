@@ -10,11 +10,15 @@
 //! thousands of operations.
 //!
 //! Reads do not go through the writer: they open a read transaction (MVCC,
-//! never blocked by the writer) on a `spawn_blocking` thread so redb's
-//! synchronous I/O never runs on a tokio worker.
+//! never blocked by the writer) on the calling task's thread. A read is a
+//! few lookups in redb's page cache (a miss is a `pread` that the OS page
+//! cache usually serves), far cheaper than the hop to a blocking-pool
+//! thread and back, which cost about a quarter of the server's CPU per
+//! message (S3 at 4,000 msgs/s: 130% → 90% of a core).
 //!
-//! Architecture invariant: no redb call is made on a tokio runtime thread
-//! except while opening a database (startup) or dropping its last handle.
+//! Architecture invariant: no redb *write* or commit (an `fsync`) runs on a
+//! tokio runtime thread, except while opening a database (startup) or
+//! dropping its last handle.
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -207,19 +211,14 @@ impl<S: Schema> Store<S> {
         answer.await.map_err(|_| self.closed())?
     }
 
-    /// Runs `op` in a fresh read transaction on a blocking thread.
+    /// Runs `op` in a fresh read transaction on the calling thread.
     pub(crate) async fn read<T, F>(&self, op: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(db_err)?;
-            op(&txn)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+        let txn = self.db.begin_read().map_err(db_err)?;
+        op(&txn)
     }
 
     /// Runs `op` in a read transaction on the calling thread. For startup
