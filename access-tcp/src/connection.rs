@@ -1,138 +1,631 @@
-//! One client connection: TLS handshake, the request loop, and the writer
-//! task that drains the outbound queue.
+//! One client connection, served by one task: the TLS session (rustls'
+//! unbuffered API over the socket), frame decoding, requests, and the frames
+//! other tasks queue for it (pushes, notices).
+//!
+//! Memory per idle connection is what an access node pays for every client
+//! (S1 in `bench/README.md`), so an idle connection holds no buffer: the task
+//! waits for socket readiness rather than inside a read, reads into a buffer
+//! allocated for that read, and releases every buffer (plaintext in and out,
+//! TLS records in, the outbound queue) once it is empty. What stays is the
+//! task itself, the rustls session state (keys, handshake outcome) and the
+//! connection's entry in the node.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
-use futures::{SinkExt, StreamExt};
+use bytes::{Buf, BytesMut};
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tern_proto::pb::{self, NoticeKind};
-use tern_proto::{ErrorCode, Frame, FrameCodec, RequestType, ServiceError, ServiceResult};
+use tern_proto::{ErrorCode, Frame, FrameCodec, HEADER_LEN, RequestType, ServiceError, ServiceResult};
 use tern_router_auth::Identity;
 use tern_store::Placement;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{FramedRead, FramedWrite};
-use tokio_util::sync::CancellationToken;
+use tokio_util::codec::Decoder;
 use tracing::Instrument;
 
 use crate::{AccessNode, ConnHandle};
 
-/// What the writer task is asked to do.
-#[derive(Debug)]
-pub enum Outbound {
-    Frame(Frame),
-    /// Flush what is queued, then close the connection.
-    Close,
+/// Bytes asked of the socket by a read into an empty buffer: most reads
+/// are one heartbeat or request, and a connection with more to read is read
+/// again with [`READ_CHUNK`].
+const FIRST_READ: usize = 1024;
+
+/// Bytes asked of the socket per read after the first.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Unsent bytes above which a connection stops reading requests and taking
+/// queued frames until the client reads: responses wait (back-pressure on the
+/// client's own reads) and pushes stay in the bounded outbound queue, where
+/// the slow-consumer policy applies.
+const HIGH_WATER: usize = 64 * 1024;
+
+/// Frames other tasks queue for a connection: pushes and notices. Bounded;
+/// its memory is released whenever the connection's task empties it.
+pub(crate) struct Outbox {
+    state: Mutex<OutboxState>,
+    capacity: usize,
 }
 
-pub(crate) async fn serve(
-    node: Arc<AccessNode>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-) {
+#[derive(Default)]
+struct OutboxState {
+    frames: VecDeque<Frame>,
+    /// The task is asked to send what is queued and close.
+    closing: bool,
+    /// The task is finishing: nothing more is accepted.
+    shut: bool,
+    /// The connection's task, waiting for frames or a close.
+    waiting: Option<Waker>,
+}
+
+/// Why [`Outbox::push`] refused a frame.
+pub(crate) enum Refused {
+    /// `capacity` frames are waiting: the client is not reading.
+    Full,
+    /// The connection is closing.
+    Closed,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { state: Mutex::default(), capacity }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame for the connection; never waits.
+    pub(crate) fn push(&self, frame: Frame) -> Result<(), Refused> {
+        let waiting = {
+            let mut state = self.lock();
+            if state.shut {
+                return Err(Refused::Closed);
+            }
+            if state.frames.len() >= self.capacity {
+                return Err(Refused::Full);
+            }
+            state.frames.push_back(frame);
+            state.waiting.take()
+        };
+        if let Some(task) = waiting {
+            task.wake();
+        }
+        Ok(())
+    }
+
+    /// Asks the connection to send what is queued and close.
+    pub(crate) fn close(&self) {
+        let waiting = {
+            let mut state = self.lock();
+            state.closing = true;
+            state.waiting.take()
+        };
+        if let Some(task) = waiting {
+            task.wake();
+        }
+    }
+
+    /// Ready when frames are queued (if `frames`) or a close is asked (if
+    /// `closing`); otherwise the task is woken when that changes. (A waker
+    /// in the outbox rather than a `Notify`: waiting costs the task's future
+    /// no room.)
+    fn poll_ready(&self, cx: &mut Context<'_>, frames: bool, closing: bool) -> Poll<()> {
+        let mut state = self.lock();
+        if (frames && !state.frames.is_empty()) || (closing && state.closing) {
+            return Poll::Ready(());
+        }
+        if !state.waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            state.waiting = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Everything queued; the queue gives up its memory.
+    fn take(&self) -> VecDeque<Frame> {
+        std::mem::take(&mut self.lock().frames)
+    }
+
+    /// Refuses further frames and returns what is queued.
+    fn shut(&self) -> VecDeque<Frame> {
+        let mut state = self.lock();
+        state.shut = true;
+        state.waiting = None;
+        std::mem::take(&mut state.frames)
+    }
+}
+
+/// Serves a new connection on its own task: the TLS handshake if `tls`,
+/// then requests until the connection ends.
+///
+/// Each kind of connection is its own task type, built from the fewest
+/// nested futures, because the task's future is allocated for as long as
+/// the connection lives (arguments of async functions keep their own room in
+/// the future, so every layer counts).
+pub(crate) fn spawn(node: Arc<AccessNode>, stream: TcpStream, peer: SocketAddr, tls: Option<&TlsAcceptor>) {
     let id = node.next_connection_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let span = tracing::info_span!("conn", %peer, conn = id, user = tracing::field::Empty);
-    async move {
-        match tls {
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(stream)).await;
-                match handshake {
-                    Ok(Ok(stream)) => run(node, stream, id).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                }
+    match tls {
+        Some(acceptor) => match Tls::new(acceptor.config().clone()) {
+            Ok(wire) => {
+                tokio::spawn(serve_tls(node, Io::new(stream, wire), id).instrument(span));
             }
-            None => run(node, stream, id).await,
+            Err(e) => tracing::warn!(parent: &span, error = %e, "TLS session not created"),
+        },
+        None => {
+            tokio::spawn(serve_plain(node, Io::new(stream, Plain), id).instrument(span));
         }
     }
-    .instrument(span)
-    .await
 }
 
-async fn run<S>(node: Arc<AccessNode>, stream: S, id: u64)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (read_half, write_half) = tokio::io::split(stream);
-    let codec = FrameCodec::new(node.config.max_body_len);
-    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
-    let handle = Arc::new(ConnHandle {
-        outbound: tx,
-        identity: std::sync::Mutex::new(None),
-        unacked: std::sync::Mutex::new(Default::default()),
-        cancel: CancellationToken::new(),
-    });
+async fn serve_tls(node: Arc<AccessNode>, mut io: Io<Tls>, id: u64) {
+    // Boxed: its future is needed once, not for the life of the task.
+    let handshake = Box::pin(tokio::time::timeout(node.config.handshake_timeout, io.handshake())).await;
+    match handshake {
+        Ok(Ok(())) => run(node, &mut io, id).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!("TLS handshake timed out"),
+    }
+}
+
+async fn serve_plain(node: Arc<AccessNode>, mut io: Io<Plain>, id: u64) {
+    run(node, &mut io, id).await
+}
+
+async fn run<W: Wire>(node: Arc<AccessNode>, io: &mut Io<W>, id: u64) {
+    let handle = Arc::new(ConnHandle::new(node.config.outbound_queue));
     node.lock_connections().insert(id, handle.clone());
-    let mut writer = tokio::spawn(write_loop(FramedWrite::new(write_half, codec), rx));
-
     let conn = Connection { node: node.clone(), handle: handle.clone(), id };
-    conn.read_loop(FramedRead::new(read_half, codec)).await;
+    conn.serve(io).await;
+    // Boxed: its future is needed once, not for the life of the task.
+    Box::pin(end(&node, &handle, io, id)).await;
+}
 
-    // Whatever ended the read loop, let the writer flush and close (if the
-    // queue is full the writer is aborted below instead).
-    let _ = handle.outbound.try_send(Outbound::Close);
+/// Sends what is queued and closes; removes the connection and its placement.
+async fn end<W: Wire>(node: &AccessNode, handle: &ConnHandle, io: &mut Io<W>, id: u64) {
+    let queued = handle.outbox.shut();
     node.lock_connections().remove(&id);
     let identity = handle.identity.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(identity) = identity {
-        let placement = Placement {
-            user_id: identity.user_id,
-            device_id: identity.device_id,
-            node_id: node.config.node_id.clone(),
-            connection_id: id,
-        };
-        if let Err(e) = node.services.auth.detach(&placement).await {
-            tracing::warn!(error = %e, "placement not removed");
+    let detach = async {
+        if let Some(identity) = identity {
+            let placement = Placement {
+                user_id: identity.user_id,
+                device_id: identity.device_id,
+                node_id: node.config.node_id.clone(),
+                connection_id: id,
+            };
+            if let Err(e) = node.services.auth.detach(&placement).await {
+                tracing::warn!(error = %e, "placement not removed");
+            }
         }
-    }
-    // Let the writer flush what is queued, but a writer stuck on a peer that
-    // stopped reading is aborted, which closes the socket.
-    if tokio::time::timeout(node.config.handshake_timeout, &mut writer).await.is_err() {
-        writer.abort();
-    }
+    };
+    // Send what is queued and close, but a peer that stopped reading does
+    // not hold the task: past the timeout the socket is dropped.
+    let flush = tokio::time::timeout(node.config.handshake_timeout, io.finish(queued));
+    let _ = tokio::join!(detach, flush);
     tracing::debug!("connection closed");
 }
 
-async fn write_loop<W>(mut sink: FramedWrite<W, FrameCodec>, mut rx: mpsc::Receiver<Outbound>)
-where
-    W: AsyncWrite + Unpin,
-{
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut close = false;
-        // Coalesce everything already queued into one flush (one syscall
-        // batch) instead of a write per frame.
-        while let Some(item) = next.take() {
-            match item {
-                Outbound::Frame(frame) => {
-                    if sink.feed(frame).await.is_err() {
-                        return;
-                    }
-                }
-                Outbound::Close => {
-                    close = true;
-                    break;
-                }
-            }
-            next = rx.try_recv().ok();
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-        if close {
-            break;
-        }
-    }
-    let _ = sink.close().await;
+/// What a connection speaks over its socket: plaintext frames or TLS.
+trait Wire: Send {
+    /// The buffer bytes read from the socket are appended to.
+    fn read_buffer<'a>(&'a mut self, input: &'a mut BytesMut) -> &'a mut BytesMut;
+    /// Turns what was read into application bytes in `input` (and TLS
+    /// records to send, such as a key update, in `output`).
+    fn received(&mut self, input: &mut BytesMut, output: &mut BytesMut) -> io::Result<()>;
+    /// Appends `frames` to `output`, encrypted where needed.
+    fn send(
+        &mut self,
+        frames: impl IntoIterator<Item = Frame>,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+    ) -> io::Result<()>;
+    /// Appends the end of the session (TLS close_notify) to `output`.
+    fn close(&mut self, input: &mut BytesMut, output: &mut BytesMut);
+    /// The peer ended the session (TLS close_notify).
+    fn peer_closed(&self) -> bool;
+    /// Releases buffers that are empty.
+    fn release(&mut self);
 }
 
-/// Whether the read loop goes on after a request.
-enum Flow {
-    Continue,
-    Close,
+fn put_frame(dst: &mut BytesMut, frame: &Frame) {
+    dst.reserve(HEADER_LEN + frame.body.len());
+    frame.header().write(dst);
+    dst.extend_from_slice(&frame.body);
+}
+
+/// Plaintext TCP (trusted networks only).
+struct Plain;
+
+impl Wire for Plain {
+    fn read_buffer<'a>(&'a mut self, input: &'a mut BytesMut) -> &'a mut BytesMut {
+        input
+    }
+
+    fn received(&mut self, _input: &mut BytesMut, _output: &mut BytesMut) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn send(
+        &mut self,
+        frames: impl IntoIterator<Item = Frame>,
+        _input: &mut BytesMut,
+        output: &mut BytesMut,
+    ) -> io::Result<()> {
+        for frame in frames {
+            put_frame(output, &frame);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, _input: &mut BytesMut, _output: &mut BytesMut) {}
+
+    fn peer_closed(&self) -> bool {
+        false
+    }
+
+    fn release(&mut self) {}
+}
+
+/// A TLS session on rustls' unbuffered API: the connection owns every
+/// buffer, so none outlives its use (the buffered `ServerConnection` keeps a
+/// 4 KiB receive buffer for as long as the connection lives).
+struct Tls {
+    /// Boxed because it is large and `Io` is moved.
+    session: Box<UnbufferedServerConnection>,
+    /// TLS records read and not yet processed.
+    incoming: BytesMut,
+    peer_closed: bool,
+}
+
+/// Where a TLS session stands after processing what it was given.
+enum Phase {
+    /// The handshake needs more from the peer.
+    Handshaking,
+    /// Application data flows.
+    Open,
+    /// Both sides sent close_notify.
+    Closed,
+}
+
+/// Something to send once the session can.
+enum Seal<'a> {
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Lets `write` fill the end of `output`, growing it once to the size the
+/// writer asks for if `hint` was too small.
+fn fill<E>(
+    output: &mut BytesMut,
+    hint: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> Result<(), E> {
+    let start = output.len();
+    output.resize(start + hint, 0);
+    let mut written = write(&mut output[start..]);
+    if let Some(size) = written.as_ref().err().and_then(&required) {
+        output.resize(start + size, 0);
+        written = write(&mut output[start..]);
+    }
+    match written {
+        Ok(n) => {
+            output.truncate(start + n);
+            Ok(())
+        }
+        Err(e) => {
+            output.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+fn encode_required(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_required(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+impl Tls {
+    fn new(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            session: Box::new(UnbufferedServerConnection::new(config)?),
+            incoming: BytesMut::new(),
+            peer_closed: false,
+        })
+    }
+
+    /// Runs the session over the records in `incoming`: application data is
+    /// appended to `input`, records to send (handshake, alerts, key updates,
+    /// `seal`) to `output`.
+    fn pump(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        mut seal: Option<Seal<'_>>,
+    ) -> io::Result<Phase> {
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                self.session.process_tls_records(&mut self.incoming);
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    // A fatal alert may be queued: it goes out before the close.
+                    if let Ok(ConnectionState::EncodeTlsData(mut alert)) =
+                        self.session.process_tls_records(&mut []).state
+                    {
+                        let _ = fill(output, 64, |buf| alert.encode(buf), encode_required);
+                    }
+                    return Err(tls_error(e));
+                }
+            };
+            let phase = match state {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        input.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::ReadEarlyData(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        input.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut records) => {
+                    fill(output, 1024, |buf| records.encode(buf), encode_required)
+                        .map_err(io::Error::other)?;
+                    None
+                }
+                // `output` is written in order before the task waits for the
+                // peer, which is all "transmitted" has to mean here.
+                ConnectionState::TransmitTlsData(records) => {
+                    records.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake => Some(Phase::Handshaking),
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    None
+                }
+                ConnectionState::Closed => {
+                    self.peer_closed = true;
+                    Some(Phase::Closed)
+                }
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    match seal.take() {
+                        Some(Seal::Data(data)) => {
+                            let hint = data.len() + (data.len() / 16_384 + 1) * 32;
+                            fill(output, hint, |buf| traffic.encrypt(data, buf), encrypt_required)
+                                .map_err(io::Error::other)?;
+                        }
+                        Some(Seal::CloseNotify) => {
+                            fill(output, 64, |buf| traffic.queue_close_notify(buf), encrypt_required)
+                                .map_err(io::Error::other)?;
+                        }
+                        None => {}
+                    }
+                    Some(Phase::Open)
+                }
+                _ => Some(Phase::Closed),
+            };
+            self.incoming.advance(discard);
+            if let Some(phase) = phase {
+                if seal.is_some() {
+                    return Err(io::Error::other("TLS session cannot send application data"));
+                }
+                return Ok(phase);
+            }
+        }
+    }
+}
+
+impl Wire for Tls {
+    fn read_buffer<'a>(&'a mut self, _input: &'a mut BytesMut) -> &'a mut BytesMut {
+        &mut self.incoming
+    }
+
+    fn received(&mut self, input: &mut BytesMut, output: &mut BytesMut) -> io::Result<()> {
+        self.pump(input, output, None).map(|_| ())
+    }
+
+    fn send(
+        &mut self,
+        frames: impl IntoIterator<Item = Frame>,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+    ) -> io::Result<()> {
+        // Every frame of a batch in as few records as possible.
+        let mut plain = BytesMut::new();
+        for frame in frames {
+            put_frame(&mut plain, &frame);
+        }
+        if plain.is_empty() {
+            return Ok(());
+        }
+        self.pump(input, output, Some(Seal::Data(&plain))).map(|_| ())
+    }
+
+    fn close(&mut self, input: &mut BytesMut, output: &mut BytesMut) {
+        let _ = self.pump(input, output, Some(Seal::CloseNotify));
+    }
+
+    fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    fn release(&mut self) {
+        if self.incoming.is_empty() {
+            self.incoming = BytesMut::new();
+        }
+    }
+}
+
+/// The socket and the buffers of one connection.
+struct Io<W> {
+    stream: TcpStream,
+    wire: W,
+    /// Application bytes received and not yet decoded into frames.
+    input: BytesMut,
+    /// Bytes for the socket not yet written.
+    output: BytesMut,
+    /// The peer ended its side (or the session).
+    eof: bool,
+}
+
+impl<W: Wire> Io<W> {
+    fn new(stream: TcpStream, wire: W) -> Self {
+        Self { stream, wire, input: BytesMut::new(), output: BytesMut::new(), eof: false }
+    }
+
+    /// Reads once, if the socket has something, without waiting.
+    fn read_ready(&mut self) -> io::Result<()> {
+        let buf = self.wire.read_buffer(&mut self.input);
+        buf.reserve(if buf.is_empty() { FIRST_READ } else { READ_CHUNK });
+        match self.stream.try_read_buf(buf) {
+            Ok(0) => self.eof = true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.wire.received(&mut self.input, &mut self.output)?;
+        if self.wire.peer_closed() {
+            self.eof = true;
+        }
+        Ok(())
+    }
+
+    /// Writes what the socket takes now.
+    fn write_ready(&mut self) -> io::Result<()> {
+        while !self.output.is_empty() {
+            match self.stream.try_write(&self.output) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.output.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready when the socket can be read (if `read`) or written (if
+    /// `write`): `(readable, writable)`. Polled in place, without a future
+    /// that would take room in the task.
+    fn poll_ready(&self, cx: &mut Context<'_>, read: bool, write: bool) -> Poll<io::Result<(bool, bool)>> {
+        let mut readable = false;
+        if read {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => readable = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        let mut writable = false;
+        if write {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => writable = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if readable || writable { Poll::Ready(Ok((readable, writable))) } else { Poll::Pending }
+    }
+
+    async fn write_all(&mut self) -> io::Result<()> {
+        loop {
+            self.write_ready()?;
+            if self.output.is_empty() {
+                return Ok(());
+            }
+            self.stream.writable().await?;
+        }
+    }
+
+    fn send(&mut self, frames: impl IntoIterator<Item = Frame>) -> io::Result<()> {
+        self.wire.send(frames, &mut self.input, &mut self.output)
+    }
+
+    /// Gives back the memory of empty buffers: an idle connection keeps none.
+    fn release(&mut self) {
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+        }
+        if self.output.is_empty() {
+            self.output = BytesMut::new();
+        }
+        self.wire.release();
+    }
+
+    /// Sends `frames` and the end of the session, then shuts the write side.
+    async fn finish(&mut self, frames: VecDeque<Frame>) -> io::Result<()> {
+        self.send(frames)?;
+        self.wire.close(&mut self.input, &mut self.output);
+        self.write_all().await?;
+        self.stream.shutdown().await
+    }
+}
+
+impl Io<Tls> {
+    async fn handshake(&mut self) -> io::Result<()> {
+        loop {
+            let phase = self.wire.pump(&mut self.input, &mut self.output, None);
+            // Handshake records, or the alert that explains a failure.
+            let written = self.write_all().await;
+            match phase? {
+                Phase::Open => return written,
+                Phase::Closed => return Err(io::ErrorKind::UnexpectedEof.into()),
+                // The peer's last flight may end with its close: what it
+                // sent after the handshake is still served.
+                Phase::Handshaking if self.eof => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Phase::Handshaking => {
+                    written?;
+                    self.stream.readable().await?;
+                    self.read_ready()?;
+                }
+            }
+        }
+    }
+}
+
+/// What a request leaves to send, and whether the connection ends after it.
+struct Reply {
+    frame: Option<Frame>,
+    close: bool,
+}
+
+impl Reply {
+    fn send(frame: Frame) -> Self {
+        Self { frame: Some(frame), close: false }
+    }
 }
 
 struct Connection {
@@ -146,114 +639,191 @@ impl Connection {
         self.handle.identity.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Queues a response, waiting for room (back-pressure on this client's
-    /// reads) — but not past a cancellation (slow consumer, kick, drain) or
-    /// the idle timeout: a client that stops reading loses the connection.
-    async fn send(&self, frame: Frame) -> Flow {
-        let queued = tokio::select! {
-            _ = self.handle.cancel.cancelled() => return Flow::Close,
-            queued = tokio::time::timeout(self.node.config.idle_timeout, self.handle.outbound.send(Outbound::Frame(frame))) => queued,
-        };
-        match queued {
-            Ok(Ok(())) => Flow::Continue,
-            Ok(Err(_)) => Flow::Close,
-            Err(_) => {
-                tracing::debug!("client stopped reading; closing");
-                Flow::Close
-            }
-        }
+    fn logged_in(&self) -> bool {
+        self.handle.identity.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    /// Sends an error frame; closes the connection when the code says so.
-    async fn fail(&self, sequence: u32, error: &ServiceError) -> Flow {
-        tracing::debug!(code = %error.code, message = %error.message, "request failed");
-        let flow = self.send(Frame::error(sequence, error.code, error.message.clone())).await;
-        if error.code.closes_connection() { Flow::Close } else { flow }
+    fn unacked_pending(&self) -> bool {
+        !self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    async fn reply<M: prost::Message>(
-        &self,
-        frame: &Frame,
-        kind: RequestType,
-        result: ServiceResult<M>,
-    ) -> Flow {
-        match result {
-            Ok(body) => self.send(Frame::new(kind, frame.sequence, &body)).await,
-            Err(e) => self.fail(frame.sequence, &e).await,
-        }
-    }
-
-    async fn read_loop<R>(&self, mut frames: FramedRead<R, FrameCodec>)
-    where
-        R: AsyncRead + Unpin,
-    {
+    /// The connection's loop: requests in, responses and queued frames out,
+    /// until the client leaves, breaks a rule, idles out, or the node closes
+    /// the connection (slow consumer, kick, drain).
+    async fn serve<W: Wire>(&self, io: &mut Io<W>) {
         let config = &self.node.config;
-        let mut ack_check = tokio::time::interval(config.push_ack_timeout / 2);
+        let mut codec = FrameCodec::new(config.max_body_len);
         // A connection must log in within the handshake timeout, whatever it
         // sends before; after LOGIN, each frame restarts the idle timeout.
-        let mut deadline = tokio::time::Instant::now() + config.handshake_timeout;
+        let mut idle_at = Instant::now() + config.handshake_timeout;
+        // When to look for pushes the client has not ACKed (only while some
+        // are outstanding).
+        let mut ack_at: Option<Instant> = None;
+        let sleep = tokio::time::sleep_until(idle_at);
+        tokio::pin!(sleep);
+        let mut fired = false;
         loop {
-            let next = tokio::select! {
-                _ = self.handle.cancel.cancelled() => return,
-                _ = ack_check.tick() => {
-                    self.check_unacked().await;
-                    continue;
-                }
-                next = tokio::time::timeout_at(deadline, frames.next()) => next,
-            };
-            let frame = match next {
-                Err(_) => {
-                    tracing::debug!("idle timeout");
-                    return;
-                }
-                Ok(None) => return,
-                Ok(Some(Err(e))) => {
-                    if let Some(code) = e.code() {
-                        let _ = self.fail(0, &ServiceError::new(code, e.to_string())).await;
-                    }
-                    return;
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            if let Flow::Close = self.handle_frame(frame).await {
+            if self.handle.outbox.closing() {
                 return;
             }
-            if self.identity().is_some() {
-                deadline = tokio::time::Instant::now() + config.idle_timeout;
+            // The requests received, unless the client is not reading what
+            // it is sent.
+            while io.output.len() < HIGH_WATER {
+                let decoded =
+                    if io.eof { codec.decode_eof(&mut io.input) } else { codec.decode(&mut io.input) };
+                let frame = match decoded {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let Some(code) = e.code() {
+                            let error = ServiceError::new(code, e.to_string());
+                            if let Some(frame) = self.fail(0, &error).frame {
+                                let _ = io.send([frame]);
+                            }
+                        }
+                        return;
+                    }
+                };
+                // Boxed: a request's future is large and short-lived, and an
+                // idle connection's task should not carry its space.
+                let reply = Box::pin(self.serve_request(io, frame)).await;
+                if let Some(frame) = reply.frame
+                    && io.send([frame]).is_err()
+                {
+                    return;
+                }
+                if reply.close || self.handle.outbox.closing() {
+                    return;
+                }
+                if self.logged_in() {
+                    idle_at = Instant::now() + config.idle_timeout;
+                }
+            }
+            if io.eof && io.output.len() < HIGH_WATER {
+                // Every frame before the end was served.
+                return;
+            }
+            if io.output.len() < HIGH_WATER {
+                let frames = self.handle.outbox.take();
+                if !frames.is_empty() && io.send(frames).is_err() {
+                    return;
+                }
+            }
+            if ack_at.is_none() && self.unacked_pending() {
+                ack_at = Some(Instant::now() + config.push_ack_timeout / 2);
+            }
+            if io.write_ready().is_err() {
+                return;
+            }
+            io.release();
+
+            let wake = ack_at.map_or(idle_at, |at| at.min(idle_at));
+            if fired || sleep.deadline() != wake {
+                sleep.as_mut().reset(wake);
+                fired = false;
+            }
+            let reading = io.output.len() < HIGH_WATER;
+            let writing = !io.output.is_empty();
+            tokio::select! {
+                biased;
+                _ = poll_fn(|cx| self.handle.outbox.poll_ready(cx, reading, true)) => {}
+                _ = &mut sleep => {
+                    fired = true;
+                    let now = Instant::now();
+                    if now >= idle_at {
+                        tracing::debug!("idle timeout");
+                        return;
+                    }
+                    if ack_at.is_some_and(|at| now >= at) {
+                        if let Some(notice) = self.check_unacked()
+                            && io.send([notice]).is_err()
+                        {
+                            return;
+                        }
+                        ack_at = self.unacked_pending().then(|| now + config.push_ack_timeout / 2);
+                    }
+                }
+                ready = poll_fn(|cx| io.poll_ready(cx, reading, writing)) => {
+                    let Ok((readable, writable)) = ready else { return };
+                    if writable && io.write_ready().is_err() {
+                        return;
+                    }
+                    if readable && io.read_ready().is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one request while still sending what other tasks queue for
+    /// this connection (pushes keep flowing during a slow request).
+    async fn serve_request<W: Wire>(&self, io: &mut Io<W>, frame: Frame) -> Reply {
+        let request = self.handle_frame(frame);
+        tokio::pin!(request);
+        let mut broken = false;
+        loop {
+            let taking = !broken && io.output.len() < HIGH_WATER;
+            let writing = !broken && !io.output.is_empty();
+            tokio::select! {
+                biased;
+                reply = &mut request => return reply,
+                _ = poll_fn(|cx| self.handle.outbox.poll_ready(cx, true, false)), if taking => {
+                    let frames = self.handle.outbox.take();
+                    broken = io.send(frames).is_err() || io.write_ready().is_err();
+                }
+                ready = poll_fn(|cx| io.poll_ready(cx, false, true)), if writing => {
+                    broken = ready.is_err() || io.write_ready().is_err();
+                }
             }
         }
     }
 
     /// Tells a client whose pushes went unacknowledged to pull them.
-    async fn check_unacked(&self) {
+    fn check_unacked(&self) -> Option<Frame> {
         let timeout = self.node.config.push_ack_timeout;
         let overdue = {
             let mut unacked = self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner());
             let overdue = unacked.values().any(|pushed| pushed.elapsed() >= timeout);
             if overdue {
-                unacked.clear();
+                *unacked = Default::default();
             }
             overdue
         };
-        if overdue {
+        overdue.then(|| {
             let notice =
                 pb::Notice { kind: NoticeKind::Sync as i32, reason: "unacknowledged messages: pull".into() };
-            let _ =
-                self.handle.outbound.try_send(Outbound::Frame(Frame::new(RequestType::Notice, 0, &notice)));
+            Frame::new(RequestType::Notice, 0, &notice)
+        })
+    }
+
+    /// An error frame; closes the connection when the code says so.
+    fn fail(&self, sequence: u32, error: &ServiceError) -> Reply {
+        tracing::debug!(code = %error.code, message = %error.message, "request failed");
+        Reply {
+            frame: Some(Frame::error(sequence, error.code, error.message.clone())),
+            close: error.code.closes_connection(),
         }
     }
 
-    async fn handle_frame(&self, frame: Frame) -> Flow {
+    fn reply<M: prost::Message>(&self, frame: &Frame, kind: RequestType, result: ServiceResult<M>) -> Reply {
+        match result {
+            Ok(body) => Reply::send(Frame::new(kind, frame.sequence, &body)),
+            Err(e) => self.fail(frame.sequence, &e),
+        }
+    }
+
+    async fn handle_frame(&self, frame: Frame) -> Reply {
         let Some(kind) = frame.kind() else {
             let e = ServiceError::new(
                 ErrorCode::UnknownRequestType,
                 format!("unknown requestType {}", frame.request_type),
             );
-            return self.fail(frame.sequence, &e).await;
+            return self.fail(frame.sequence, &e);
         };
         match kind {
             RequestType::Heartbeat => {
-                self.send(Frame::new(RequestType::Heartbeat, frame.sequence, &pb::Heartbeat {})).await
+                Reply::send(Frame::new(RequestType::Heartbeat, frame.sequence, &pb::Heartbeat {}))
             }
             RequestType::Login => self.login(&frame).await,
             RequestType::PushMessage | RequestType::Notice | RequestType::Error => {
@@ -261,41 +831,40 @@ impl Connection {
                     ErrorCode::UnknownRequestType,
                     format!("requestType {} is sent by servers only", frame.request_type),
                 );
-                self.fail(frame.sequence, &e).await
+                self.fail(frame.sequence, &e)
             }
             _ => match self.identity() {
                 None => {
                     let e = ServiceError::new(ErrorCode::NotLoggedIn, "log in first");
-                    self.fail(frame.sequence, &e).await
+                    self.fail(frame.sequence, &e)
                 }
                 Some(identity) => self.request(kind, &frame, &identity).await,
             },
         }
     }
 
-    async fn login(&self, frame: &Frame) -> Flow {
-        if self.identity().is_some() {
+    async fn login(&self, frame: &Frame) -> Reply {
+        if self.logged_in() {
             let e = ServiceError::new(ErrorCode::AlreadyLoggedIn, "this connection is already logged in");
-            return self.fail(frame.sequence, &e).await;
+            return self.fail(frame.sequence, &e);
         }
         if self.node.draining.load(std::sync::atomic::Ordering::SeqCst) {
             let notice = pb::Notice {
                 kind: NoticeKind::Reconnect as i32,
                 reason: "server is shutting down; reconnect".into(),
             };
-            let _ = self.send(Frame::new(RequestType::Notice, 0, &notice)).await;
-            return Flow::Close;
+            return Reply { frame: Some(Frame::new(RequestType::Notice, 0, &notice)), close: true };
         }
         let req: pb::LoginRequest = match decode(frame) {
             Ok(req) => req,
-            Err(e) => return self.fail(frame.sequence, &e).await,
+            Err(e) => return self.fail(frame.sequence, &e),
         };
         let node = &self.node;
         let attached =
             node.services.auth.attach(&req.token, &req.device_id, &node.config.node_id, self.id).await;
         let (identity, previous) = match attached {
             Ok(ok) => ok,
-            Err(e) => return self.fail(frame.sequence, &e).await,
+            Err(e) => return self.fail(frame.sequence, &e),
         };
         tracing::Span::current().record("user", identity.user_id.as_str());
         *self.handle.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
@@ -320,21 +889,21 @@ impl Connection {
             idle_timeout_ms: node.config.idle_timeout.as_millis() as u32,
             pending_offline: pending,
         };
-        self.send(Frame::new(RequestType::Login, frame.sequence, &response)).await
+        Reply::send(Frame::new(RequestType::Login, frame.sequence, &response))
     }
 
-    async fn request(&self, kind: RequestType, frame: &Frame, identity: &Identity) -> Flow {
+    async fn request(&self, kind: RequestType, frame: &Frame, identity: &Identity) -> Reply {
         let services = &self.node.services;
         let (user, device) = (identity.user_id.as_str(), identity.device_id.as_str());
         match kind {
             RequestType::SendSingle => {
                 let result =
                     async { services.dispatch.send_single(user, device, decode(frame)?).await }.await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::SendGroup => {
                 let result = async { services.dispatch.send_group(user, device, decode(frame)?).await }.await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::AckMessages => {
                 let result = async {
@@ -344,10 +913,14 @@ impl Connection {
                     for id in &req.msg_ids {
                         unacked.remove(id);
                     }
+                    if unacked.is_empty() {
+                        // An emptied map keeps its table; an idle connection should not.
+                        *unacked = Default::default();
+                    }
                     Ok(pb::Empty {})
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::PullOffline => {
                 let result = async {
@@ -357,11 +930,11 @@ impl Connection {
                     Ok(pb::PullOfflineResponse { messages, more })
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::CreateGroup => {
                 let result = async { services.dispatch.create_group(user, decode(frame)?).await }.await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::JoinGroup | RequestType::LeaveGroup | RequestType::GroupMembers => {
                 let result = async {
@@ -373,7 +946,7 @@ impl Connection {
                     }
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::ListGroups => {
                 let result = async {
@@ -381,7 +954,7 @@ impl Connection {
                     Ok(pb::ListGroupsResponse { groups: services.dispatch.list_groups(user).await? })
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::GroupHistory => {
                 let result = async {
@@ -391,7 +964,7 @@ impl Connection {
                     Ok(pb::GroupHistoryResponse { messages, more })
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::OnlineUsers => {
                 let result = async {
@@ -404,7 +977,7 @@ impl Connection {
                     Ok(pb::OnlineUsersResponse { user_ids })
                 }
                 .await;
-                self.reply(frame, kind, result).await
+                self.reply(frame, kind, result)
             }
             RequestType::Login
             | RequestType::Heartbeat
@@ -422,4 +995,134 @@ fn decode<M: prost::Message + Default>(frame: &Frame) -> ServiceResult<M> {
             format!("body of requestType {} does not decode: {e}", frame.request_type),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures::{SinkExt, StreamExt};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+
+    use super::*;
+
+    fn frame(sequence: u32, len: usize) -> Frame {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        Frame {
+            client_version: tern_proto::PROTOCOL_VERSION,
+            request_type: RequestType::Heartbeat as u32,
+            sequence,
+            body: Bytes::from(body),
+        }
+    }
+
+    #[tokio::test]
+    async fn tls13_session_carries_frames_both_ways() {
+        session_carries_frames_both_ways(&rustls::version::TLS13).await;
+    }
+
+    #[tokio::test]
+    async fn tls12_session_carries_frames_both_ways() {
+        session_carries_frames_both_ways(&rustls::version::TLS12).await;
+    }
+
+    /// The unbuffered TLS session against a stock rustls client: frames split
+    /// over many records, a frame larger than a record both ways, a key
+    /// update asked by the client (TLS 1.3), and a clean close from each side.
+    async fn session_carries_frames_both_ways(version: &'static rustls::SupportedProtocolVersion) {
+        let dir = tempfile::tempdir().unwrap();
+        let generated = crate::tls::ensure_self_signed(&dir.path().join("tls"), &[]).unwrap();
+        let acceptor = crate::tls::acceptor(&generated.server).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let last = frame(99, 100_000);
+        let server_last = last.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut io = Io::new(stream, Tls::new(acceptor.config().clone()).unwrap());
+            io.handshake().await.unwrap();
+            let mut codec = FrameCodec::new(200_000);
+            let mut echoed = 0;
+            loop {
+                while let Some(frame) = codec.decode(&mut io.input).unwrap() {
+                    io.send([frame]).unwrap();
+                    echoed += 1;
+                }
+                io.write_all().await.unwrap();
+                io.release();
+                // Waiting, the connection holds no buffer it does not need.
+                assert_eq!(io.output.capacity(), 0);
+                if io.input.is_empty() {
+                    assert_eq!(io.input.capacity(), 0);
+                }
+                if io.wire.incoming.is_empty() {
+                    assert_eq!(io.wire.incoming.capacity(), 0);
+                }
+                if io.eof {
+                    break;
+                }
+                poll_fn(|cx| io.poll_ready(cx, true, false)).await.unwrap();
+                io.read_ready().unwrap();
+            }
+            assert!(io.input.is_empty());
+            io.finish(VecDeque::from([server_last])).await.unwrap();
+            echoed
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&generated.ca_cert).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        let mut client = Framed::new(tls, FrameCodec::new(200_000));
+        let sent = [frame(1, 0), frame(2, 10), frame(3, 40_000), frame(4, 3)];
+        for (i, f) in sent.iter().enumerate() {
+            if i == 3 && version.version == rustls::ProtocolVersion::TLSv1_3 {
+                client.get_mut().get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            client.send(f.clone()).await.unwrap();
+        }
+        for expected in &sent {
+            let got = tokio::time::timeout(Duration::from_secs(10), client.next()).await.unwrap();
+            assert_eq!(&got.unwrap().unwrap(), expected);
+        }
+        // close_notify: the server sends its last frame, then its own close.
+        client.get_mut().shutdown().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), client.next()).await.unwrap();
+        assert_eq!(got.unwrap().unwrap(), last);
+        assert!(client.next().await.is_none(), "a clean end of the session");
+        assert_eq!(server.await.unwrap(), sent.len());
+    }
+
+    #[test]
+    fn outbox_is_bounded_and_gives_back_its_memory() {
+        let outbox = Outbox::new(2);
+        assert!(outbox.push(frame(1, 1)).is_ok());
+        assert!(outbox.push(frame(2, 1)).is_ok());
+        assert!(matches!(outbox.push(frame(3, 1)), Err(Refused::Full)));
+        let taken = outbox.take();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(outbox.lock().frames.capacity(), 0);
+        assert!(!outbox.closing());
+        outbox.close();
+        assert!(outbox.closing());
+        assert!(outbox.push(frame(4, 1)).is_ok(), "a closing connection still flushes what comes");
+        assert_eq!(outbox.shut().len(), 1);
+        assert!(matches!(outbox.push(frame(5, 1)), Err(Refused::Closed)));
+    }
 }

@@ -1,7 +1,7 @@
 //! access-tcp: the TLS TCP access node.
 //!
-//! It holds client connections (one task per connection, plus a writer task
-//! draining a bounded outbound queue), turns frames into calls on the
+//! It holds client connections (one task per connection, which also drains
+//! the connection's bounded outbound queue), turns frames into calls on the
 //! services behind it, and delivers pushes to the connections it holds.
 //!
 //! Slow-consumer policy: the outbound queue of a connection is bounded
@@ -31,11 +31,8 @@ use tern_proto::{DEFAULT_MAX_BODY_LEN, Frame, RequestType};
 use tern_router_auth::{ACCESS_TCP_ROLE, Identity, SessionAuthority};
 use tern_store::{NodeInfo, Placement, Registry, SessionStore};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-
-pub use connection::Outbound;
 
 /// Settings of one access node.
 #[derive(Debug, Clone)]
@@ -106,11 +103,22 @@ pub struct AccessServices {
 
 /// A connection as seen from outside its task.
 struct ConnHandle {
-    outbound: mpsc::Sender<Outbound>,
+    /// Pushes and notices for the connection; also how it is asked to close
+    /// (slow consumer, kick, drain).
+    outbox: connection::Outbox,
     identity: Mutex<Option<Identity>>,
     /// Pushed message ids not yet ACKed, with the time of the push.
     unacked: Mutex<HashMap<u64, Instant>>,
-    cancel: CancellationToken,
+}
+
+impl ConnHandle {
+    fn new(outbound_queue: usize) -> Self {
+        Self {
+            outbox: connection::Outbox::new(outbound_queue),
+            identity: Mutex::new(None),
+            unacked: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// One access node: its connections and the services behind it.
@@ -187,8 +195,8 @@ impl AccessNode {
     fn close_with_notice(&self, connection_id: u64, kind: NoticeKind, reason: &str) {
         if let Some(conn) = self.connection(connection_id) {
             let notice = pb::Notice { kind: kind as i32, reason: reason.to_owned() };
-            let _ = conn.outbound.try_send(Outbound::Frame(Frame::new(RequestType::Notice, 0, &notice)));
-            conn.cancel.cancel();
+            let _ = conn.outbox.push(Frame::new(RequestType::Notice, 0, &notice));
+            conn.outbox.close();
         }
     }
 
@@ -246,9 +254,7 @@ impl AccessNode {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let node = self.clone();
-                        let tls = tls.clone();
-                        tokio::spawn(async move { connection::serve(node, stream, peer, tls).await });
+                        connection::spawn(self.clone(), stream, peer, tls.as_ref());
                     }
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
@@ -294,13 +300,13 @@ impl AccessNode {
     /// reconnecting, which holds every pushed message and everything a
     /// SYNC notice pointed at.
     fn deliver(conn: &ConnHandle, placement: &Placement, frame: Frame) {
-        match conn.outbound.try_send(Outbound::Frame(frame)) {
+        match conn.outbox.push(frame) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(connection::Refused::Full) => {
                 tracing::warn!(conn = placement.connection_id, user = %placement.user_id, "slow consumer: outbound queue full, disconnecting");
-                conn.cancel.cancel();
+                conn.outbox.close();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(connection::Refused::Closed) => {}
         }
     }
 }
