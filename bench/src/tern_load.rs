@@ -3,6 +3,7 @@
 //! per connection. Receivers ACK every push (batched per read burst), as a
 //! real client must, so the server's offline store is cleared as it goes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -134,13 +135,16 @@ impl TernBed {
         for (r, conn) in opened.into_iter().enumerate() {
             let (frames, write) = conn.with_context(|| format!("receiver {}", receiver_users[r]))?;
             let tx = wire::spawn_writer(write, QUEUE);
+            tasks.push(tokio::spawn(keep_alive(tx.downgrade())));
             tasks.push(tokio::spawn(receiver_loop(r, frames, tx, flow_rx.clone())));
         }
         for (s, token) in sender_tokens.iter().enumerate() {
             let (frames, write) = open_logged_in(&dials[(s + 1) % dials.len()], token)
                 .await
                 .with_context(|| format!("sender {}", sender_users[s]))?;
-            senders.push(wire::spawn_writer(write, QUEUE));
+            let tx = wire::spawn_writer(write, QUEUE);
+            tasks.push(tokio::spawn(keep_alive(tx.downgrade())));
+            senders.push(tx);
             tasks.push(tokio::spawn(sender_loop(s as u32, frames, flow_rx.clone())));
         }
         Ok(TernBed {
@@ -271,6 +275,27 @@ fn current(rx: &mut FlowRx, cached: &mut Option<Arc<Flow>>) {
     }
 }
 
+/// Takes the next request sequence of a connection.
+fn next_seq(seq: &mut u32) -> u32 {
+    let current = *seq;
+    *seq = seq.checked_add(1).unwrap_or(1);
+    current
+}
+
+/// Heartbeats a connection while its writer is open, so one that has
+/// nothing to send between runs (a backlog being worked off, a search
+/// step's pause) is not cut by the server's idle timeout.
+async fn keep_alive(writer: mpsc::WeakSender<Bytes>) {
+    let heartbeat = wire::encode(RequestType::Heartbeat, 0, &pb::Heartbeat {});
+    loop {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let Some(tx) = writer.upgrade() else { return };
+        if tx.send(heartbeat.clone()).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Reads a sender connection: SendAcks and errors.
 async fn sender_loop(stream: u32, mut frames: Frames, mut rx: FlowRx) {
     let mut flow: Option<Arc<Flow>> = None;
@@ -313,27 +338,72 @@ async fn sender_loop(stream: u32, mut frames: Frames, mut rx: FlowRx) {
 }
 
 /// Reads a receiver connection: records each push and ACKs what arrived
-/// in each read burst with one ACK_MESSAGES.
+/// in each read burst with one ACK_MESSAGES. A NOTICE SYNC (sent instead of
+/// pushes for a burst of large-group messages, DELIVERY R12) is answered
+/// like the SDK does: the offline set is pulled page by page, and what was
+/// pulled is recorded and ACKed. A pull can return a message whose push was
+/// just recorded (its ACK still on the way), so pulled and pushed ids are
+/// told apart per run; a message pushed twice still counts as a duplicate.
 async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>, mut rx: FlowRx) {
     let mut flow: Option<Arc<Flow>> = None;
+    let mut run = None;
     let mut seq: u32 = 1;
     let mut bursts = frames.ready_chunks(512);
     let mut ids = Vec::with_capacity(512);
+    let mut pushed: HashSet<u64> = HashSet::new();
+    let mut pulled: HashSet<u64> = HashSet::new();
+    // The sequence of the pull in flight, and whether a SYNC came meanwhile.
+    let mut pulling: Option<u32> = None;
+    let mut sync_again = false;
     while let Some(batch) = bursts.next().await {
         current(&mut rx, &mut flow);
+        if flow.as_ref().map(|f| f.run) != run {
+            run = flow.as_ref().map(|f| f.run);
+            pushed.clear();
+            pulled.clear();
+        }
+        let mut pull_after: Option<u64> = None;
         for frame in batch {
             let Ok(frame) = frame else { return };
             match frame.kind() {
                 Some(RequestType::PushMessage) => {
                     let Ok(message) = frame.decode::<pb::Message>() else { continue };
                     ids.push(message.msg_id);
+                    if pulled.contains(&message.msg_id) {
+                        continue;
+                    }
+                    pushed.insert(message.msg_id);
                     if let (Some(f), Some(stamp)) = (&flow, Stamp::decode(&message.content)) {
                         f.on_delivery(receiver, &stamp);
                     }
                 }
+                Some(RequestType::PullOffline) if pulling == Some(frame.sequence) => {
+                    pulling = None;
+                    let Ok(page) = frame.decode::<pb::PullOfflineResponse>() else { continue };
+                    for message in &page.messages {
+                        ids.push(message.msg_id);
+                        if pushed.contains(&message.msg_id) || !pulled.insert(message.msg_id) {
+                            continue;
+                        }
+                        if let (Some(f), Some(stamp)) = (&flow, Stamp::decode(&message.content)) {
+                            f.on_delivery(receiver, &stamp);
+                        }
+                    }
+                    if page.more {
+                        pull_after = page.messages.last().map(|m| m.msg_id);
+                    } else if std::mem::take(&mut sync_again) {
+                        pull_after = Some(0);
+                    }
+                }
                 Some(RequestType::Notice) => {
                     let n: pb::Notice = frame.decode().unwrap_or_default();
-                    if let Some(f) = &flow {
+                    if n.kind == pb::NoticeKind::Sync as i32 {
+                        if pulling.is_some() {
+                            sync_again = true;
+                        } else {
+                            pull_after = Some(0);
+                        }
+                    } else if let Some(f) = &flow {
                         f.on_error(|| format!("receiver {receiver}: notice {:?} {}", n.kind, n.reason));
                     }
                 }
@@ -349,14 +419,25 @@ async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>,
         for chunk in ids.chunks(1000) {
             let ack = wire::encode(
                 RequestType::AckMessages,
-                seq,
+                next_seq(&mut seq),
                 &pb::AckMessagesRequest { msg_ids: chunk.to_vec() },
             );
-            seq = seq.checked_add(1).unwrap_or(1);
             if tx.send(ack).await.is_err() {
                 return;
             }
         }
         ids.clear();
+        if let Some(after) = pull_after {
+            let sequence = next_seq(&mut seq);
+            let pull = wire::encode(
+                RequestType::PullOffline,
+                sequence,
+                &pb::PullOfflineRequest { after_msg_id: after, limit: 200 },
+            );
+            pulling = Some(sequence);
+            if tx.send(pull).await.is_err() {
+                return;
+            }
+        }
     }
 }
