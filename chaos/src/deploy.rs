@@ -63,14 +63,7 @@ impl Deployment {
         let http = free_port()?;
         let config = dir.join("standalone.toml");
         std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.join("data").display()))?;
-        let mut deployment = Deployment {
-            bin: bin.to_owned(),
-            dir: dir.to_owned(),
-            config,
-            processes: Vec::new(),
-            auth_url: format!("http://127.0.0.1:{http}"),
-            ca: dir.join("data/tls/ca.pem"),
-        };
+        let mut deployment = Deployment::new(bin, dir, config, http);
         deployment.add(
             "standalone",
             "standalone",
@@ -100,14 +93,7 @@ impl Deployment {
             ),
         )?;
         let http = free_port()?;
-        let mut deployment = Deployment {
-            bin: bin.to_owned(),
-            dir: dir.to_owned(),
-            config,
-            processes: Vec::new(),
-            auth_url: format!("http://127.0.0.1:{http}"),
-            ca: dir.join("data/tls/ca.pem"),
-        };
+        let mut deployment = Deployment::new(bin, dir, config, http);
         deployment.add(
             "router-auth",
             "router-auth",
@@ -123,6 +109,19 @@ impl Deployment {
         deployment.add("access-2", "access-tcp", vec![], true);
         deployment.start_all().await?;
         Ok(deployment)
+    }
+
+    /// An empty deployment whose router-auth HTTP API will listen on
+    /// `http_port`; the processes share `config` and `dir`'s data.
+    fn new(bin: &Path, dir: &Path, config: PathBuf, http_port: u16) -> Deployment {
+        Deployment {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            config,
+            processes: Vec::new(),
+            auth_url: format!("http://127.0.0.1:{http_port}"),
+            ca: dir.join("data/tls/ca.pem"),
+        }
     }
 
     fn add(&mut self, name: &str, subcommand: &'static str, args: Vec<String>, node_ids: bool) {
@@ -244,18 +243,21 @@ impl Deployment {
         self.start(index).await
     }
 
-    /// Processes that exited on their own (a crash the tool did not cause).
-    pub fn exited(&mut self) -> Vec<String> {
+    /// Starts again every process that exited on its own (a crash the
+    /// tool did not cause); returns them as `name (exit status)`.
+    pub async fn restart_exited(&mut self) -> anyhow::Result<Vec<String>> {
         let mut exited = Vec::new();
-        for process in &mut self.processes {
+        for index in 0..self.processes.len() {
+            let process = &mut self.processes[index];
             if let Some(child) = &mut process.child
                 && let Ok(Some(status)) = child.try_wait()
             {
                 exited.push(format!("{} ({status})", process.name));
                 process.child = None;
+                self.start(index).await?;
             }
         }
-        exited
+        Ok(exited)
     }
 
     /// SIGKILLs everything (the run is over).

@@ -302,11 +302,9 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
     let mut next_progress = started + Duration::from_secs(5);
     while Instant::now() < traffic_ends {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        for exited in deployment.exited() {
-            progress(&format!("{exited} died without being killed; restarting it"));
-            let name = exited.split(' ').next().unwrap_or_default().to_owned();
+        for exited in deployment.restart_exited().await? {
+            progress(&format!("{exited} died without being killed; restarted it"));
             unexpected_exits.push(exited);
-            deployment.restart(&name).await?;
         }
         let now = Instant::now();
         if now >= next_progress {
@@ -361,11 +359,7 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
     let settling = Instant::now();
     let settle_deadline = settling + Duration::from_secs(options.settle_secs);
     loop {
-        for exited in deployment.exited() {
-            let name = exited.split(' ').next().unwrap_or_default().to_owned();
-            unexpected_exits.push(exited);
-            deployment.restart(&name).await?;
-        }
+        unexpected_exits.extend(deployment.restart_exited().await?);
         let missing = ledger.missing();
         if missing == 0 || Instant::now() >= settle_deadline {
             break;

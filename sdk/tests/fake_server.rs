@@ -231,9 +231,19 @@ impl Served {
 
     /// Waits until every id in `ids` has been ACKed.
     async fn wait_acked(&self, ids: &[u64]) {
+        self.wait_acked_times(ids, 1).await;
+    }
+
+    /// Waits until every id in `ids` has been ACKed at least `times` times.
+    async fn wait_acked_times(&self, ids: &[u64], times: usize) {
         let deadline = tokio::time::Instant::now() + STEP;
-        while !ids.iter().all(|id| self.state().acked.contains(id)) {
-            assert!(tokio::time::Instant::now() < deadline, "not ACKed: {ids:?}; ACKed: {:?}", self.acked());
+        let done = |acked: &[u64]| ids.iter().all(|id| acked.iter().filter(|a| *a == id).count() >= times);
+        while !done(&self.state().acked) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ACKed {times}×: {ids:?}; ACKed: {:?}",
+                self.acked()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -855,11 +865,8 @@ async fn a_message_arriving_twice_is_shown_once_and_acked_twice() {
     served.push(from_alice(2, 2));
     assert_eq!(next_message(&mut events).await.msg_id, 2, "the copy of 1 is not shown again");
     served.wait_acked(&[2]).await;
-    let deadline = tokio::time::Instant::now() + STEP;
-    while served.acked().iter().filter(|id| **id == 1).count() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "the copy was not ACKed: {:?}", served.acked());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The copy of 1 is ACKed too.
+    served.wait_acked_times(&[1], 2).await;
     no_event(&mut events, Duration::from_millis(200)).await;
     client.close().await;
 }
