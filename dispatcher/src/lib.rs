@@ -7,7 +7,8 @@
 //! ARCHITECTURE.md, "why the push follows the offline write").
 //!
 //! Architecture invariant: a message is acknowledged to its sender only after
-//! `Bus::publish` returned, i.e. after it is durable.
+//! `MessageLog::append` (or, for a retry, `Bus::publish`) returned, i.e.
+//! after its bus record is durable.
 //!
 //! Architecture invariant: a message's ids (message id, sequence) are
 //! reserved under its client message id before it is published, and every
@@ -29,7 +30,7 @@ use tern_proto::pb::{self, ConversationKind};
 use tern_proto::{
     ErrorCode, ServiceError, ServiceResult, group_conversation_key, single_conversation_key, validate_id,
 };
-use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MetaStore, SequenceStore};
+use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MessageLog, MetaStore, NewMessage, StoreError};
 use tokio::sync::Mutex;
 
 /// Most groups one LIST_GROUPS response carries (the first by group id).
@@ -86,8 +87,11 @@ impl Default for DispatcherConfig {
 #[derive(Clone)]
 pub struct DispatcherBackends {
     pub meta: Arc<dyn MetaStore>,
-    pub sequences: Arc<dyn SequenceStore>,
+    /// Stores each new message (sequence, reservation, bus record).
+    pub log: Arc<dyn MessageLog>,
+    /// Reservations, read to recognise retries.
     pub dedup: Arc<dyn DedupStore>,
+    /// Where a retry publishes its message again.
     pub bus: Arc<dyn Bus>,
 }
 
@@ -133,6 +137,27 @@ fn check_send(sender: &str, claimed_sender: &str, client_msg_id: &str, content: 
         return Err(ServiceError::invalid("content must not be empty"));
     }
     Ok(())
+}
+
+/// The bus payload of `draft` with the ids it was given.
+fn envelope(draft: &Draft, ids: DedupRecord) -> Bytes {
+    let message = pb::Message {
+        msg_id: ids.msg_id,
+        kind: draft.kind as i32,
+        sender: draft.sender.clone(),
+        receiver: draft.receiver.clone(),
+        group_id: draft.group_id.clone(),
+        seq: ids.seq,
+        content: draft.content.clone(),
+        sent_at_ms: ids.sent_at_ms,
+        client_msg_id: draft.client_msg_id.clone(),
+    };
+    let envelope = pb::BusEnvelope {
+        message: Some(message),
+        receivers: draft.receivers.clone(),
+        sender_device: draft.sender_device.clone(),
+    };
+    Bytes::from(envelope.encode_to_vec())
 }
 
 /// A message waiting for its id and sequence.
@@ -182,25 +207,9 @@ impl Dispatcher {
 
     /// Publishes `draft` with the ids it was given.
     async fn publish(&self, draft: &Draft, ids: DedupRecord) -> ServiceResult<()> {
-        let message = pb::Message {
-            msg_id: ids.msg_id,
-            kind: draft.kind as i32,
-            sender: draft.sender.clone(),
-            receiver: draft.receiver.clone(),
-            group_id: draft.group_id.clone(),
-            seq: ids.seq,
-            content: draft.content.clone(),
-            sent_at_ms: ids.sent_at_ms,
-            client_msg_id: draft.client_msg_id.clone(),
-        };
-        let envelope = pb::BusEnvelope {
-            message: Some(message),
-            receivers: draft.receivers.clone(),
-            sender_device: draft.sender_device.clone(),
-        };
         let key = Bytes::from(draft.conversation.clone().into_bytes());
         let topic = &self.config.bus.messages_topic;
-        self.backends.bus.publish(topic, key, Bytes::from(envelope.encode_to_vec())).await.map_err(|e| {
+        self.backends.bus.publish(topic, key, envelope(draft, ids)).await.map_err(|e| {
             // The ids stay reserved: a retry publishes the same message.
             ServiceError::new(ErrorCode::Unavailable, format!("message not stored, retry: {e}"))
         })
@@ -230,48 +239,34 @@ impl Dispatcher {
         }))
     }
 
-    /// Dedup, sequence, id, reservation, publish: the path every message
-    /// takes, under its conversation's lock.
+    /// Dedup, id, then sequence + reservation + publish in the message log:
+    /// the path every message takes, under its conversation's lock.
     async fn accept(&self, draft: Draft) -> ServiceResult<pb::SendAck> {
         let _guard = self.stripe(&draft.conversation).lock().await;
         // Checked under the lock: two concurrent retries store once.
         if let Some(ack) = self.replay(&draft).await? {
             return Ok(ack);
         }
-        let seq = self.backends.sequences.incr(&draft.conversation).await.map_err(ServiceError::backend)?;
-        let msg_id = match self.ids.next_id() {
-            Ok(id) => id,
-            Err(e) => {
-                // Clock trouble or a lost worker id: temporary, retry later.
-                self.undo_sequence(&draft.conversation, seq).await;
-                return Err(ServiceError::unavailable(e));
-            }
-        };
-        let ids = DedupRecord { msg_id, seq, sent_at_ms: now_ms() };
-        // Reserve the ids for this client message id before publishing, so
-        // a retry after any failure from here on re-publishes the same
-        // message instead of storing a second one.
-        let reserved =
-            self.backends.dedup.put(&draft.sender, &draft.client_msg_id, ids, self.config.dedup_ttl).await;
-        if let Err(e) = reserved {
-            self.undo_sequence(&draft.conversation, seq).await;
-            return Err(ServiceError::backend(e));
-        }
-        self.publish(&draft, ids).await?;
-        Ok(pb::SendAck {
-            client_msg_id: draft.client_msg_id,
+        // Clock trouble or a lost worker id: temporary, retry later.
+        let msg_id = self.ids.next_id().map_err(ServiceError::unavailable)?;
+        let sent_at_ms = now_ms();
+        let client_msg_id = draft.client_msg_id.clone();
+        let message = NewMessage {
+            conversation: draft.conversation.clone(),
+            sender: draft.sender.clone(),
+            client_msg_id: draft.client_msg_id.clone(),
             msg_id,
-            seq,
-            sent_at_ms: ids.sent_at_ms,
-            duplicate: false,
-        })
-    }
-
-    /// Keeps sequences gap-free when a message assigned `seq` was not published.
-    async fn undo_sequence(&self, conversation: &str, seq: u64) {
-        if let Err(e) = self.backends.sequences.rollback(conversation, seq).await {
-            tracing::warn!(error = %e, conversation, seq, "sequence rollback failed; a gap remains");
-        }
+            sent_at_ms,
+            dedup_ttl: self.config.dedup_ttl,
+            topic: self.config.bus.messages_topic.clone(),
+            key: Bytes::from(draft.conversation.clone().into_bytes()),
+            payload: Box::new(move |seq| envelope(&draft, DedupRecord { msg_id, seq, sent_at_ms })),
+        };
+        let ids = self.backends.log.append(message).await.map_err(|e| match e {
+            StoreError::Unavailable(reason) => ServiceError::unavailable(reason),
+            other => ServiceError::backend(other),
+        })?;
+        Ok(pb::SendAck { client_msg_id, msg_id, seq: ids.seq, sent_at_ms, duplicate: false })
     }
 
     fn check_group_size(&self, members: usize) -> ServiceResult<()> {

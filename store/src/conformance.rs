@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::{
-    Bus, BusConsumer, BusRecord, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore, NodeInfo,
-    OfflineEntry, OfflineStore, Placement, Registry, SequenceStore, SessionStore, UserRecord,
+    Bus, BusConsumer, BusRecord, DedupRecord, DedupStore, GroupRecord, HistoryStore, MessageLog, MetaStore,
+    NewMessage, NodeInfo, OfflineEntry, OfflineStore, Placement, Registry, SequenceStore, SessionStore,
+    UserRecord,
 };
 
 /// How long a suite waits for something a backend should do "soon" (a bus
@@ -703,6 +704,92 @@ pub async fn bus(bus: &dyn Bus) {
     let replay = poll_n(&mut *b2, 6, 100).await;
     assert_eq!(replay.len(), 6, "bus: without a commit, a group's records are all redelivered");
     assert_eq!(replay[..5].to_vec(), got, "bus: redelivery keeps offsets and order");
+}
+
+/// A message for [`message_log`] whose payload names its client id and the
+/// sequence it was built with.
+fn new_message(
+    conversation: &str,
+    sender: &str,
+    client_msg_id: &str,
+    msg_id: u64,
+    topic: &str,
+) -> NewMessage {
+    let client = client_msg_id.to_owned();
+    NewMessage {
+        conversation: conversation.to_owned(),
+        sender: sender.to_owned(),
+        client_msg_id: client_msg_id.to_owned(),
+        msg_id,
+        sent_at_ms: now_ms(),
+        dedup_ttl: Duration::from_secs(600),
+        topic: topic.to_owned(),
+        key: Bytes::from(conversation.to_owned()),
+        payload: Box::new(move |seq| Bytes::from(format!("{client}:{seq}"))),
+    }
+}
+
+/// Checks every rule of [`MessageLog`]; `dedup`, `sequences` and `bus` are
+/// the backends the log writes to.
+pub async fn message_log(
+    log: &dyn MessageLog,
+    dedup: &dyn DedupStore,
+    sequences: &dyn SequenceStore,
+    bus: &dyn Bus,
+) {
+    let topic = unique_id("mt");
+    let conversation = unique_id("p");
+    let sender = unique_id("alice");
+
+    // Sequences count from 1 per conversation; each append reserves its ids.
+    let mut appended = Vec::new();
+    for i in 0..3u64 {
+        let client = format!("c{i}");
+        let ids = log
+            .append(new_message(&conversation, &sender, &client, 1_000 + i, &topic))
+            .await
+            .expect("append");
+        assert_eq!(ids.seq, i + 1, "message log: sequences are consecutive from 1 per conversation");
+        assert_eq!(ids.msg_id, 1_000 + i, "message log: the caller's message id is kept");
+        let reserved = dedup.get(&sender, &client).await.expect("dedup get");
+        assert_eq!(reserved, Some(ids), "message log: the ids are reserved under the client message id");
+        appended.push((client, ids));
+    }
+    assert_eq!(
+        sequences.current(&conversation).await.expect("current"),
+        3,
+        "message log: the conversation's counter is advanced"
+    );
+
+    // Another conversation has its own counter, even under concurrency.
+    let other = unique_id("g");
+    let results = futures::future::join_all((0..20u64).map(|i| {
+        let message = new_message(&other, &sender, &format!("o{i}"), 2_000 + i, &topic);
+        log.append(message)
+    }))
+    .await;
+    let mut seqs: Vec<u64> = results.into_iter().map(|r| r.expect("concurrent append").seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "message log: concurrent appends get distinct sequences");
+
+    // The bus holds one record per append, built with the sequence given.
+    let mut consumer = bus.subscribe(&topic, &unique_id("mg")).await.expect("subscribe");
+    let records = poll_n(&mut *consumer, 23, 100).await;
+    let mine: Vec<String> = records
+        .iter()
+        .filter(|r| r.key == conversation.as_bytes())
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    let expected: Vec<String> =
+        appended.iter().map(|(client, ids)| format!("{client}:{}", ids.seq)).collect();
+    assert_eq!(mine, expected, "message log: each bus record carries its message's sequence, in order");
+    for r in records.iter().filter(|r| r.key == other.as_bytes()) {
+        let text = String::from_utf8_lossy(&r.payload).into_owned();
+        let (client, seq) = text.split_once(':').expect("payload client:seq");
+        let reserved = dedup.get(&sender, client).await.expect("dedup get").expect("reserved");
+        assert_eq!(seq, reserved.seq.to_string(), "message log: bus record and reservation agree");
+    }
+    assert_eq!(records.len(), 23, "message log: one bus record per append");
 }
 
 /// Checks every rule of [`Registry`].

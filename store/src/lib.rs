@@ -15,10 +15,13 @@ pub mod consume;
 pub mod discovery;
 pub mod embedded;
 pub mod kafka;
+pub mod message_log;
 pub mod mongo;
 pub mod redis;
 pub mod scylla;
 pub mod zookeeper;
+
+pub use message_log::{MessageLog, NewMessage, PayloadFn, SeparateStores};
 
 use std::time::Duration;
 

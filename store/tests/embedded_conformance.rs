@@ -57,6 +57,12 @@ async fn meta_store_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_log_conforms() {
+    let (_dir, b) = backends();
+    conformance::message_log(&*b.log, &*b.dedup, &*b.sequences, &*b.bus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_conforms() {
     let (_dir, b) = backends();
     conformance::bus(&*b.bus).await;

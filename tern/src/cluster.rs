@@ -30,7 +30,7 @@ use tern_store::discovery::Peers;
 use tern_store::kafka::{KafkaBus, KafkaOptions};
 use tern_store::redis::RedisBackends;
 use tern_store::zookeeper::ZkRegistry;
-use tern_store::{HistoryStore, MetaStore, NodeInfo, Registry};
+use tern_store::{HistoryStore, MetaStore, NodeInfo, Registry, SeparateStores};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -442,11 +442,18 @@ pub async fn run_role(
             let snowflake = Arc::new(Snowflake::new(lease.id)?);
             tokio::spawn(keep_worker_lease(registry.clone(), snowflake.clone(), lease, stop.clone()));
             let dispatcher = Arc::new(Dispatcher::new(
-                DispatcherBackends {
-                    meta: engines.meta(&config.engines).await?,
-                    sequences: engines.redis.sequences.clone(),
-                    dedup: engines.redis.dedup.clone(),
-                    bus: Engines::bus(&config.engines, &settings.node_id).await?,
+                {
+                    let bus = Engines::bus(&config.engines, &settings.node_id).await?;
+                    DispatcherBackends {
+                        meta: engines.meta(&config.engines).await?,
+                        log: Arc::new(SeparateStores {
+                            sequences: engines.redis.sequences.clone(),
+                            dedup: engines.redis.dedup.clone(),
+                            bus: bus.clone(),
+                        }),
+                        dedup: engines.redis.dedup.clone(),
+                        bus,
+                    }
                 },
                 snowflake,
                 DispatcherConfig {

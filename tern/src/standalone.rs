@@ -137,7 +137,7 @@ pub async fn run(
     let dispatcher = Arc::new(Dispatcher::new(
         DispatcherBackends {
             meta: backends.meta.clone(),
-            sequences: backends.sequences.clone(),
+            log: backends.log.clone(),
             dedup: backends.dedup.clone(),
             bus: backends.bus.clone(),
         },

@@ -1,10 +1,10 @@
 //! The in-process bus of a standalone process: a durable append-only log per
-//! topic in `bus.redb`, consumed by named groups that commit offsets.
+//! topic in `messages.redb`, consumed by named groups that commit offsets.
 //!
 //! Tables:
-//! - `records`: (topic, offset) → (key, payload); offsets start at 0;
-//! - `heads`: topic → next offset to assign;
-//! - `group_offsets`: (topic, group) → next offset the group has not yet
+//! - `bus_records`: (topic, offset) → (key, payload); offsets start at 0;
+//! - `bus_heads`: topic → next offset to assign;
+//! - `bus_group_offsets`: (topic, group) → next offset the group has not yet
 //!   committed (0 when nothing was committed). A group gets a row as soon as
 //!   it subscribes, so records it has not consumed are never trimmed.
 //!
@@ -33,7 +33,8 @@ use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::writer::{Schema, Store, db_err};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{Bus, BusConsumer, BusRecord, StoreError, StoreResult};
 
 /// (topic, offset): the log of every topic, in offset order.
@@ -41,14 +42,13 @@ type RecordKey = (&'static str, u64);
 /// (key, payload) of a record.
 type RecordValue = (&'static [u8], &'static [u8]);
 
-const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("records");
-const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
-const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("group_offsets");
+pub(crate) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("bus_records");
+pub(crate) const HEADS: TableDefinition<&str, u64> = TableDefinition::new("bus_heads");
+pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("bus_group_offsets");
 
 /// A trim of the committed topic runs with every this many commits.
 const TRIM_EVERY_COMMITS: u64 = 256;
-
-pub(crate) struct BusSchema;
 
 pub(crate) struct BusTables<'t> {
     records: Table<'t, RecordKey, RecordValue>,
@@ -56,20 +56,24 @@ pub(crate) struct BusTables<'t> {
     group_offsets: Table<'t, (&'static str, &'static str), u64>,
 }
 
-impl Schema for BusSchema {
-    const NAME: &'static str = "bus";
-    type Tables<'t> = BusTables<'t>;
-
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<BusTables<'_>> {
-        Ok(BusTables {
+impl<'t> BusTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self {
             records: txn.open_table(RECORDS).map_err(db_err)?,
             heads: txn.open_table(HEADS).map_err(db_err)?,
             group_offsets: txn.open_table(GROUP_OFFSETS).map_err(db_err)?,
         })
     }
-}
 
-impl BusTables<'_> {
+    /// Appends a record to `topic` and returns its offset. Consumers learn
+    /// of it from [`EmbeddedBus::committed`] once the transaction committed.
+    pub(crate) fn append(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
+        let offset = self.head(topic)?;
+        self.records.insert((topic, offset), (key, payload)).map_err(db_err)?;
+        self.heads.insert(topic, offset + 1).map_err(db_err)?;
+        Ok(offset)
+    }
+
     fn head(&self, topic: &str) -> StoreResult<u64> {
         Ok(self.heads.get(topic).map_err(db_err)?.map_or(0, |v| v.value()))
     }
@@ -101,7 +105,7 @@ impl BusTables<'_> {
 
 /// State shared by the bus and its consumers.
 struct Shared {
-    store: Store<BusSchema>,
+    store: SharedMessageDb,
     /// Committed head (next offset) of each topic, for waking consumers.
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
     commits: AtomicU64,
@@ -114,15 +118,34 @@ impl Shared {
     }
 }
 
+/// Advances a topic's committed head, waking its consumers.
+pub(crate) struct HeadSignal(watch::Sender<u64>);
+
+impl HeadSignal {
+    /// Records that the record at `offset` is committed.
+    pub(crate) fn committed(&self, offset: u64) {
+        self.0.send_if_modified(|h| {
+            let advanced = *h <= offset;
+            *h = (*h).max(offset + 1);
+            advanced
+        });
+    }
+}
+
 /// [`Bus`] persisted in redb.
 pub struct EmbeddedBus {
     shared: Arc<Shared>,
 }
 
 impl EmbeddedBus {
-    /// Opens (creating if needed) the bus file at `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let store = Store::<BusSchema>::open(path, super::LARGE_CACHE_BYTES)?;
+        Self::on(messages::open(path)?)
+    }
+
+    /// The bus in a shared message database. Blocking (reads the heads).
+    pub(crate) fn on(store: SharedMessageDb) -> StoreResult<Self> {
         let heads = store.read_blocking(|txn| {
             let table = txn.open_table(HEADS).map_err(db_err)?;
             let mut heads = HashMap::new();
@@ -141,7 +164,8 @@ impl EmbeddedBus {
     pub async fn trim(&self) -> StoreResult<u64> {
         self.shared
             .store
-            .write(|t: &mut BusTables<'_>| {
+            .write(|t: &mut MessageTables<'_>| {
+                let t = &mut t.bus;
                 let mut low: BTreeMap<String, u64> = BTreeMap::new();
                 for entry in t.group_offsets.iter().map_err(db_err)? {
                     let (k, v) = entry.map_err(db_err)?;
@@ -156,6 +180,12 @@ impl EmbeddedBus {
                 Ok(removed)
             })
             .await
+    }
+
+    /// What wakes `topic`'s consumers: call [`HeadSignal::committed`] with
+    /// the offset of every appended record after its transaction committed.
+    pub(crate) fn head_signal(&self, topic: &str) -> HeadSignal {
+        HeadSignal(self.shared.head_channel(topic))
     }
 
     /// Number of records of `topic` still stored (not yet trimmed).
@@ -180,28 +210,15 @@ impl EmbeddedBus {
 #[async_trait]
 impl Bus for EmbeddedBus {
     async fn publish(&self, topic: &str, key: Bytes, payload: Bytes) -> StoreResult<()> {
-        let head = self.shared.head_channel(topic);
+        let head = self.head_signal(topic);
         let topic = topic.to_owned();
         self.shared
             .store
             .write_then(
-                move |t: &mut BusTables<'_>| {
-                    let offset = t.head(&topic)?;
-                    t.records
-                        .insert((topic.as_str(), offset), (key.as_ref(), payload.as_ref()))
-                        .map_err(db_err)?;
-                    t.heads.insert(topic.as_str(), offset + 1).map_err(db_err)?;
-                    Ok(offset)
-                },
+                move |t: &mut MessageTables<'_>| t.bus.append(&topic, &key, &payload),
                 // On the writer thread, in commit order, even if this
                 // publisher's future is dropped: consumers never miss a wake.
-                move |&offset| {
-                    head.send_if_modified(|h| {
-                        let advanced = *h <= offset;
-                        *h = (*h).max(offset + 1);
-                        advanced
-                    });
-                },
+                move |&offset| head.committed(offset),
             )
             .await?;
         Ok(())
@@ -215,7 +232,8 @@ impl Bus for EmbeddedBus {
         let position = self
             .shared
             .store
-            .write(move |tables: &mut BusTables<'_>| {
+            .write(move |tables: &mut MessageTables<'_>| {
+                let tables = &mut tables.bus;
                 let key = (t.as_str(), g.as_str());
                 let committed = tables.group_offsets.get(key).map_err(db_err)?.map(|v| v.value());
                 match committed {
@@ -316,7 +334,8 @@ impl BusConsumer for EmbeddedConsumer {
         let (topic, group) = (self.topic.clone(), self.group.clone());
         self.shared
             .store
-            .write(move |t: &mut BusTables<'_>| {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.bus;
                 let key = (topic.as_str(), group.as_str());
                 let current = t.group_offsets.get(key).map_err(db_err)?.map_or(0, |v| v.value());
                 // Never beyond what exists (so trimming cannot delete records

@@ -1,8 +1,8 @@
-//! Accepted client message ids in `dedup.redb`.
+//! Accepted client message ids, in `messages.redb`.
 //!
 //! Tables:
-//! - `records`: (sender, client_msg_id) → (msg_id, seq, sent_at_ms, expires_at_ms);
-//! - `expiry`: (expires_at_ms, sender, client_msg_id) → (), the same records
+//! - `dedup_records`: (sender, client_msg_id) → (msg_id, seq, sent_at_ms, expires_at_ms);
+//! - `dedup_expiry`: (expires_at_ms, sender, client_msg_id) → (), the same records
 //!   ordered by expiry so the writer's maintenance can drop expired ones
 //!   without scanning everything.
 //!
@@ -14,38 +14,55 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::writer::{Schema, Store, db_err, expiry_ms, now_ms};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::{db_err, expiry_ms, now_ms};
 use crate::{DedupRecord, DedupStore, StoreResult};
 
 type RecordValue = (u64, u64, u64, u64);
 
-const RECORDS: TableDefinition<(&str, &str), RecordValue> = TableDefinition::new("records");
-const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("expiry");
+pub(crate) const RECORDS: TableDefinition<(&str, &str), RecordValue> = TableDefinition::new("dedup_records");
+pub(crate) const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("dedup_expiry");
 
 /// Expired records dropped per maintenance run, so one run adds little
 /// latency to the writes it shares a transaction with (the writer runs it
 /// again at once while a backlog remains).
 const EXPIRE_BATCH: usize = 4_096;
 
-pub(crate) struct Dedup;
-
 pub(crate) struct DedupTables<'t> {
     records: Table<'t, (&'static str, &'static str), RecordValue>,
     expiry: Table<'t, (u64, &'static str, &'static str), ()>,
 }
 
-impl Schema for Dedup {
-    const NAME: &'static str = "dedup";
-    type Tables<'t> = DedupTables<'t>;
-
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<DedupTables<'_>> {
-        Ok(DedupTables {
+impl<'t> DedupTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self {
             records: txn.open_table(RECORDS).map_err(db_err)?,
             expiry: txn.open_table(EXPIRY).map_err(db_err)?,
         })
     }
 
-    fn maintain(t: &mut DedupTables<'_>, now_ms: u64) -> StoreResult<bool> {
+    /// Records `record` under (sender, client message id) until `expires_at`.
+    pub(crate) fn put(
+        &mut self,
+        sender: &str,
+        client_msg_id: &str,
+        record: DedupRecord,
+        expires_at: u64,
+    ) -> StoreResult<()> {
+        let value = (record.msg_id, record.seq, record.sent_at_ms, expires_at);
+        let old_expiry =
+            self.records.insert((sender, client_msg_id), value).map_err(db_err)?.map(|old| old.value().3);
+        if let Some(old) = old_expiry {
+            self.expiry.remove((old, sender, client_msg_id)).map_err(db_err)?;
+        }
+        self.expiry.insert((expires_at, sender, client_msg_id), ()).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Drops up to [`EXPIRE_BATCH`] expired records; returns whether more
+    /// are left (run by the writer's maintenance).
+    pub(crate) fn expire(&mut self, now_ms: u64) -> StoreResult<bool> {
+        let t = self;
         let mut expired = Vec::new();
         for entry in t.expiry.range(..(now_ms, "", "")).map_err(db_err)? {
             let (k, _) = entry.map_err(db_err)?;
@@ -70,13 +87,18 @@ impl Schema for Dedup {
 
 /// [`DedupStore`] on redb.
 pub struct EmbeddedDedupStore {
-    store: Store<Dedup>,
+    store: SharedMessageDb,
 }
 
 impl EmbeddedDedupStore {
-    /// Opens (creating if needed) the dedup file at `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
+        Ok(Self::on(messages::open(path)?))
+    }
+
+    pub(crate) fn on(store: SharedMessageDb) -> Self {
+        Self { store }
     }
 }
 
@@ -106,16 +128,7 @@ impl DedupStore for EmbeddedDedupStore {
         let (sender, client) = (sender.to_owned(), client_msg_id.to_owned());
         let expires_at = expiry_ms(ttl);
         self.store
-            .write(move |t: &mut DedupTables<'_>| {
-                let key = (sender.as_str(), client.as_str());
-                let value = (record.msg_id, record.seq, record.sent_at_ms, expires_at);
-                let old_expiry = t.records.insert(key, value).map_err(db_err)?.map(|old| old.value().3);
-                if let Some(old) = old_expiry {
-                    t.expiry.remove((old, key.0, key.1)).map_err(db_err)?;
-                }
-                t.expiry.insert((expires_at, key.0, key.1), ()).map_err(db_err)?;
-                Ok(())
-            })
+            .write(move |t: &mut MessageTables<'_>| t.dedup.put(&sender, &client, record, expires_at))
             .await
     }
 }

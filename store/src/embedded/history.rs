@@ -1,5 +1,5 @@
-//! Group message history in `history.redb`
-//! (`messages`: (group, msg_id) → payload).
+//! Group message history (`history`: (group, msg_id) → payload in
+//! `messages.redb`).
 
 use std::path::Path;
 
@@ -7,35 +7,36 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::writer::{Schema, Store, db_err};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{HistoryStore, StoreResult};
 
-const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
-
-pub(crate) struct History;
+pub(crate) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 
 pub(crate) struct HistoryTables<'t> {
     messages: Table<'t, (&'static str, u64), &'static [u8]>,
 }
 
-impl Schema for History {
-    const NAME: &'static str = "history";
-    type Tables<'t> = HistoryTables<'t>;
-
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<HistoryTables<'_>> {
-        Ok(HistoryTables { messages: txn.open_table(MESSAGES).map_err(db_err)? })
+impl<'t> HistoryTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self { messages: txn.open_table(MESSAGES).map_err(db_err)? })
     }
 }
 
 /// [`HistoryStore`] on redb.
 pub struct EmbeddedHistoryStore {
-    store: Store<History>,
+    store: SharedMessageDb,
 }
 
 impl EmbeddedHistoryStore {
-    /// Opens (creating if needed) the history file at `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self { store: Store::open(path, super::LARGE_CACHE_BYTES)? })
+        Ok(Self::on(messages::open(path)?))
+    }
+
+    pub(crate) fn on(store: SharedMessageDb) -> Self {
+        Self { store }
     }
 }
 
@@ -44,7 +45,8 @@ impl HistoryStore for EmbeddedHistoryStore {
     async fn append(&self, group_id: &str, msg_id: u64, payload: Bytes) -> StoreResult<()> {
         let group = group_id.to_owned();
         self.store
-            .write(move |t: &mut HistoryTables<'_>| {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.history;
                 let key = (group.as_str(), msg_id);
                 // Idempotent: a redelivered append keeps the first copy.
                 if t.messages.get(key).map_err(db_err)?.is_none() {

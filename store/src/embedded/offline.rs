@@ -1,15 +1,15 @@
-//! Per-receiver offline sets in `offline.redb`.
+//! Per-receiver offline sets, in `messages.redb`.
 //!
 //! Tables:
-//! - `entries`: (receiver, msg_id) → payload, so a receiver's set is one
+//! - `offline_entries`: (receiver, msg_id) → payload, so a receiver's set is one
 //!   ordered key range;
-//! - `counts`: receiver → number of entries, updated in the same transaction
-//!   as `entries` so `count` is one lookup;
-//! - `tombstones`: (receiver, msg_id) → expires_at_ms, for acknowledged ids:
+//! - `offline_counts`: receiver → number of entries, updated in the same transaction
+//!   as the entries so `count` is one lookup;
+//! - `offline_tombstones`: (receiver, msg_id) → expires_at_ms, for acknowledged ids:
 //!   an insert that arrives after the ack (the push overtook the store write,
 //!   or the bus redelivered the insert) is ignored until the tombstone
 //!   expires;
-//! - `tombstone_expiry`: (expires_at_ms, receiver, msg_id) → (), tombstones
+//! - `offline_tombstone_expiry`: (expires_at_ms, receiver, msg_id) → (), tombstones
 //!   ordered by expiry for the writer's lazy cleanup.
 
 use std::path::Path;
@@ -19,20 +19,20 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::writer::{Schema, Store, db_err, expiry_ms, now_ms};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::{db_err, expiry_ms, now_ms};
 use crate::{OfflineEntry, OfflineStore, StoreResult};
 
-const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
-const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
-const TOMBSTONES: TableDefinition<(&str, u64), u64> = TableDefinition::new("tombstones");
-const TOMBSTONE_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("tombstone_expiry");
+pub(crate) const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("offline_entries");
+pub(crate) const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("offline_counts");
+pub(crate) const TOMBSTONES: TableDefinition<(&str, u64), u64> = TableDefinition::new("offline_tombstones");
+pub(crate) const TOMBSTONE_EXPIRY: TableDefinition<(u64, &str, u64), ()> =
+    TableDefinition::new("offline_tombstone_expiry");
 
 /// Expired tombstones dropped per maintenance run, so one run adds little
 /// latency to the writes it shares a transaction with (the writer runs it
 /// again at once while a backlog remains).
 const EXPIRE_BATCH: usize = 4_096;
-
-pub(crate) struct Offline;
 
 pub(crate) struct OfflineTables<'t> {
     entries: Table<'t, (&'static str, u64), &'static [u8]>,
@@ -41,7 +41,16 @@ pub(crate) struct OfflineTables<'t> {
     tombstone_expiry: Table<'t, (u64, &'static str, u64), ()>,
 }
 
-impl OfflineTables<'_> {
+impl<'t> OfflineTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self {
+            entries: txn.open_table(ENTRIES).map_err(db_err)?,
+            counts: txn.open_table(COUNTS).map_err(db_err)?,
+            tombstones: txn.open_table(TOMBSTONES).map_err(db_err)?,
+            tombstone_expiry: txn.open_table(TOMBSTONE_EXPIRY).map_err(db_err)?,
+        })
+    }
+
     fn add_to_count(&mut self, receiver: &str, delta: i64) -> StoreResult<()> {
         let current = self.counts.get(receiver).map_err(db_err)?.map_or(0, |v| v.value());
         let next = current.saturating_add_signed(delta);
@@ -52,22 +61,11 @@ impl OfflineTables<'_> {
         }
         Ok(())
     }
-}
 
-impl Schema for Offline {
-    const NAME: &'static str = "offline";
-    type Tables<'t> = OfflineTables<'t>;
-
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<OfflineTables<'_>> {
-        Ok(OfflineTables {
-            entries: txn.open_table(ENTRIES).map_err(db_err)?,
-            counts: txn.open_table(COUNTS).map_err(db_err)?,
-            tombstones: txn.open_table(TOMBSTONES).map_err(db_err)?,
-            tombstone_expiry: txn.open_table(TOMBSTONE_EXPIRY).map_err(db_err)?,
-        })
-    }
-
-    fn maintain(t: &mut OfflineTables<'_>, now_ms: u64) -> StoreResult<bool> {
+    /// Drops up to [`EXPIRE_BATCH`] expired tombstones; returns whether more
+    /// are left (run by the writer's maintenance).
+    pub(crate) fn expire(&mut self, now_ms: u64) -> StoreResult<bool> {
+        let t = self;
         let mut expired = Vec::new();
         for entry in t.tombstone_expiry.range(..(now_ms, "", 0)).map_err(db_err)? {
             let (k, _) = entry.map_err(db_err)?;
@@ -92,13 +90,18 @@ impl Schema for Offline {
 
 /// [`OfflineStore`] on redb.
 pub struct EmbeddedOfflineStore {
-    store: Store<Offline>,
+    store: SharedMessageDb,
 }
 
 impl EmbeddedOfflineStore {
-    /// Opens (creating if needed) the offline file at `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self { store: Store::open(path, super::LARGE_CACHE_BYTES)? })
+        Ok(Self::on(messages::open(path)?))
+    }
+
+    pub(crate) fn on(store: SharedMessageDb) -> Self {
+        Self { store }
     }
 }
 
@@ -108,7 +111,8 @@ impl OfflineStore for EmbeddedOfflineStore {
         let receivers = receivers.to_vec();
         let (msg_id, payload) = (entry.msg_id, entry.payload.clone());
         self.store
-            .write(move |t: &mut OfflineTables<'_>| {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.offline;
                 let now = now_ms();
                 for receiver in &receivers {
                     let key = (receiver.as_str(), msg_id);
@@ -155,7 +159,8 @@ impl OfflineStore for EmbeddedOfflineStore {
         let msg_ids = msg_ids.to_vec();
         let expires_at = expiry_ms(tombstone_ttl);
         self.store
-            .write(move |t: &mut OfflineTables<'_>| {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.offline;
                 let r = receiver.as_str();
                 for &msg_id in &msg_ids {
                     if t.entries.remove((r, msg_id)).map_err(db_err)?.is_some() {

@@ -1,4 +1,4 @@
-//! Per-conversation counters in `sequences.redb` (`counters`: key → u64).
+//! Per-conversation counters (`sequences`: key → u64 in `messages.redb`).
 //!
 //! Increments are group-committed: concurrent `incr` calls on the same key
 //! are applied one after another inside one transaction, so each still gets
@@ -9,35 +9,44 @@ use std::path::Path;
 use async_trait::async_trait;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::writer::{Schema, Store, db_err};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{SequenceStore, StoreResult};
 
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-
-pub(crate) struct Sequences;
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
 pub(crate) struct SequenceTables<'t> {
     counters: Table<'t, &'static str, u64>,
 }
 
-impl Schema for Sequences {
-    const NAME: &'static str = "sequences";
-    type Tables<'t> = SequenceTables<'t>;
+impl<'t> SequenceTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self { counters: txn.open_table(COUNTERS).map_err(db_err)? })
+    }
 
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<SequenceTables<'_>> {
-        Ok(SequenceTables { counters: txn.open_table(COUNTERS).map_err(db_err)? })
+    /// Adds one to `key`'s counter and returns the new value.
+    pub(crate) fn incr(&mut self, key: &str) -> StoreResult<u64> {
+        let current = self.counters.get(key).map_err(db_err)?.map_or(0, |v| v.value());
+        let next = current.saturating_add(1);
+        self.counters.insert(key, next).map_err(db_err)?;
+        Ok(next)
     }
 }
 
 /// [`SequenceStore`] on redb.
 pub struct EmbeddedSequenceStore {
-    store: Store<Sequences>,
+    store: SharedMessageDb,
 }
 
 impl EmbeddedSequenceStore {
-    /// Opens (creating if needed) the counter file at `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Self { store: Store::open(path, super::SMALL_CACHE_BYTES)? })
+        Ok(Self::on(messages::open(path)?))
+    }
+
+    pub(crate) fn on(store: SharedMessageDb) -> Self {
+        Self { store }
     }
 }
 
@@ -45,14 +54,7 @@ impl EmbeddedSequenceStore {
 impl SequenceStore for EmbeddedSequenceStore {
     async fn incr(&self, key: &str) -> StoreResult<u64> {
         let key = key.to_owned();
-        self.store
-            .write(move |t: &mut SequenceTables<'_>| {
-                let current = t.counters.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
-                let next = current.saturating_add(1);
-                t.counters.insert(key.as_str(), next).map_err(db_err)?;
-                Ok(next)
-            })
-            .await
+        self.store.write(move |t: &mut MessageTables<'_>| t.sequences.incr(&key)).await
     }
 
     async fn current(&self, key: &str) -> StoreResult<u64> {
@@ -68,7 +70,8 @@ impl SequenceStore for EmbeddedSequenceStore {
     async fn rollback(&self, key: &str, expected: u64) -> StoreResult<bool> {
         let key = key.to_owned();
         self.store
-            .write(move |t: &mut SequenceTables<'_>| {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.sequences;
                 let current = t.counters.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
                 if expected == 0 || current != expected {
                     return Ok(false);
