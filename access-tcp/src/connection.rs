@@ -1109,6 +1109,69 @@ mod tests {
         assert_eq!(server.await.unwrap(), sent.len());
     }
 
+    /// A client that reconnects with the ticket of its first session
+    /// resumes it (no certificate signature or verification), and the
+    /// server picks TLS_AES_128_GCM_SHA256 even though the client lists
+    /// TLS_AES_256_GCM_SHA384 first.
+    #[tokio::test]
+    async fn a_reconnecting_client_resumes_with_its_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let generated = crate::tls::ensure_self_signed(&dir.path().join("tls"), &[]).unwrap();
+        let acceptor = crate::tls::acceptor(&generated.server).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (stream, _) = listener.accept().await.unwrap();
+                let mut io = Io::new(stream, Tls::new(acceptor.config().clone()).unwrap());
+                io.handshake().await.unwrap();
+                let mut codec = FrameCodec::new(1_000);
+                let frame = loop {
+                    if let Some(frame) = codec.decode(&mut io.input).unwrap() {
+                        break frame;
+                    }
+                    poll_fn(|cx| io.poll_ready(cx, true, false)).await.unwrap();
+                    io.read_ready().unwrap();
+                };
+                io.send([frame]).unwrap();
+                io.write_all().await.unwrap();
+            }
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&generated.ca_cert).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut kinds = Vec::new();
+        for sequence in 1..=2 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let session = tls.get_ref().1;
+            kinds.push(session.handshake_kind());
+            assert_eq!(
+                session.negotiated_cipher_suite().map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+            let mut client = Framed::new(tls, FrameCodec::new(1_000));
+            client.send(frame(sequence, 10)).await.unwrap();
+            // Reading the echo also reads the ticket the server sent first.
+            let echoed = tokio::time::timeout(Duration::from_secs(10), client.next()).await.unwrap();
+            assert_eq!(echoed.unwrap().unwrap(), frame(sequence, 10));
+        }
+        server.await.unwrap();
+        assert_eq!(kinds, [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]);
+    }
+
     #[test]
     fn outbox_is_bounded_and_gives_back_its_memory() {
         let outbox = Outbox::new(2);

@@ -86,10 +86,13 @@ pub fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
         roots.add(cert.context("bad PEM")?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every connection does a full handshake: the connect storm measures
+    // new clients, not reconnecting ones holding a session ticket.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
