@@ -108,6 +108,12 @@ pub struct EnginesConfig {
     /// as it should be on Apache Kafka or Redpanda when consumers may
     /// outnumber partitions (`KafkaOptions::rejoin_when_unassigned`).
     pub kafka_rejoin_unassigned_secs: u64,
+    /// How long the broker may hold a consumer's fetch that found no data
+    /// (`fetch.wait.max.ms`). Apache Kafka answers a held fetch as soon as
+    /// data arrives; tansu 0.6 holds it for the whole wait, so on tansu this
+    /// bounds the bus hop's latency, at the price of one fetch per wait per
+    /// idle consumer.
+    pub kafka_fetch_wait_ms: u64,
     /// Users and groups: `redis`, or a `mongodb://` URI.
     pub meta: String,
     pub mongo_database: String,
@@ -166,6 +172,7 @@ impl Default for EnginesConfig {
             kafka_session_timeout_ms: 10_000,
             kafka_single_record_batches: true,
             kafka_rejoin_unassigned_secs: 12,
+            kafka_fetch_wait_ms: 100,
             meta: "redis".into(),
             mongo_database: "tern".into(),
             history: "redis".into(),
@@ -210,6 +217,10 @@ impl ClusterConfig {
         }
         if self.engines.kafka_partitions == 0 || self.idgen.segment_step == 0 {
             return Err(ConfigError("engines.kafka_partitions and idgen.segment_step must be > 0".into()));
+        }
+        if !(1..=60_000).contains(&self.engines.kafka_fetch_wait_ms) {
+            // 0 would make every idle consumer poll the broker in a busy loop.
+            return Err(ConfigError("engines.kafka_fetch_wait_ms must be 1 to 60000".into()));
         }
         crate::config::validate_offline(&self.offline_svc)
     }
@@ -268,6 +279,7 @@ impl Engines {
             single_record_batches: config.kafka_single_record_batches,
             rejoin_when_unassigned: (config.kafka_rejoin_unassigned_secs > 0)
                 .then(|| Duration::from_secs(config.kafka_rejoin_unassigned_secs)),
+            fetch_wait: Duration::from_millis(config.kafka_fetch_wait_ms),
             ..KafkaOptions::default()
         };
         let bus = KafkaBus::connect(&config.kafka_brokers, options)
@@ -628,4 +640,18 @@ async fn run_access(
     stop_internal.cancel();
     let _ = internal_server.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_a_zero_fetch_wait_is_refused() {
+        let mut config = ClusterConfig::default();
+        config.validate().unwrap();
+        config.engines.kafka_fetch_wait_ms = 0;
+        let refused = config.validate().unwrap_err();
+        assert!(refused.to_string().contains("kafka_fetch_wait_ms"), "{refused}");
+    }
 }
