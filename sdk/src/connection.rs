@@ -96,17 +96,41 @@ pub struct Connection {
     ended: CancellationToken,
     /// The reader's deadline for the next frame; `None` waits forever.
     idle_timeout: Arc<watch::Sender<Option<Duration>>>,
+    /// Whether the TLS handshake resumed an earlier session (`None` for
+    /// plaintext).
+    tls_resumed: Option<bool>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The TLS client for the CA file `ca`, shared by every connection that
+/// trusts the same certificates: its session cache is what lets a
+/// reconnect resume with the ticket of the previous session (skipping the
+/// server's signature and its verification). Keyed by the file's contents,
+/// so a replaced CA file gets a fresh configuration.
 fn tls_connector(ca: &PathBuf) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    static CONNECTORS: Mutex<Vec<(Vec<u8>, tokio_rustls::TlsConnector)>> = Mutex::new(Vec::new());
+    /// Distinct CA files remembered; beyond this the oldest is forgotten.
+    const REMEMBERED: usize = 8;
     let pem =
         std::fs::read(ca).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", ca.display())))?;
+    let mut connectors = CONNECTORS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, connector)) = connectors.iter().find(|(known, _)| *known == pem) {
+        return Ok(connector.clone());
+    }
+    let connector = new_tls_connector(ca, &pem)?;
+    if connectors.len() == REMEMBERED {
+        connectors.remove(0);
+    }
+    connectors.push((pem, connector.clone()));
+    Ok(connector)
+}
+
+fn new_tls_connector(ca: &PathBuf, pem: &[u8]) -> Result<tokio_rustls::TlsConnector, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM in {}: {e}", ca.display())))?;
         roots.add(cert).map_err(|e| ClientError::Tls(e.to_string()))?;
     }
@@ -142,7 +166,7 @@ impl Connection {
         options: &ConnectOptions,
     ) -> Result<(Connection, mpsc::UnboundedReceiver<ServerEvent>), ClientError> {
         match &options.tls {
-            TlsMode::Plain => Ok(Self::start(tcp, options)),
+            TlsMode::Plain => Ok(Self::start(tcp, options, None)),
             TlsMode::CaFile(ca) => {
                 let connector = tls_connector(ca)?;
                 let host = match &options.server_name {
@@ -156,12 +180,17 @@ impl Connection {
                     .await
                     .map_err(|_| ClientError::Timeout)?
                     .map_err(|e| ClientError::Tls(e.to_string()))?;
-                Ok(Self::start(stream, options))
+                let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                Ok(Self::start(stream, options, Some(resumed)))
             }
         }
     }
 
-    fn start<S>(stream: S, options: &ConnectOptions) -> (Connection, mpsc::UnboundedReceiver<ServerEvent>)
+    fn start<S>(
+        stream: S,
+        options: &ConnectOptions,
+        tls_resumed: Option<bool>,
+    ) -> (Connection, mpsc::UnboundedReceiver<ServerEvent>)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -179,6 +208,7 @@ impl Connection {
             aborted: CancellationToken::new(),
             ended: CancellationToken::new(),
             idle_timeout: Arc::new(idle_timeout),
+            tls_resumed,
         };
         tokio::spawn(read_loop(
             FramedRead::new(read_half, codec),
@@ -189,6 +219,12 @@ impl Connection {
             idle_rx,
         ));
         (conn, events_rx)
+    }
+
+    /// Whether the TLS handshake resumed an earlier session with its ticket
+    /// (`None` on a plaintext connection).
+    pub fn tls_resumed(&self) -> Option<bool> {
+        self.tls_resumed
     }
 
     /// Sends a raw frame (tests use this to send malformed input).

@@ -109,3 +109,20 @@ async fn second_login_of_a_device_kicks_the_first() {
     assert_eq!(text(&next_message(&mut alice_events, WAIT).await), "to the new one");
     drop(alice);
 }
+
+/// The SDK keeps one TLS configuration per CA, so a reconnect resumes the
+/// previous session with the ticket the access node issued (no certificate
+/// signature or verification), while the first connection does the full
+/// handshake.
+#[tokio::test]
+async fn a_reconnect_resumes_the_tls_session() {
+    let (server, _dir) = Server::start();
+    let mut resumed = Vec::new();
+    for _ in 0..2 {
+        let (conn, _events) = server.raw_logged_in("carol").await;
+        resumed.push(conn.tls_resumed());
+        // The LOGIN answer came after the ticket: the session is cached.
+        conn.close().await;
+    }
+    assert_eq!(resumed, [Some(false), Some(true)]);
+}
