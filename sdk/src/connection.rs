@@ -8,7 +8,7 @@
 //! server to close it would wait forever.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -128,7 +128,7 @@ fn tls_connector(ca: &PathBuf) -> Result<tokio_rustls::TlsConnector, ClientError
     Ok(connector)
 }
 
-fn new_tls_connector(ca: &PathBuf, pem: &[u8]) -> Result<tokio_rustls::TlsConnector, ClientError> {
+fn new_tls_connector(ca: &Path, pem: &[u8]) -> Result<tokio_rustls::TlsConnector, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM in {}: {e}", ca.display())))?;
