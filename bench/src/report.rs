@@ -210,7 +210,18 @@ fn targets(r: &Results) -> Vec<[String; 4]> {
     rows.push([
         "fan-out, group of 1000".into(),
         "≥ 1,000,000 deliveries/s".into(),
-        fan.map(|d| format!("{} deliveries/s", rate(d))).unwrap_or_else(|| "–".into()),
+        fan.map(|d| {
+            // The target sets no latency; the best run that delivered
+            // everything counts, and the rate within the latency objective
+            // is shown beside it.
+            let within = r
+                .s4_max
+                .iter()
+                .find(|m| m.system == "tern" && m.target == "standalone-plain" && m.group_size == 1000)
+                .map_or_else(|| "–".into(), |m| rate(m.max_deliveries_per_s));
+            format!("{} deliveries/s, all delivered ({within}/s within the p99 objective)", rate(d))
+        })
+        .unwrap_or_else(|| "–".into()),
         status(fan.map(|d| d >= 1e6)),
     ]);
     let storm = r.s2.iter().find(|s| s.target == "standalone-tls");
