@@ -66,7 +66,7 @@ impl<'t> BusTables<'t> {
     }
 
     /// Appends a record to `topic` and returns its offset. Consumers learn
-    /// of it from [`EmbeddedBus::committed`] once the transaction committed.
+    /// of it through [`HeadSignal::committed`] once the transaction committed.
     pub(crate) fn append(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
         let offset = self.head(topic)?;
         self.records.insert((topic, offset), (key, payload)).map_err(db_err)?;
