@@ -68,9 +68,31 @@ pub(crate) fn open(path: &Path) -> StoreResult<SharedMessageDb> {
     Ok(Arc::new(Store::open(path, super::LARGE_CACHE_BYTES)?))
 }
 
-/// The files an earlier layout kept the message path in, one per store.
-pub(crate) const LEGACY_FILES: [&str; 5] =
-    ["sequences.redb", "dedup.redb", "bus.redb", "offline.redb", "history.redb"];
+/// Copies the tables of one legacy file into the new database.
+type LegacyCopy = fn(&redb::ReadTransaction, &WriteTransaction) -> StoreResult<()>;
+
+/// The files an earlier layout kept the message path in, one per store, and
+/// how each is copied. In the shared file every table name carries its
+/// store's prefix (two stores had a `records` table).
+pub(crate) const LEGACY_FILES: [(&str, LegacyCopy); 5] = [
+    ("sequences.redb", |from, to| copy(from, "counters", to, super::sequences::COUNTERS)),
+    ("dedup.redb", |from, to| {
+        copy(from, "records", to, super::dedup::RECORDS)?;
+        copy(from, "expiry", to, super::dedup::EXPIRY)
+    }),
+    ("bus.redb", |from, to| {
+        copy(from, "records", to, super::bus::RECORDS)?;
+        copy(from, "heads", to, super::bus::HEADS)?;
+        copy(from, "group_offsets", to, super::bus::GROUP_OFFSETS)
+    }),
+    ("offline.redb", |from, to| {
+        copy(from, "entries", to, super::offline::ENTRIES)?;
+        copy(from, "counts", to, super::offline::COUNTS)?;
+        copy(from, "tombstones", to, super::offline::TOMBSTONES)?;
+        copy(from, "tombstone_expiry", to, super::offline::TOMBSTONE_EXPIRY)
+    }),
+    ("history.redb", |from, to| copy(from, "messages", to, super::history::MESSAGES)),
+];
 
 /// Copies the stores of the one-file-per-store layout in `dir` into a new
 /// `messages.redb` at `target`, then renames each old file to `<name>.migrated`
@@ -84,7 +106,8 @@ pub(crate) fn migrate_legacy_files(dir: &Path, target: &Path) -> StoreResult<Vec
     if target.exists() {
         return Ok(Vec::new());
     }
-    let present: Vec<&str> = LEGACY_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
+    let present: Vec<(&str, LegacyCopy)> =
+        LEGACY_FILES.iter().copied().filter(|(file, _)| dir.join(file).exists()).collect();
     if present.is_empty() {
         return Ok(Vec::new());
     }
@@ -95,47 +118,21 @@ pub(crate) fn migrate_legacy_files(dir: &Path, target: &Path) -> StoreResult<Vec
     }
     let new_db = redb::Database::create(&staging).map_err(|e| unavailable("creating messages.redb", &e))?;
     let txn = new_db.begin_write().map_err(db_err)?;
-    for file in &present {
+    for (file, copy_tables) in &present {
         let old =
             redb::Database::open(dir.join(file)).map_err(|e| unavailable(&format!("opening {file}"), &e))?;
         let read = old.begin_read().map_err(db_err)?;
-        copy_file_tables(file, &read, &txn)?;
+        copy_tables(&read, &txn)?;
     }
     txn.commit().map_err(db_err)?;
     drop(new_db);
     std::fs::rename(&staging, target).map_err(|e| unavailable("installing messages.redb", &e))?;
-    for file in &present {
+    for (file, _) in &present {
         let old = dir.join(file);
         std::fs::rename(&old, old.with_extension("redb.migrated"))
             .map_err(|e| unavailable(&format!("retiring {file}"), &e))?;
     }
-    Ok(present.iter().map(|f| (*f).to_owned()).collect())
-}
-
-/// Copies the tables one legacy file held. In the shared file every table
-/// name carries its store's prefix (two stores had a `records` table).
-fn copy_file_tables(file: &str, from: &redb::ReadTransaction, to: &WriteTransaction) -> StoreResult<()> {
-    use super::{bus, dedup, history, offline, sequences};
-    match file {
-        "sequences.redb" => copy(from, "counters", to, sequences::COUNTERS),
-        "dedup.redb" => {
-            copy(from, "records", to, dedup::RECORDS)?;
-            copy(from, "expiry", to, dedup::EXPIRY)
-        }
-        "bus.redb" => {
-            copy(from, "records", to, bus::RECORDS)?;
-            copy(from, "heads", to, bus::HEADS)?;
-            copy(from, "group_offsets", to, bus::GROUP_OFFSETS)
-        }
-        "offline.redb" => {
-            copy(from, "entries", to, offline::ENTRIES)?;
-            copy(from, "counts", to, offline::COUNTS)?;
-            copy(from, "tombstones", to, offline::TOMBSTONES)?;
-            copy(from, "tombstone_expiry", to, offline::TOMBSTONE_EXPIRY)
-        }
-        "history.redb" => copy(from, "messages", to, history::MESSAGES),
-        other => Err(StoreError::Backend(format!("no migration for {other}"))),
-    }
+    Ok(present.iter().map(|(file, _)| (*file).to_owned()).collect())
 }
 
 /// Copies table `old_name` of `from` into `definition` of `to` (same key and
@@ -245,7 +242,7 @@ mod tests {
         drop(consumer);
         drop(b);
 
-        for file in super::LEGACY_FILES {
+        for (file, _) in super::LEGACY_FILES {
             assert!(!d.join(file).exists(), "{file} was retired");
             assert!(d.join(file).with_extension("redb.migrated").exists(), "{file} was kept aside");
         }
