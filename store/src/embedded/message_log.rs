@@ -1,13 +1,15 @@
-//! [`MessageLog`] in one transaction of `messages.redb`: sequence,
-//! reservation and bus record of a message commit together or not at all.
+//! [`MessageLog`] in one batch of the message database: sequence,
+//! reservation and bus record of a message are written together or not at
+//! all.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::bus::EmbeddedBus;
-use super::messages::{MessageTables, SharedMessageDb};
+use super::bus::{self, EmbeddedBus};
+use super::messages::SharedMessageDb;
 use super::writer::expiry_ms;
+use super::{dedup, sequences};
 use crate::{DedupRecord, MessageLog, NewMessage, StoreResult};
 
 /// [`MessageLog`] on the embedded message database.
@@ -31,12 +33,12 @@ impl MessageLog for EmbeddedMessageLog {
         let (ids, _offset) = self
             .store
             .write_then(
-                move |t: &mut MessageTables<'_>| {
+                move |w| {
                     let m = &message;
-                    let seq = t.sequences.incr(&m.conversation)?;
+                    let seq = sequences::incr(w, &m.conversation)?;
                     let ids = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
-                    t.dedup.put(&m.sender, &m.client_msg_id, ids, expires_at)?;
-                    let offset = t.bus.append(&m.topic, &m.key, &(m.payload)(seq))?;
+                    dedup::put(w, &m.sender, &m.client_msg_id, ids, expires_at)?;
+                    let offset = bus::append(w, &m.topic, &m.key, &(m.payload)(seq))?;
                     Ok((ids, offset))
                 },
                 move |&(_, offset)| head.committed(offset),
