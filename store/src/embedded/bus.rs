@@ -40,7 +40,7 @@ use super::messages::{self, Counter, SharedMessageDb, Writes, db_err};
 use crate::{Bus, BusConsumer, BusRecord, StoreError, StoreResult};
 
 /// A trim of the committed topic runs with every this many commits.
-const TRIM_EVERY_COMMITS: u64 = 256;
+const TRIM_EVERY_COMMITS: u64 = 32;
 
 pub(crate) fn record_key(topic: &str, offset: u64) -> Vec<u8> {
     Key::new().str(topic).u64(offset).build()
