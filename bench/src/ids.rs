@@ -223,7 +223,7 @@ pub async fn run(duration: Duration, cluster_idgen: Option<String>) -> anyhow::R
     // segment source and, below, behind gRPC. Each test has an allocator
     // of its own.
     let dir = tempfile::tempdir()?;
-    let counters = Arc::new(tern_store::embedded::EmbeddedSequenceStore::open(&dir.path().join("seq"))?);
+    let counters = Arc::new(tern_store::embedded::EmbeddedSequenceStore::open(&dir.path().join("seq.redb"))?);
     let step = tern_idgen::rpc::DEFAULT_STEP;
     let sf = Arc::new(Snowflake::new(2)?);
     for (step, threads, batch) in [

@@ -409,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn segments_never_overlap_and_allocators_prefetch() {
         let dir = tempfile::tempdir().unwrap();
-        let counters = Arc::new(EmbeddedSequenceStore::open(&dir.path().join("seq")).unwrap());
+        let counters = Arc::new(EmbeddedSequenceStore::open(&dir.path().join("seq.redb")).unwrap());
         let service = Arc::new(IdGenService::new(Arc::new(Snowflake::new(1).unwrap()), counters, 100));
         assert_eq!(service.next_segment("orders", 0).await.unwrap(), (0, 100));
         assert_eq!(service.next_segment("orders", 100).await.unwrap(), (100, 200));

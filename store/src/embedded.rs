@@ -1,15 +1,14 @@
-//! Embedded backends for `tern standalone`: two databases under the data
-//! directory, an in-process bus persisted in one of them, and in memory what
-//! lives no longer than the process (session placements, the registry).
+//! Embedded backends for `tern standalone`: redb files under the data
+//! directory, an in-process bus persisted in redb, and in memory what lives
+//! no longer than the process (session placements, the registry).
 //!
-//! The message database (`messages/`, a log-structured tree, module
-//! `messages`) holds everything written per message: sequences, dedup
-//! records, the bus, offline sets, group history. `meta.redb` (a B-tree
-//! file, module `writer`) holds the users, devices and groups. Each has one
-//! writer thread that group-commits, so a write that returned `Ok` is on
-//! disk and survives a crash of the process. The data of older layouts
-//! (`messages.redb`, or one redb file per store) is migrated into the
-//! message database when the directory is opened (module `migrate`).
+//! Two files: `messages.redb` holds everything written per message
+//! (sequences, dedup records, the bus, offline sets, group history; see
+//! module `messages` for why they share one file), `meta.redb` the users,
+//! devices and groups. Each file has one writer thread that group-commits
+//! (module `writer`), so a write that returned `Ok` is on disk and survives
+//! a crash of the process. A data directory of the older one-file-per-store
+//! layout is migrated into `messages.redb` when it is opened.
 //!
 //! Opening is blocking (it may replay or repair a file after a crash): call
 //! [`EmbeddedBackends::open`] at startup, before serving.
@@ -17,11 +16,9 @@
 mod bus;
 mod dedup;
 mod history;
-mod keys;
 mod message_log;
 mod messages;
 mod meta;
-mod migrate;
 mod offline;
 mod registry;
 mod sequences;
@@ -43,6 +40,8 @@ pub use sessions::EmbeddedSessionStore;
 
 use crate::StoreResult;
 
+/// Cache for the message database (offline sets, history, bus, counters).
+const LARGE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// Cache for the metadata file.
 const SMALL_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -66,10 +65,10 @@ impl EmbeddedBackends {
     pub fn open(dir: &Path) -> StoreResult<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
-        let messages_path = dir.join("messages");
-        let migrated = migrate::migrate(dir, &messages_path)?;
+        let messages_path = dir.join("messages.redb");
+        let migrated = messages::migrate_legacy_files(dir, &messages_path)?;
         if !migrated.is_empty() {
-            tracing::info!(files = ?migrated, "moved older files into the message database");
+            tracing::info!(files = ?migrated, "moved the per-store files into messages.redb");
         }
         let db = messages::open(&messages_path)?;
         let bus = Arc::new(EmbeddedBus::on(db.clone())?);

@@ -6,7 +6,7 @@
 //! sender's client message id (so a retry finds them), and its bus record.
 //! [`SeparateStores`] does them one after another on three backends (Redis
 //! and Kafka in a cluster); the embedded backend writes all three in one
-//! atomic batch, which costs one group commit instead of three.
+//! transaction, which costs one group commit instead of three.
 
 use std::sync::Arc;
 use std::time::Duration;

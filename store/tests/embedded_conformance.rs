@@ -177,7 +177,7 @@ async fn data_survives_reopen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishes_are_group_committed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bus = Arc::new(EmbeddedBus::open(&dir.path().join("bus")).expect("open"));
+    let bus = Arc::new(EmbeddedBus::open(&dir.path().join("bus.redb")).expect("open"));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1_000u32 {
         let bus = bus.clone();
@@ -222,7 +222,7 @@ async fn concurrent_publishes_are_group_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_tombstones_expire() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = EmbeddedOfflineStore::open(&dir.path().join("offline")).expect("open");
+    let store = EmbeddedOfflineStore::open(&dir.path().join("offline.redb")).expect("open");
     let receivers = ["carol".to_owned()];
     let entry = |msg_id| OfflineEntry { msg_id, payload: Bytes::from_static(b"x") };
     store.ack("carol", &[1, 2], Duration::from_millis(300)).await.expect("ack");
@@ -243,7 +243,7 @@ async fn offline_tombstones_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_trims_committed_records() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bus = EmbeddedBus::open(&dir.path().join("bus")).expect("open");
+    let bus = EmbeddedBus::open(&dir.path().join("bus.redb")).expect("open");
     for i in 0..10u8 {
         bus.publish("t", Bytes::new(), Bytes::from(vec![i])).await.expect("publish");
     }

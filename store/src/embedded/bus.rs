@@ -1,20 +1,17 @@
 //! The in-process bus of a standalone process: a durable append-only log per
-//! topic in the message database, consumed by named groups that commit
-//! offsets.
+//! topic in `messages.redb`, consumed by named groups that commit offsets.
 //!
-//! Keyspaces:
-//! - `bus_records`: (topic, offset) → (key length u32, key, payload);
-//!   offsets start at 0;
+//! Tables:
+//! - `bus_records`: (topic, offset) → (key, payload); offsets start at 0;
 //! - `bus_heads`: topic → next offset to assign;
 //! - `bus_group_offsets`: (topic, group) → next offset the group has not yet
 //!   committed (0 when nothing was committed). A group gets a row as soon as
 //!   it subscribes, so records it has not consumed are never trimmed.
 //!
-//! `publish` returns once its record is durable (group commit, see
-//! [`super::messages`]). Each topic has a `watch` channel holding its
-//! durable head, advanced on the writer thread right after each sync, so a
-//! waiting consumer wakes immediately instead of polling; a consumer reads
-//! only below that head, never a record a crash could still take back.
+//! `publish` returns once its record is committed (group commit, see
+//! [`super::writer`]). Each topic has a `watch` channel holding its committed
+//! head, advanced on the writer thread right after each commit, so a waiting
+//! consumer wakes immediately instead of polling the file.
 //!
 //! Records below the smallest committed offset of every group that ever
 //! subscribed to a topic are deleted every [`TRIM_EVERY_COMMITS`] commits
@@ -27,112 +24,105 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::keys::{Key, KeyReader, corrupt, read_u64s};
-use super::messages::{self, Counter, SharedMessageDb, Writes, db_err};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{Bus, BusConsumer, BusRecord, StoreError, StoreResult};
 
+/// (topic, offset): the log of every topic, in offset order.
+type RecordKey = (&'static str, u64);
+/// (key, payload) of a record.
+type RecordValue = (&'static [u8], &'static [u8]);
+
+pub(crate) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("bus_records");
+pub(crate) const HEADS: TableDefinition<&str, u64> = TableDefinition::new("bus_heads");
+pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("bus_group_offsets");
+
 /// A trim of the committed topic runs with every this many commits.
-const TRIM_EVERY_COMMITS: u64 = 32;
+const TRIM_EVERY_COMMITS: u64 = 256;
 
-pub(crate) fn record_key(topic: &str, offset: u64) -> Vec<u8> {
-    Key::new().str(topic).u64(offset).build()
+pub(crate) struct BusTables<'t> {
+    records: Table<'t, RecordKey, RecordValue>,
+    heads: Table<'t, &'static str, u64>,
+    group_offsets: Table<'t, (&'static str, &'static str), u64>,
 }
 
-pub(crate) fn group_key(topic: &str, group: &str) -> Vec<u8> {
-    Key::new().str(topic).str(group).build()
-}
-
-/// Appends a record to `topic` and returns its offset. Consumers learn of it
-/// through [`HeadSignal::committed`] once it is durable.
-pub(crate) fn append(w: &mut Writes<'_>, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
-    let ks = w.ks;
-    let offset = head(w, topic)?;
-    w.insert(&ks.bus_records, record_key(topic, offset), record_value(key, payload)?);
-    w.set_counter(Counter::BusHeads, topic.as_bytes(), Some(offset + 1));
-    Ok(offset)
-}
-
-fn head(w: &mut Writes<'_>, topic: &str) -> StoreResult<u64> {
-    Ok(w.counter(Counter::BusHeads, topic.as_bytes())?.unwrap_or(0))
-}
-
-/// A stored record value: the key's length, the key, the payload.
-pub(crate) fn record_value(key: &[u8], payload: &[u8]) -> StoreResult<Vec<u8>> {
-    let key_len =
-        u32::try_from(key.len()).map_err(|_| StoreError::Backend("bus record key too long".into()))?;
-    let mut value = Vec::with_capacity(4 + key.len() + payload.len());
-    value.extend_from_slice(&key_len.to_be_bytes());
-    value.extend_from_slice(key);
-    value.extend_from_slice(payload);
-    Ok(value)
-}
-
-/// Splits a stored record value into (key, payload).
-fn split_value(value: &[u8]) -> StoreResult<(&[u8], &[u8])> {
-    let (len, rest) = value.split_first_chunk::<4>().ok_or_else(|| corrupt("bus record cut short"))?;
-    rest.split_at_checked(u32::from_be_bytes(*len) as usize)
-        .ok_or_else(|| corrupt("bus record key cut short"))
-}
-
-/// Deletes the records of `topic` below the smallest committed offset of its
-/// groups; returns how many were deleted. `trimmed` remembers, per topic,
-/// the offset below which everything is deleted already, so the scan does
-/// not step over the deletion markers of earlier trims again.
-fn trim_topic(w: &mut Writes<'_>, trimmed: &Mutex<HashMap<String, u64>>, topic: &str) -> StoreResult<u64> {
-    let ks = w.ks;
-    let mut low: Option<u64> = None;
-    for entry in ks.bus_group_offsets.prefix(Key::new().str(topic).build()) {
-        let value = entry.value().map_err(db_err)?;
-        let [committed] = read_u64s::<1>(&value)?;
-        low = Some(low.map_or(committed, |l| l.min(committed)));
+impl<'t> BusTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self {
+            records: txn.open_table(RECORDS).map_err(db_err)?,
+            heads: txn.open_table(HEADS).map_err(db_err)?,
+            group_offsets: txn.open_table(GROUP_OFFSETS).map_err(db_err)?,
+        })
     }
-    let Some(low) = low.filter(|&l| l > 0) else {
-        return Ok(0);
-    };
-    let mut trimmed = trimmed.lock().unwrap_or_else(PoisonError::into_inner);
-    let from = trimmed.get(topic).copied().unwrap_or(0);
-    if from >= low {
-        return Ok(0);
+
+    /// Appends a record to `topic` and returns its offset. Consumers learn
+    /// of it through [`HeadSignal::committed`] once the transaction committed.
+    pub(crate) fn append(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
+        let offset = self.head(topic)?;
+        self.records.insert((topic, offset), (key, payload)).map_err(db_err)?;
+        self.heads.insert(topic, offset + 1).map_err(db_err)?;
+        Ok(offset)
     }
-    let mut removed = 0;
-    for entry in ks.bus_records.range(record_key(topic, from)..record_key(topic, low)) {
-        w.remove(&ks.bus_records, entry.key().map_err(db_err)?);
-        removed += 1;
+
+    fn head(&self, topic: &str) -> StoreResult<u64> {
+        Ok(self.heads.get(topic).map_err(db_err)?.map_or(0, |v| v.value()))
     }
-    trimmed.insert(topic.to_owned(), low);
-    Ok(removed)
+
+    /// Deletes the records of `topic` below the smallest committed offset of
+    /// its groups; returns how many were deleted.
+    fn trim_topic(&mut self, topic: &str) -> StoreResult<u64> {
+        let mut low: Option<u64> = None;
+        for entry in self.group_offsets.range((topic, "")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if k.value().0 != topic {
+                break;
+            }
+            low = Some(low.map_or(v.value(), |l| l.min(v.value())));
+        }
+        let Some(low) = low.filter(|&l| l > 0) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        self.records
+            .retain_in((topic, 0)..(topic, low), |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(db_err)?;
+        Ok(removed)
+    }
 }
 
 /// State shared by the bus and its consumers.
 struct Shared {
     store: SharedMessageDb,
-    /// Durable head (next offset) of each topic, for waking consumers.
+    /// Committed head (next offset) of each topic, for waking consumers.
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
-    /// Per topic, the offset below which every record is trimmed.
-    trimmed: Arc<Mutex<HashMap<String, u64>>>,
     commits: AtomicU64,
 }
 
 impl Shared {
     fn head_channel(&self, topic: &str) -> watch::Sender<u64> {
-        let mut heads = self.heads.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         heads.entry(topic.to_owned()).or_insert_with(|| watch::channel(0).0).clone()
     }
 }
 
-/// Advances a topic's durable head, waking its consumers.
+/// Advances a topic's committed head, waking its consumers.
 pub(crate) struct HeadSignal(watch::Sender<u64>);
 
 impl HeadSignal {
-    /// Records that the record at `offset` is durable.
+    /// Records that the record at `offset` is committed.
     pub(crate) fn committed(&self, offset: u64) {
         self.0.send_if_modified(|h| {
             let advanced = *h <= offset;
@@ -142,53 +132,50 @@ impl HeadSignal {
     }
 }
 
-/// [`Bus`] persisted in the embedded message database.
+/// [`Bus`] persisted in redb.
 pub struct EmbeddedBus {
     shared: Arc<Shared>,
 }
 
 impl EmbeddedBus {
-    /// Opens (creating if needed) a message database of its own in the
-    /// directory `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
         Self::on(messages::open(path)?)
     }
 
     /// The bus in a shared message database. Blocking (reads the heads).
     pub(crate) fn on(store: SharedMessageDb) -> StoreResult<Self> {
-        let mut heads = HashMap::new();
-        for entry in store.tables().bus_heads.iter() {
-            let (topic, value) = entry.into_inner().map_err(db_err)?;
-            let topic = std::str::from_utf8(&topic).map_err(|_| corrupt("topic is not UTF-8"))?;
-            let [head] = read_u64s::<1>(&value)?;
-            heads.insert(topic.to_owned(), watch::channel(head).0);
-        }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                store,
-                heads: Mutex::new(heads),
-                trimmed: Arc::default(),
-                commits: AtomicU64::new(0),
-            }),
-        })
+        let heads = store.read_blocking(|txn| {
+            let table = txn.open_table(HEADS).map_err(db_err)?;
+            let mut heads = HashMap::new();
+            for entry in table.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                heads.insert(k.value().to_owned(), watch::channel(v.value()).0);
+            }
+            Ok(heads)
+        })?;
+        Ok(Self { shared: Arc::new(Shared { store, heads: Mutex::new(heads), commits: AtomicU64::new(0) }) })
     }
 
     /// Deletes, in every topic, the records every subscribed group has
     /// committed. Runs on its own every few hundred commits; returns how many
     /// records were deleted.
     pub async fn trim(&self) -> StoreResult<u64> {
-        let trimmed = self.shared.trimmed.clone();
         self.shared
             .store
-            .write(move |w| {
-                let mut topics = BTreeMap::new();
-                for entry in w.ks.bus_group_offsets.iter() {
-                    let key = entry.key().map_err(db_err)?;
-                    topics.insert(KeyReader::new(&key).str()?.to_owned(), ());
+            .write(|t: &mut MessageTables<'_>| {
+                let t = &mut t.bus;
+                let mut low: BTreeMap<String, u64> = BTreeMap::new();
+                for entry in t.group_offsets.iter().map_err(db_err)? {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let topic = k.value().0;
+                    let l = low.entry(topic.to_owned()).or_insert(u64::MAX);
+                    *l = (*l).min(v.value());
                 }
                 let mut removed = 0;
-                for topic in topics.keys() {
-                    removed += trim_topic(w, &trimmed, topic)?;
+                for topic in low.keys() {
+                    removed += t.trim_topic(topic)?;
                 }
                 Ok(removed)
             })
@@ -196,20 +183,27 @@ impl EmbeddedBus {
     }
 
     /// What wakes `topic`'s consumers: call [`HeadSignal::committed`] with
-    /// the offset of every appended record once it is durable.
+    /// the offset of every appended record after its transaction committed.
     pub(crate) fn head_signal(&self, topic: &str) -> HeadSignal {
         HeadSignal(self.shared.head_channel(topic))
     }
 
     /// Number of records of `topic` still stored (not yet trimmed).
     pub async fn retained(&self, topic: &str) -> StoreResult<u64> {
-        let records = &self.shared.store.tables().bus_records;
-        let mut n = 0;
-        for entry in records.range(record_key(topic, 0)..=record_key(topic, u64::MAX)) {
-            entry.key().map_err(db_err)?;
-            n += 1;
-        }
-        Ok(n)
+        let topic = topic.to_owned();
+        self.shared
+            .store
+            .read(move |txn| {
+                let table = txn.open_table(RECORDS).map_err(db_err)?;
+                let t = topic.as_str();
+                let mut n = 0;
+                for entry in table.range((t, 0)..=(t, u64::MAX)).map_err(db_err)? {
+                    entry.map_err(db_err)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .await
     }
 }
 
@@ -221,7 +215,7 @@ impl Bus for EmbeddedBus {
         self.shared
             .store
             .write_then(
-                move |w| append(w, &topic, &key, &payload),
+                move |t: &mut MessageTables<'_>| t.bus.append(&topic, &key, &payload),
                 // On the writer thread, in commit order, even if this
                 // publisher's future is dropped: consumers never miss a wake.
                 move |&offset| head.committed(offset),
@@ -234,16 +228,19 @@ impl Bus for EmbeddedBus {
         // Watch first, then read the start: a record committed in between is
         // both in the read range and signalled, never lost.
         let head = self.shared.head_channel(topic).subscribe();
-        let key = group_key(topic, group);
+        let (t, g) = (topic.to_owned(), group.to_owned());
         let position = self
             .shared
             .store
-            .write(move |w| {
-                match w.counter(Counter::BusGroupOffsets, &key)? {
+            .write(move |tables: &mut MessageTables<'_>| {
+                let tables = &mut tables.bus;
+                let key = (t.as_str(), g.as_str());
+                let committed = tables.group_offsets.get(key).map_err(db_err)?.map(|v| v.value());
+                match committed {
                     Some(next) => Ok(next),
                     None => {
                         // Registers the group so nothing it has not read is trimmed.
-                        w.set_counter(Counter::BusGroupOffsets, &key, Some(0));
+                        tables.group_offsets.insert(key, 0).map_err(db_err)?;
                         Ok(0)
                     }
                 }
@@ -259,7 +256,7 @@ impl Bus for EmbeddedBus {
     }
 }
 
-/// A consumer of one topic of an [`EmbeddedBus`]. Keeps the database open
+/// A consumer of one topic of an [`EmbeddedBus`]. Keeps the bus file open
 /// while it lives.
 pub struct EmbeddedConsumer {
     shared: Arc<Shared>,
@@ -271,25 +268,27 @@ pub struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// Up to `max` records from the consumer's position, below the durable
-    /// `head`.
-    fn read_from(&self, head: u64, max: usize) -> StoreResult<Vec<BusRecord>> {
-        let records = &self.shared.store.tables().bus_records;
-        let range = record_key(&self.topic, self.position)..record_key(&self.topic, head);
-        let mut out = Vec::new();
-        for entry in records.range(range).take(max) {
-            let (k, v) = entry.into_inner().map_err(db_err)?;
-            let mut r = KeyReader::new(&k);
-            r.str()?;
-            let (key, payload) = split_value(&v)?;
-            out.push(BusRecord {
-                partition: 0,
-                offset: r.u64()?,
-                key: Bytes::copy_from_slice(key),
-                payload: Bytes::copy_from_slice(payload),
-            });
-        }
-        Ok(out)
+    async fn read_from(&self, max: usize) -> StoreResult<Vec<BusRecord>> {
+        let (topic, from) = (self.topic.clone(), self.position);
+        self.shared
+            .store
+            .read(move |txn| {
+                let table = txn.open_table(RECORDS).map_err(db_err)?;
+                let t = topic.as_str();
+                let mut out = Vec::new();
+                for entry in table.range((t, from)..=(t, u64::MAX)).map_err(db_err)?.take(max) {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let (key, payload) = v.value();
+                    out.push(BusRecord {
+                        partition: 0,
+                        offset: k.value().1,
+                        key: Bytes::copy_from_slice(key),
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                }
+                Ok(out)
+            })
+            .await
     }
 }
 
@@ -305,7 +304,7 @@ impl BusConsumer for EmbeddedConsumer {
             // the read still wakes the `changed()` below.
             let head = *self.head.borrow_and_update();
             if head > self.position {
-                let records = self.read_from(head, max)?;
+                let records = self.read_from(max).await?;
                 match records.last() {
                     Some(last) => {
                         self.position = last.offset + 1;
@@ -332,22 +331,21 @@ impl BusConsumer for EmbeddedConsumer {
         let Some(offset) = records.iter().map(|r| r.offset).max() else { return Ok(()) };
         let trim = self.shared.commits.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY_COMMITS
             == TRIM_EVERY_COMMITS - 1;
-        let (topic, key) = (self.topic.clone(), group_key(&self.topic, &self.group));
-        let trimmed = self.shared.trimmed.clone();
+        let (topic, group) = (self.topic.clone(), self.group.clone());
         self.shared
             .store
-            .write(move |w| {
-                let current = w.counter(Counter::BusGroupOffsets, &key)?.unwrap_or(0);
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.bus;
+                let key = (topic.as_str(), group.as_str());
+                let current = t.group_offsets.get(key).map_err(db_err)?.map_or(0, |v| v.value());
                 // Never beyond what exists (so trimming cannot delete records
                 // not yet written) and never backwards.
-                let next = offset.saturating_add(1).min(head(w, &topic)?).max(current);
+                let next = offset.saturating_add(1).min(t.head(&topic)?).max(current);
                 if next != current {
-                    w.set_counter(Counter::BusGroupOffsets, &key, Some(next));
+                    t.group_offsets.insert(key, next).map_err(db_err)?;
                 }
                 if trim {
-                    // The new offset is not visible to this operation: the
-                    // trim uses the one before (the next trim catches up).
-                    trim_topic(w, &trimmed, &topic)?;
+                    t.trim_topic(&topic)?;
                 }
                 Ok(())
             })

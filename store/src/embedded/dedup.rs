@@ -1,96 +1,98 @@
-//! Accepted client message ids, in the message database.
+//! Accepted client message ids, in `messages.redb`.
 //!
-//! Keyspaces:
+//! Tables:
 //! - `dedup_records`: (sender, client_msg_id) → (msg_id, seq, sent_at_ms, expires_at_ms);
 //! - `dedup_expiry`: (expires_at_ms, sender, client_msg_id) → (), the same records
 //!   ordered by expiry so the writer's maintenance can drop expired ones
-//!   without scanning everything (a renewed record may leave an older entry
-//!   here; expiry checks the record's own time before dropping it).
+//!   without scanning everything.
 //!
 //! A read never returns an expired record, whether or not it was dropped yet.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::keys::{Key, KeyReader, read_u64s, u64s};
-use super::messages::{self, SharedMessageDb, Writes, db_err};
-use super::writer::{expiry_ms, now_ms};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::{db_err, expiry_ms, now_ms};
 use crate::{DedupRecord, DedupStore, StoreResult};
 
+type RecordValue = (u64, u64, u64, u64);
+
+pub(crate) const RECORDS: TableDefinition<(&str, &str), RecordValue> = TableDefinition::new("dedup_records");
+pub(crate) const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("dedup_expiry");
+
 /// Expired records dropped per maintenance run, so one run adds little
-/// latency to the commit it shares (the writer runs it again at once while
-/// a backlog remains).
+/// latency to the writes it shares a transaction with (the writer runs it
+/// again at once while a backlog remains).
 const EXPIRE_BATCH: usize = 4_096;
 
-pub(crate) fn record_key(sender: &str, client_msg_id: &str) -> Vec<u8> {
-    Key::new().str(sender).str(client_msg_id).build()
+pub(crate) struct DedupTables<'t> {
+    records: Table<'t, (&'static str, &'static str), RecordValue>,
+    expiry: Table<'t, (u64, &'static str, &'static str), ()>,
 }
 
-/// Records `record` under (sender, client message id) until `expires_at`.
-pub(crate) fn put(
-    w: &mut Writes<'_>,
-    sender: &str,
-    client_msg_id: &str,
-    record: DedupRecord,
-    expires_at: u64,
-) -> StoreResult<()> {
-    let ks = w.ks;
-    // A record replaced here leaves its old expiry entry behind rather than
-    // paying a read for it: `expire` finds the record renewed and only drops
-    // that entry.
-    let key = record_key(sender, client_msg_id);
-    w.insert(&ks.dedup_records, key, u64s([record.msg_id, record.seq, record.sent_at_ms, expires_at]));
-    w.insert(&ks.dedup_expiry, Key::new().u64(expires_at).str(sender).str(client_msg_id).build(), []);
-    Ok(())
-}
-
-/// Drops up to [`EXPIRE_BATCH`] expired records; returns whether more are
-/// left (run by the writer's maintenance).
-pub(crate) fn expire(w: &mut Writes<'_>, now_ms: u64) -> StoreResult<bool> {
-    let ks = w.ks;
-    let from = Key::new().u64(ks.dedup_expired_below.load(Ordering::Relaxed)).build();
-    let to = Key::new().u64(now_ms).build();
-    let mut dropped = 0;
-    let mut last_at = None;
-    for entry in ks.dedup_expiry.range(from..to) {
-        let key = entry.key().map_err(db_err)?;
-        let mut r = KeyReader::new(&key);
-        let (at, sender, client) = (r.u64()?, r.str()?, r.str()?);
-        let record_key = record_key(sender, client);
-        // The record may have been renewed with a later expiry since.
-        let still_expired = match w.get(&ks.dedup_records, &record_key)? {
-            Some(v) => read_u64s::<4>(&v)?[3] <= at,
-            None => false,
-        };
-        if still_expired {
-            w.remove(&ks.dedup_records, record_key);
-        }
-        w.remove(&ks.dedup_expiry, key.clone());
-        last_at = Some(at);
-        dropped += 1;
-        if dropped == EXPIRE_BATCH {
-            break;
-        }
+impl<'t> DedupTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self {
+            records: txn.open_table(RECORDS).map_err(db_err)?,
+            expiry: txn.open_table(EXPIRY).map_err(db_err)?,
+        })
     }
-    let backlog = dropped == EXPIRE_BATCH;
-    // Everything below `now` is dropped unless the run stopped early; then
-    // everything below the last expiry time seen (its peers may remain).
-    let below = if backlog { last_at.unwrap_or(0) } else { now_ms };
-    ks.dedup_expired_below.fetch_max(below, Ordering::Relaxed);
-    Ok(backlog)
+
+    /// Records `record` under (sender, client message id) until `expires_at`.
+    pub(crate) fn put(
+        &mut self,
+        sender: &str,
+        client_msg_id: &str,
+        record: DedupRecord,
+        expires_at: u64,
+    ) -> StoreResult<()> {
+        let value = (record.msg_id, record.seq, record.sent_at_ms, expires_at);
+        let old_expiry =
+            self.records.insert((sender, client_msg_id), value).map_err(db_err)?.map(|old| old.value().3);
+        if let Some(old) = old_expiry {
+            self.expiry.remove((old, sender, client_msg_id)).map_err(db_err)?;
+        }
+        self.expiry.insert((expires_at, sender, client_msg_id), ()).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Drops up to [`EXPIRE_BATCH`] expired records; returns whether more
+    /// are left (run by the writer's maintenance).
+    pub(crate) fn expire(&mut self, now_ms: u64) -> StoreResult<bool> {
+        let t = self;
+        let mut expired = Vec::new();
+        for entry in t.expiry.range(..(now_ms, "", "")).map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let (at, sender, client) = k.value();
+            expired.push((at, sender.to_owned(), client.to_owned()));
+            if expired.len() == EXPIRE_BATCH {
+                break;
+            }
+        }
+        for (at, sender, client) in &expired {
+            let key = (sender.as_str(), client.as_str());
+            t.expiry.remove((*at, key.0, key.1)).map_err(db_err)?;
+            // The record may have been renewed with a later expiry since.
+            let still_expired = t.records.get(key).map_err(db_err)?.is_some_and(|v| v.value().3 <= *at);
+            if still_expired {
+                t.records.remove(key).map_err(db_err)?;
+            }
+        }
+        Ok(expired.len() == EXPIRE_BATCH)
+    }
 }
 
-/// [`DedupStore`] on the embedded message database.
+/// [`DedupStore`] on redb.
 pub struct EmbeddedDedupStore {
     store: SharedMessageDb,
 }
 
 impl EmbeddedDedupStore {
-    /// Opens (creating if needed) a message database of its own in the
-    /// directory `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
         Ok(Self::on(messages::open(path)?))
     }
@@ -103,11 +105,17 @@ impl EmbeddedDedupStore {
 #[async_trait]
 impl DedupStore for EmbeddedDedupStore {
     async fn get(&self, sender: &str, client_msg_id: &str) -> StoreResult<Option<DedupRecord>> {
-        let value =
-            self.store.tables().dedup_records.get(record_key(sender, client_msg_id)).map_err(db_err)?;
-        let Some(value) = value else { return Ok(None) };
-        let [msg_id, seq, sent_at_ms, expires_at] = read_u64s::<4>(&value)?;
-        Ok((expires_at > now_ms()).then_some(DedupRecord { msg_id, seq, sent_at_ms }))
+        let (sender, client) = (sender.to_owned(), client_msg_id.to_owned());
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(RECORDS).map_err(db_err)?;
+                let Some(v) = table.get((sender.as_str(), client.as_str())).map_err(db_err)? else {
+                    return Ok(None);
+                };
+                let (msg_id, seq, sent_at_ms, expires_at) = v.value();
+                Ok((expires_at > now_ms()).then_some(DedupRecord { msg_id, seq, sent_at_ms }))
+            })
+            .await
     }
 
     async fn put(
@@ -119,6 +127,8 @@ impl DedupStore for EmbeddedDedupStore {
     ) -> StoreResult<()> {
         let (sender, client) = (sender.to_owned(), client_msg_id.to_owned());
         let expires_at = expiry_ms(ttl);
-        self.store.write(move |w| put(w, &sender, &client, record, expires_at)).await
+        self.store
+            .write(move |t: &mut MessageTables<'_>| t.dedup.put(&sender, &client, record, expires_at))
+            .await
     }
 }

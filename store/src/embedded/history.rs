@@ -1,23 +1,36 @@
-//! Group message history (keyspace `history`: (group, msg_id) → payload in
-//! the message database).
+//! Group message history (`history`: (group, msg_id) → payload in
+//! `messages.redb`).
 
 use std::path::Path;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::keys::{Key, KeyReader};
-use super::messages::{self, SharedMessageDb, db_err};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{HistoryStore, StoreResult};
 
-/// [`HistoryStore`] on the embedded message database.
+pub(crate) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+
+pub(crate) struct HistoryTables<'t> {
+    messages: Table<'t, (&'static str, u64), &'static [u8]>,
+}
+
+impl<'t> HistoryTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self { messages: txn.open_table(MESSAGES).map_err(db_err)? })
+    }
+}
+
+/// [`HistoryStore`] on redb.
 pub struct EmbeddedHistoryStore {
     store: SharedMessageDb,
 }
 
 impl EmbeddedHistoryStore {
-    /// Opens (creating if needed) a message database of its own in the
-    /// directory `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
         Ok(Self::on(messages::open(path)?))
     }
@@ -30,13 +43,14 @@ impl EmbeddedHistoryStore {
 #[async_trait]
 impl HistoryStore for EmbeddedHistoryStore {
     async fn append(&self, group_id: &str, msg_id: u64, payload: Bytes) -> StoreResult<()> {
-        let key = Key::new().str(group_id).u64(msg_id).build();
+        let group = group_id.to_owned();
         self.store
-            .write(move |w| {
-                let ks = w.ks;
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.history;
+                let key = (group.as_str(), msg_id);
                 // Idempotent: a redelivered append keeps the first copy.
-                if w.get(&ks.history, &key)?.is_none() {
-                    w.insert(&ks.history, key, payload.as_ref());
+                if t.messages.get(key).map_err(db_err)?.is_none() {
+                    t.messages.insert(key, payload.as_ref()).map_err(db_err)?;
                 }
                 Ok(())
             })
@@ -44,20 +58,24 @@ impl HistoryStore for EmbeddedHistoryStore {
     }
 
     async fn page(&self, group_id: &str, before: u64, limit: usize) -> StoreResult<Vec<(u64, Bytes)>> {
-        let start = Key::new().str(group_id).u64(0).build();
-        let history = &self.store.tables().history;
-        let range = if before == 0 {
-            history.range(start..=Key::new().str(group_id).u64(u64::MAX).build())
-        } else {
-            history.range(start..Key::new().str(group_id).u64(before).build())
-        };
-        let mut out = Vec::new();
-        for entry in range.rev().take(limit) {
-            let (key, value) = entry.into_inner().map_err(db_err)?;
-            let mut r = KeyReader::new(&key);
-            r.str()?;
-            out.push((r.u64()?, Bytes::copy_from_slice(&value)));
-        }
-        Ok(out)
+        let group = group_id.to_owned();
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(MESSAGES).map_err(db_err)?;
+                let g = group.as_str();
+                let range = if before == 0 {
+                    table.range((g, 0)..=(g, u64::MAX))
+                } else {
+                    table.range((g, 0)..(g, before))
+                }
+                .map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in range.rev().take(limit) {
+                    let (k, v) = entry.map_err(db_err)?;
+                    out.push((k.value().1, Bytes::copy_from_slice(v.value())));
+                }
+                Ok(out)
+            })
+            .await
     }
 }

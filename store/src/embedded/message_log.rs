@@ -1,15 +1,13 @@
-//! [`MessageLog`] in one batch of the message database: sequence,
-//! reservation and bus record of a message are written together or not at
-//! all.
+//! [`MessageLog`] in one transaction of `messages.redb`: sequence,
+//! reservation and bus record of a message commit together or not at all.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::bus::{self, EmbeddedBus};
-use super::messages::SharedMessageDb;
+use super::bus::EmbeddedBus;
+use super::messages::{MessageTables, SharedMessageDb};
 use super::writer::expiry_ms;
-use super::{dedup, sequences};
 use crate::{DedupRecord, MessageLog, NewMessage, StoreResult};
 
 /// [`MessageLog`] on the embedded message database.
@@ -33,12 +31,12 @@ impl MessageLog for EmbeddedMessageLog {
         let (ids, _offset) = self
             .store
             .write_then(
-                move |w| {
+                move |t: &mut MessageTables<'_>| {
                     let m = &message;
-                    let seq = sequences::incr(w, &m.conversation)?;
+                    let seq = t.sequences.incr(&m.conversation)?;
                     let ids = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
-                    dedup::put(w, &m.sender, &m.client_msg_id, ids, expires_at)?;
-                    let offset = bus::append(w, &m.topic, &m.key, &(m.payload)(seq))?;
+                    t.dedup.put(&m.sender, &m.client_msg_id, ids, expires_at)?;
+                    let offset = t.bus.append(&m.topic, &m.key, &(m.payload)(seq))?;
                     Ok((ids, offset))
                 },
                 move |&(_, offset)| head.committed(offset),

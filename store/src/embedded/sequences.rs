@@ -1,37 +1,46 @@
-//! Per-conversation counters (keyspace `sequences`: key → u64).
+//! Per-conversation counters (`sequences`: key → u64 in `messages.redb`).
 //!
 //! Increments are group-committed: concurrent `incr` calls on the same key
-//! are applied one after another in the writer, so each still gets its own
-//! value and the counter never goes back after a restart.
+//! are applied one after another inside one transaction, so each still gets
+//! its own value and the counter never goes back after a restart.
 
 use std::path::Path;
 
 use async_trait::async_trait;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::keys::read_u64s;
-use super::messages::{self, Counter, SharedMessageDb, Writes};
+use super::messages::{self, MessageTables, SharedMessageDb};
+use super::writer::db_err;
 use crate::{SequenceStore, StoreResult};
 
-/// `key`'s counter as `w` sees it (0 if never incremented).
-fn current(w: &mut Writes<'_>, key: &str) -> StoreResult<u64> {
-    Ok(w.counter(Counter::Sequences, key.as_bytes())?.unwrap_or(0))
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("sequences");
+
+pub(crate) struct SequenceTables<'t> {
+    counters: Table<'t, &'static str, u64>,
 }
 
-/// Adds one to `key`'s counter and returns the new value.
-pub(crate) fn incr(w: &mut Writes<'_>, key: &str) -> StoreResult<u64> {
-    let next = current(w, key)?.saturating_add(1);
-    w.set_counter(Counter::Sequences, key.as_bytes(), Some(next));
-    Ok(next)
+impl<'t> SequenceTables<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Self { counters: txn.open_table(COUNTERS).map_err(db_err)? })
+    }
+
+    /// Adds one to `key`'s counter and returns the new value.
+    pub(crate) fn incr(&mut self, key: &str) -> StoreResult<u64> {
+        let current = self.counters.get(key).map_err(db_err)?.map_or(0, |v| v.value());
+        let next = current.saturating_add(1);
+        self.counters.insert(key, next).map_err(db_err)?;
+        Ok(next)
+    }
 }
 
-/// [`SequenceStore`] on the embedded message database.
+/// [`SequenceStore`] on redb.
 pub struct EmbeddedSequenceStore {
     store: SharedMessageDb,
 }
 
 impl EmbeddedSequenceStore {
-    /// Opens (creating if needed) a message database of its own in the
-    /// directory `path`. Blocking.
+    /// Opens (creating if needed) a message database of its own at `path`.
+    /// Blocking.
     pub fn open(path: &Path) -> StoreResult<Self> {
         Ok(Self::on(messages::open(path)?))
     }
@@ -45,25 +54,29 @@ impl EmbeddedSequenceStore {
 impl SequenceStore for EmbeddedSequenceStore {
     async fn incr(&self, key: &str) -> StoreResult<u64> {
         let key = key.to_owned();
-        self.store.write(move |w| incr(w, &key)).await
+        self.store.write(move |t: &mut MessageTables<'_>| t.sequences.incr(&key)).await
     }
 
     async fn current(&self, key: &str) -> StoreResult<u64> {
-        let value = self.store.tables().sequences.get(key.as_bytes()).map_err(messages::db_err)?;
-        Ok(match value {
-            Some(v) => read_u64s::<1>(&v)?[0],
-            None => 0,
-        })
+        let key = key.to_owned();
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(COUNTERS).map_err(db_err)?;
+                Ok(table.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value()))
+            })
+            .await
     }
 
     async fn rollback(&self, key: &str, expected: u64) -> StoreResult<bool> {
         let key = key.to_owned();
         self.store
-            .write(move |w| {
-                if expected == 0 || current(w, &key)? != expected {
+            .write(move |t: &mut MessageTables<'_>| {
+                let t = &mut t.sequences;
+                let current = t.counters.get(key.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
+                if expected == 0 || current != expected {
                     return Ok(false);
                 }
-                w.set_counter(Counter::Sequences, key.as_bytes(), Some(expected - 1));
+                t.counters.insert(key.as_str(), expected - 1).map_err(db_err)?;
                 Ok(true)
             })
             .await

@@ -1,4 +1,4 @@
-//! One redb database (`meta.redb`) with a dedicated writer thread that group-commits.
+//! One redb database with a dedicated writer thread that group-commits.
 //!
 //! redb allows a single write transaction at a time and, with the default
 //! durability, every commit waits for an `fsync`. Committing once per
@@ -217,6 +217,16 @@ impl<S: Schema> Store<S> {
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        op(&txn)
+    }
+
+    /// Runs `op` in a read transaction on the calling thread. For startup
+    /// code only (the caller is not a tokio worker).
+    pub(crate) fn read_blocking<T>(
+        &self,
+        op: impl FnOnce(&ReadTransaction) -> StoreResult<T>,
+    ) -> StoreResult<T> {
         let txn = self.db.begin_read().map_err(db_err)?;
         op(&txn)
     }
