@@ -4,7 +4,7 @@
 //!
 //! Delivery to receivers happens downstream: offline-svc consumes the bus,
 //! writes each receiver's offline set and pushes to online receivers (see
-//! ARCHITECTURE.md, "why the push follows the offline write").
+//! ARCHITECTURE.md, "why pushes come from offline-svc").
 //!
 //! Architecture invariant: a message is acknowledged to its sender only after
 //! `MessageLog::append` (or, for a retry, `Bus::publish`) returned, i.e.

@@ -1,15 +1,16 @@
 //! offline-svc: the per-receiver offline store.
 //!
 //! Its bus consumer writes every accepted message into the offline set of
-//! each receiver (write diffusion), then pushes it to the receivers that are
-//! online. Entries leave the set only when the client ACKs them, so a push
-//! that is lost, unacknowledged or sent to a device that just went away is
-//! still pulled at the next login.
+//! each receiver (write diffusion) and pushes it to the receivers that are
+//! online: to the connections it finds before the write at once, and after
+//! the write to those that appeared meanwhile. Entries leave the set only
+//! when the client ACKs them, so a push that is lost, unacknowledged or sent
+//! to a device that just went away is still pulled at the next login.
 //!
-//! Architecture invariant: the push of a message happens after its offline
-//! write. A client that logs in after the write pulls it; one that logged in
-//! before the write is found by the placement lookup and pushed. No message
-//! falls between the two.
+//! Architecture invariant: every connection is pushed a message, or logged
+//! in after its offline write. The placements are looked up again after the
+//! write: a client that logged in before that lookup is pushed, one that
+//! logs in after it pulls the entry. No message falls between the two.
 //!
 //! Large groups: a device that would get more than
 //! [`OfflineConfig::pull_notice_threshold`] messages of large groups
@@ -296,6 +297,50 @@ fn sync_reason(groups: &BTreeMap<&str, usize>) -> String {
     format!("{total} new messages in groups {}; pull", named.join(", "))
 }
 
+/// The placements of everyone the batch is pushed to, one lookup per user,
+/// all at once. A failed lookup counts as offline: the entry is stored and
+/// the device pulls it at its next sync.
+async fn placements_of(
+    sessions: &Arc<dyn SessionStore>,
+    decoded: &[Delivery],
+) -> HashMap<String, Vec<Placement>> {
+    let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
+    let lookups = users.into_iter().map(|user| {
+        let sessions = sessions.clone();
+        async move {
+            match sessions.get(user).await {
+                Ok(placements) => (user.clone(), placements),
+                Err(e) => {
+                    tracing::warn!(error = %e, "placement lookup failed; push skipped");
+                    (user.clone(), Vec::new())
+                }
+            }
+        }
+    });
+    futures::future::join_all(lookups).await.into_iter().collect()
+}
+
+/// The connections of `now` that `before` did not have (a connection is
+/// its access node and connection id).
+fn connections_not_in(
+    now: HashMap<String, Vec<Placement>>,
+    before: &HashMap<String, Vec<Placement>>,
+) -> HashMap<String, Vec<Placement>> {
+    let known = |user: &str, p: &Placement| {
+        before
+            .get(user)
+            .into_iter()
+            .flatten()
+            .any(|b| b.node_id == p.node_id && b.connection_id == p.connection_id)
+    };
+    now.into_iter()
+        .filter_map(|(user, placements)| {
+            let fresh: Vec<Placement> = placements.into_iter().filter(|p| !known(&user, p)).collect();
+            (!fresh.is_empty()).then_some((user, fresh))
+        })
+        .collect()
+}
+
 /// The stores the consumer reads and writes.
 #[derive(Clone)]
 pub struct ConsumerBackends {
@@ -361,6 +406,17 @@ pub async fn run_consumer(
             });
             let devices: HashMap<String, Vec<String>> =
                 futures::future::try_join_all(lookups).await?.into_iter().collect();
+            // Pushes go out before the offline write, so a receiver online
+            // now does not wait for that commit (one group commit less on
+            // the way to every online receiver). A push that overtakes the
+            // write is harmless: the device's ACK leaves a tombstone that
+            // drops the late write, and a crash before the write replays
+            // the batch (clients drop duplicates by message id).
+            let before = placements_of(&sessions, &decoded).await;
+            let early = plan(&decoded, &before, &config);
+            for (d, placement) in &early.pushes {
+                pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+            }
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
             // ACKed and deleted independently.
@@ -370,32 +426,25 @@ pub async fn run_consumer(
                 async move { store.insert(&keys, &d.entry).await }
             });
             futures::future::try_join_all(writes).await?;
-            // Placements of everyone to push to, one lookup per user, all at
-            // once; then the pushes in message order, and the SYNC notices
-            // that replace a device's large-group pushes after them.
-            let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
-            let lookups = users.into_iter().map(|user| {
-                let sessions = sessions.clone();
-                async move {
-                    match sessions.get(user).await {
-                        Ok(placements) => (user.clone(), placements),
-                        // The entry is stored; the device pulls it at its next sync.
-                        Err(e) => {
-                            tracing::warn!(error = %e, "placement lookup failed; push skipped");
-                            (user.clone(), Vec::new())
-                        }
-                    }
-                }
-            });
-            let placements: HashMap<String, Vec<Placement>> =
-                futures::future::join_all(lookups).await.into_iter().collect();
-            let plan = plan(&decoded, &placements, &config);
-            for (d, placement) in plan.pushes {
-                pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-            }
-            for (placement, reason) in plan.notices {
+            // After the write: the SYNC notices (a device told to pull must
+            // find the entries), and everything for the connections that
+            // appeared since the first lookup. Such a device logged in
+            // meanwhile, and its login-time pull may have run before the
+            // write; a login after this lookup finds the entries itself.
+            for (placement, reason) in &early.notices {
                 tracing::debug!(user = %placement.user_id, %reason, "large-group burst: SYNC notice instead of pushes");
-                pushes.sync_notice(placement, &reason);
+                pushes.sync_notice(placement, reason);
+            }
+            let after = placements_of(&sessions, &decoded).await;
+            let newcomers = connections_not_in(after, &before);
+            if !newcomers.is_empty() {
+                let late = plan(&decoded, &newcomers, &config);
+                for (d, placement) in late.pushes {
+                    pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+                }
+                for (placement, reason) in late.notices {
+                    pushes.sync_notice(placement, &reason);
+                }
             }
             Ok(())
         }

@@ -1,0 +1,206 @@
+//! When the consumer pushes, relative to the offline write, end to end
+//! through `run_consumer` on the embedded backends: a connection online
+//! when the batch is read is pushed before the write; one that logs in
+//! between the first placement lookup and the write is pushed after the
+//! write (its login-time pull may have missed the entry); the SYNC notice
+//! of a large-group burst goes out only after the write.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use tern_offline_svc::{ConsumerBackends, OfflineConfig, PushGateway};
+use tern_proto::{BusNames, pb};
+use tern_store::embedded::EmbeddedBackends;
+use tern_store::{Bus, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore, StoreResult};
+
+/// Everything the consumer did, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Push { connection: u64, msg_id: u64 },
+    Sync { connection: u64 },
+    Insert { msg_id: u64 },
+}
+
+type Log = Arc<Mutex<Vec<Event>>>;
+
+struct Recorder(Log);
+
+impl PushGateway for Recorder {
+    fn push(&self, placement: &Placement, msg_id: u64, _message: Bytes) {
+        self.0.lock().unwrap().push(Event::Push { connection: placement.connection_id, msg_id });
+    }
+
+    fn sync_notice(&self, placement: &Placement, _reason: &str) {
+        self.0.lock().unwrap().push(Event::Sync { connection: placement.connection_id });
+    }
+}
+
+/// The embedded offline store, logging each insert once it returned.
+struct LoggedStore {
+    inner: Arc<dyn OfflineStore>,
+    log: Log,
+}
+
+#[async_trait]
+impl OfflineStore for LoggedStore {
+    async fn insert(&self, receivers: &[String], entry: &OfflineEntry) -> StoreResult<()> {
+        self.inner.insert(receivers, entry).await?;
+        self.log.lock().unwrap().push(Event::Insert { msg_id: entry.msg_id });
+        Ok(())
+    }
+
+    async fn pull(&self, receiver: &str, after: u64, limit: usize) -> StoreResult<Vec<OfflineEntry>> {
+        self.inner.pull(receiver, after, limit).await
+    }
+
+    async fn ack(&self, receiver: &str, msg_ids: &[u64], tombstone_ttl: Duration) -> StoreResult<()> {
+        self.inner.ack(receiver, msg_ids, tombstone_ttl).await
+    }
+
+    async fn count(&self, receiver: &str) -> StoreResult<u64> {
+        self.inner.count(receiver).await
+    }
+}
+
+/// The embedded session store, where `late` logs in right after the first
+/// lookup of its placements (so the consumer's first lookup misses it).
+struct LoginAfterFirstLookup {
+    inner: Arc<dyn SessionStore>,
+    late: Placement,
+    logged_in: AtomicBool,
+}
+
+#[async_trait]
+impl SessionStore for LoginAfterFirstLookup {
+    async fn put(&self, placement: &Placement) -> StoreResult<()> {
+        self.inner.put(placement).await
+    }
+
+    async fn remove(&self, placement: &Placement) -> StoreResult<bool> {
+        self.inner.remove(placement).await
+    }
+
+    async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>> {
+        let found = self.inner.get(user_id).await?;
+        if user_id == self.late.user_id && !self.logged_in.swap(true, Ordering::SeqCst) {
+            self.inner.put(&self.late).await?;
+        }
+        Ok(found)
+    }
+
+    async fn remove_node(&self, node_id: &str) -> StoreResult<usize> {
+        self.inner.remove_node(node_id).await
+    }
+
+    async fn online_users(&self, limit: usize) -> StoreResult<Vec<String>> {
+        self.inner.online_users(limit).await
+    }
+}
+
+fn envelope(msg_id: u64, group: &str, receivers: &[&str]) -> Bytes {
+    let kind = if group.is_empty() { pb::ConversationKind::Single } else { pb::ConversationKind::Group };
+    let message = pb::Message {
+        msg_id,
+        kind: kind as i32,
+        sender: "alice".into(),
+        receiver: if group.is_empty() { receivers[0].into() } else { String::new() },
+        group_id: group.into(),
+        seq: msg_id,
+        content: format!("m{msg_id}").into_bytes(),
+        sent_at_ms: 1,
+        client_msg_id: format!("c{msg_id}"),
+    };
+    let envelope = pb::BusEnvelope {
+        message: Some(message),
+        receivers: receivers.iter().map(|r| r.to_string()).collect(),
+        sender_device: "a1".into(),
+    };
+    Bytes::from(envelope.encode_to_vec())
+}
+
+fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
+    Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
+}
+
+const BOB: u64 = 1;
+const CAROL: u64 = 2;
+const DAVE: u64 = 3;
+
+#[tokio::test]
+async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for (user, device) in [("bob", "phone"), ("carol", "desk"), ("dave", "tab")] {
+        backends.meta.add_device(user, device).await.unwrap();
+    }
+    // bob and dave are online from the start; carol logs in while the
+    // batch is being written.
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    backends.sessions.put(&placement("dave", "tab", DAVE)).await.unwrap();
+    let sessions = Arc::new(LoginAfterFirstLookup {
+        inner: backends.sessions.clone(),
+        late: placement("carol", "desk", CAROL),
+        logged_in: AtomicBool::new(false),
+    });
+    let log: Log = Arc::default();
+    let store = Arc::new(LoggedStore { inner: backends.offline.clone(), log: log.clone() });
+    // Groups of 4 are large; more than 1 of their messages in a batch make
+    // a device pull.
+    let config =
+        OfflineConfig { large_group_members: 4, pull_notice_threshold: 1, ..OfflineConfig::default() };
+
+    // One batch: a 1:1 message to bob, one to carol, two to a large group
+    // with dave.
+    let names = BusNames::default();
+    let records = [
+        envelope(1, "", &["bob"]),
+        envelope(2, "", &["carol"]),
+        envelope(3, "g", &["dave", "x", "y"]),
+        envelope(4, "g", &["dave", "x", "y"]),
+    ];
+    for record in records {
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+        backends.bus.clone(),
+        names,
+        ConsumerBackends { meta: backends.meta.clone(), store, sessions },
+        Arc::new(Recorder(log.clone())),
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    // 4 inserts, bob's and carol's pushes, dave's notice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log.lock().unwrap().len() < 7 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+
+    let events = log.lock().unwrap().clone();
+    let at = |event: &Event| {
+        events.iter().position(|e| e == event).unwrap_or_else(|| panic!("{event:?} missing: {events:?}"))
+    };
+    let last_insert = (1..=4).map(|id| at(&Event::Insert { msg_id: id })).max().unwrap();
+    assert!(
+        at(&Event::Push { connection: BOB, msg_id: 1 }) < last_insert,
+        "bob was online: pushed at once: {events:?}"
+    );
+    assert!(
+        at(&Event::Push { connection: CAROL, msg_id: 2 }) > last_insert,
+        "carol logged in meanwhile: pushed after the write: {events:?}"
+    );
+    assert!(
+        at(&Event::Sync { connection: DAVE }) > last_insert,
+        "a pull notice only once the entries exist: {events:?}"
+    );
+    assert_eq!(events.len(), 7, "nothing twice: {events:?}");
+}
