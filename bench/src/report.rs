@@ -179,7 +179,14 @@ fn targets(r: &Results) -> Vec<[String; 4]> {
         "≤ 10 ms".into(),
         at70.map(|x| format!("{} ms at {} msgs/s", fmt_ms(x.latency.p99_ms), rate(x.offered_rate)))
             .unwrap_or_else(|| "–".into()),
-        status(at70.map(|x| x.verdict.ok && x.latency.p99_ms <= 10.0)),
+        // The goal is the p99 at 70% of 100,000 msgs/s: a p99 that holds at
+        // 70% of a lower measured rate only says so, it does not meet it.
+        match (at70, tern) {
+            (Some(x), Some(m)) if x.verdict.ok && x.latency.p99_ms <= 10.0 && m.max_rate < 100_000.0 => {
+                "not met (holds at 70% of the measured rate, which is below the goal)".into()
+            }
+            _ => status(at70.map(|x| x.verdict.ok && x.latency.p99_ms <= 10.0)),
+        },
     ]);
     let mosq = max_of("mosquitto", "mosquitto", "s3");
     let ratio = match (tern, mosq) {
