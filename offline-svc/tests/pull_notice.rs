@@ -15,6 +15,9 @@ use tern_proto::{BusNames, pb};
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, Placement, SessionStore};
 
+mod common;
+use common::{envelope, placement};
+
 /// What the consumer handed to the gateway, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Sent {
@@ -40,33 +43,6 @@ impl PushGateway for Recorder {
         let sent = Sent::Sync { connection: placement.connection_id, reason: reason.to_owned() };
         self.0.lock().unwrap().push(sent);
     }
-}
-
-/// A message as the dispatcher publishes it: `receivers` are the members
-/// other than the sender.
-fn envelope(msg_id: u64, group: &str, sender: &str, receivers: &[&str]) -> Bytes {
-    let kind = if group.is_empty() { pb::ConversationKind::Single } else { pb::ConversationKind::Group };
-    let message = pb::Message {
-        msg_id,
-        kind: kind as i32,
-        sender: sender.into(),
-        receiver: if group.is_empty() { receivers[0].into() } else { String::new() },
-        group_id: group.into(),
-        seq: msg_id,
-        content: format!("m{msg_id}").into_bytes(),
-        sent_at_ms: 1,
-        client_msg_id: format!("c{msg_id}"),
-    };
-    let envelope = pb::BusEnvelope {
-        message: Some(message),
-        receivers: receivers.iter().map(|r| r.to_string()).collect(),
-        sender_device: "a1".into(),
-    };
-    Bytes::from(envelope.encode_to_vec())
-}
-
-fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
-    Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
 }
 
 const BOB: u64 = 1;

@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use prost::Message as _;
 use tern_offline_svc::{ConsumerBackends, OfflineConfig, PushGateway};
-use tern_proto::{BusNames, pb};
+use tern_proto::BusNames;
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore, StoreResult};
+
+mod common;
+use common::{envelope, placement};
 
 /// Everything the consumer did, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,31 +103,6 @@ impl SessionStore for LoginAfterFirstLookup {
     }
 }
 
-fn envelope(msg_id: u64, group: &str, receivers: &[&str]) -> Bytes {
-    let kind = if group.is_empty() { pb::ConversationKind::Single } else { pb::ConversationKind::Group };
-    let message = pb::Message {
-        msg_id,
-        kind: kind as i32,
-        sender: "alice".into(),
-        receiver: if group.is_empty() { receivers[0].into() } else { String::new() },
-        group_id: group.into(),
-        seq: msg_id,
-        content: format!("m{msg_id}").into_bytes(),
-        sent_at_ms: 1,
-        client_msg_id: format!("c{msg_id}"),
-    };
-    let envelope = pb::BusEnvelope {
-        message: Some(message),
-        receivers: receivers.iter().map(|r| r.to_string()).collect(),
-        sender_device: "a1".into(),
-    };
-    Bytes::from(envelope.encode_to_vec())
-}
-
-fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
-    Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
-}
-
 const BOB: u64 = 1;
 const CAROL: u64 = 2;
 const DAVE: u64 = 3;
@@ -157,10 +134,10 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
     // with dave.
     let names = BusNames::default();
     let records = [
-        envelope(1, "", &["bob"]),
-        envelope(2, "", &["carol"]),
-        envelope(3, "g", &["dave", "x", "y"]),
-        envelope(4, "g", &["dave", "x", "y"]),
+        envelope(1, "", "alice", &["bob"]),
+        envelope(2, "", "alice", &["carol"]),
+        envelope(3, "g", "alice", &["dave", "x", "y"]),
+        envelope(4, "g", "alice", &["dave", "x", "y"]),
     ];
     for record in records {
         backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
