@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     {
         let mut config = prost_build::Config::new();
         config.protoc_executable(&protoc);
+        // Pushed messages are passed on as they are: `Bytes` clones share
+        // the buffer where `Vec<u8>` would copy it per push.
+        config.bytes([".tern.internal.v1.PushItem.message"]);
         tonic_prost_build::configure().extern_path(".tern.v1", "crate::pb").compile_with_config(
             config,
             &["proto/internal.proto"],

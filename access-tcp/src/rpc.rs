@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tern_offline_svc::PushGateway;
 use tern_proto::rpc::MAX_RPC_MESSAGE;
 use tern_proto::rpc::internal::access_push_client::AccessPushClient;
@@ -31,7 +30,7 @@ impl access_push_server::AccessPush for Server {
             };
             match item.sync_notice {
                 Some(reason) => self.0.sync_notice(&placement, &reason),
-                None => self.0.push(&placement, item.msg_id, Bytes::from(item.message)),
+                None => self.0.push(&placement, item.msg_id, item.message),
             }
         }
         Ok(Response::new(Empty {}))

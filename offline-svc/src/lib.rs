@@ -43,6 +43,12 @@ pub trait PushGateway: Send + Sync + 'static {
     /// Tells the connection to pull its offline set: NOTICE SYNC with
     /// `reason`. Best effort, like a push.
     fn sync_notice(&self, placement: &Placement, reason: &str);
+    /// The consumer has stored every message it pushed before this call in
+    /// the offline sets. A gateway that dropped some of those pushes may
+    /// now tell their connections to pull: before, the pull could run ahead
+    /// of the write and miss them. In-process delivery drops nothing, so
+    /// the default does nothing.
+    fn pushed_messages_stored(&self) {}
 }
 
 /// What access nodes call for pulls and ACKs.
@@ -446,6 +452,7 @@ pub async fn run_consumer(
                     pushes.sync_notice(placement, &reason);
                 }
             }
+            pushes.pushed_messages_stored();
             Ok(())
         }
     };

@@ -3,7 +3,8 @@
 //! access node holding each connection.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -105,12 +106,19 @@ impl OfflineApi for RemoteOffline {
 /// Pushes to access nodes over gRPC. `push` only queues (it is called from
 /// the consumer loop and must not wait on the network); a background task
 /// sends what is queued in batches, to every access node at once, so one
-/// slow or dead node does not hold up the others. A push that cannot be
-/// delivered is dropped: the message stays in the offline store and the
-/// client gets it at its next pull (SYNC notice or reconnect). SYNC notices
-/// travel as items of the same batches.
+/// slow or dead node does not hold up the others. SYNC notices travel as
+/// items of the same batches.
+///
+/// A push that cannot be delivered (queue full, node not keeping up, call
+/// failed) is not retried: the message is in the offline store. Instead its
+/// connection is remembered, and once the consumer has stored every message
+/// pushed before the drop ([`PushGateway::pushed_messages_stored`]), it gets
+/// one NOTICE SYNC and pulls what it missed. Waiting for the store matters:
+/// pushes go out before the offline write, and a pull that ran ahead of the
+/// write would find nothing and never be repeated.
 pub struct RemotePushGateway {
-    queue: mpsc::Sender<(String, PushItem)>,
+    queue: mpsc::Sender<Queued>,
+    owed: Arc<OwedNotices>,
 }
 
 /// Pushes waiting to be sent; a push finding the queue full is dropped.
@@ -120,86 +128,229 @@ const MAX_BATCH: usize = 1_024;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Batches in flight per access node before the sender waits.
 const NODE_QUEUE: usize = 64;
+/// How often connections owed a SYNC notice are looked at.
+const OWED_NOTICE_INTERVAL: Duration = Duration::from_millis(100);
+/// Reason of the NOTICE SYNC that replaces dropped pushes.
+const DROPPED_PUSHES_REASON: &str = "pushes were dropped while the access node was busy; pull";
+
+/// One push or notice on its way, with the store epoch it was queued in.
+struct Queued {
+    node: String,
+    item: PushItem,
+    epoch: u64,
+}
+
+/// A batch for one access node; `epoch` is the newest epoch among its items.
+struct NodeBatch {
+    items: Vec<PushItem>,
+    epoch: u64,
+}
+
+/// A connection, as the access node holding it knows it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Target {
+    user_id: String,
+    device_id: String,
+    connection_id: u64,
+}
+
+/// Connections whose pushes were dropped, per access node.
+///
+/// Epochs order drops against the consumer's offline writes: `stored` counts
+/// the calls to `pushed_messages_stored`, an item carries the value `stored`
+/// had when it was queued, and a connection may be told to pull once
+/// `stored` has moved past the epoch of its newest dropped item.
+#[derive(Default)]
+struct OwedNotices {
+    stored: AtomicU64,
+    by_node: Mutex<HashMap<String, HashMap<Target, u64>>>,
+}
+
+impl OwedNotices {
+    fn epoch(&self) -> u64 {
+        self.stored.load(Ordering::Acquire)
+    }
+
+    fn record<'a>(&self, node: &str, items: impl IntoIterator<Item = &'a PushItem>, epoch: u64) {
+        let mut by_node = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
+        let owed = by_node.entry(node.to_owned()).or_default();
+        for item in items {
+            let target = Target {
+                user_id: item.user_id.clone(),
+                device_id: item.device_id.clone(),
+                connection_id: item.connection_id,
+            };
+            let newest = owed.entry(target).or_insert(epoch);
+            *newest = (*newest).max(epoch);
+        }
+    }
+
+    /// Takes, per node, the connections whose dropped messages are all
+    /// stored now.
+    fn take_ready(&self) -> Vec<(String, Vec<Target>)> {
+        let stored = self.epoch();
+        let mut by_node = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ready = Vec::new();
+        for (node, owed) in by_node.iter_mut() {
+            let mut targets = Vec::new();
+            owed.retain(|target, epoch| {
+                let keep = *epoch >= stored;
+                if !keep {
+                    targets.push(target.clone());
+                }
+                keep
+            });
+            if !targets.is_empty() {
+                ready.push((node.clone(), targets));
+            }
+        }
+        by_node.retain(|_, owed| !owed.is_empty());
+        ready
+    }
+
+    /// The node is gone: its clients reconnect elsewhere and pull anyway.
+    fn forget_node(&self, node: &str) {
+        self.by_node.lock().unwrap_or_else(|e| e.into_inner()).remove(node);
+    }
+}
 
 impl RemotePushGateway {
     /// `access_nodes` follows the access-node role (pushes go to their
     /// internal address).
     pub fn start(access_nodes: Arc<Peers>) -> Arc<Self> {
         let (queue, rx) = mpsc::channel(PUSH_QUEUE);
-        tokio::spawn(Self::deliver(access_nodes, rx));
-        Arc::new(Self { queue })
+        let owed = Arc::new(OwedNotices::default());
+        tokio::spawn(Self::deliver(access_nodes, rx, owed.clone()));
+        Arc::new(Self { queue, owed })
     }
 
     /// Sorts queued pushes into per-node batches and hands each batch to
-    /// that node's sender task.
-    async fn deliver(access_nodes: Arc<Peers>, mut rx: mpsc::Receiver<(String, PushItem)>) {
-        let mut senders: HashMap<String, mpsc::Sender<PushBatch>> = HashMap::new();
-        while let Some(first) = rx.recv().await {
-            let mut batches: HashMap<String, (Vec<PushItem>, usize)> = HashMap::new();
+    /// that node's sender task; between batches, turns owed notices that
+    /// are ready into batches of their own.
+    async fn deliver(access_nodes: Arc<Peers>, mut rx: mpsc::Receiver<Queued>, owed: Arc<OwedNotices>) {
+        let mut senders: HashMap<String, mpsc::Sender<NodeBatch>> = HashMap::new();
+        let mut owed_check = tokio::time::interval(OWED_NOTICE_INTERVAL);
+        owed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                first = rx.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+                _ = owed_check.tick() => {
+                    for (node, targets) in owed.take_ready() {
+                        let items = targets.into_iter().map(owed_notice).collect();
+                        let batch = NodeBatch { items, epoch: owed.epoch() };
+                        Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
+                    }
+                    continue;
+                }
+            };
+            let mut batches: HashMap<String, (NodeBatch, usize)> = HashMap::new();
             let mut next = Some(first);
             let mut taken = 0;
-            while let Some((node, item)) = next.take() {
-                let (items, bytes) = batches.entry(node.clone()).or_default();
+            while let Some(Queued { node, item, epoch }) = next.take() {
+                let (batch, bytes) = batches
+                    .entry(node.clone())
+                    .or_insert_with(|| (NodeBatch { items: Vec::new(), epoch }, 0));
                 *bytes += item.message.len();
-                items.push(item);
+                batch.items.push(item);
+                batch.epoch = batch.epoch.max(epoch);
                 taken += 1;
-                if *bytes >= MAX_BATCH_BYTES {
-                    let (items, _) = batches.remove(&node).unwrap_or_default();
-                    Self::hand_over(&access_nodes, &mut senders, node, items).await;
+                if *bytes >= MAX_BATCH_BYTES
+                    && let Some((batch, _)) = batches.remove(&node)
+                {
+                    Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
                 }
                 if taken < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
-            for (node, (items, _)) in batches {
-                Self::hand_over(&access_nodes, &mut senders, node, items).await;
+            for (node, (batch, _)) in batches {
+                Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
             }
         }
     }
 
-    async fn hand_over(
+    fn hand_over(
         access_nodes: &Arc<Peers>,
-        senders: &mut HashMap<String, mpsc::Sender<PushBatch>>,
+        owed: &Arc<OwedNotices>,
+        senders: &mut HashMap<String, mpsc::Sender<NodeBatch>>,
         node: String,
-        items: Vec<PushItem>,
+        batch: NodeBatch,
     ) {
         senders.retain(|_, tx| !tx.is_closed());
         let tx = senders.entry(node.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(NODE_QUEUE);
-            tokio::spawn(Self::send_to_node(access_nodes.clone(), node.clone(), rx));
+            tokio::spawn(Self::send_to_node(access_nodes.clone(), owed.clone(), node.clone(), rx));
             tx
         });
-        if tx.try_send(PushBatch { items }).is_err() {
-            tracing::warn!(%node, "access node is not keeping up; push batch dropped (messages stay offline)");
+        if let Err(e) = tx.try_send(batch) {
+            let batch = e.into_inner();
+            tracing::warn!(%node, pushes = batch.items.len(), "access node is not keeping up; push batch dropped (its connections will be told to pull)");
+            owed.record(&node, &batch.items, batch.epoch);
         }
     }
 
     /// Sends one node's batches in order; ends when the node has been gone
     /// from the registry for a while and nothing is queued for it.
-    async fn send_to_node(access_nodes: Arc<Peers>, node: String, mut batches: mpsc::Receiver<PushBatch>) {
+    async fn send_to_node(
+        access_nodes: Arc<Peers>,
+        owed: Arc<OwedNotices>,
+        node: String,
+        mut batches: mpsc::Receiver<NodeBatch>,
+    ) {
         while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(60), batches.recv()).await {
             let channel = match access_nodes.node(&node, Dial::Internal) {
                 Ok(Some(channel)) => channel,
                 // Gone: its clients reconnect elsewhere and pull.
-                _ => continue,
+                _ => {
+                    owed.forget_node(&node);
+                    continue;
+                }
             };
             let mut client = AccessPushClient::new(channel)
                 .max_decoding_message_size(MAX_RPC_MESSAGE)
                 .max_encoding_message_size(MAX_RPC_MESSAGE);
-            match tokio::time::timeout(Duration::from_secs(5), client.push(batch)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => tracing::warn!(%node, %status, "push batch failed"),
-                Err(_) => tracing::warn!(%node, "push batch timed out"),
-            }
+            let NodeBatch { items, epoch } = batch;
+            // A clone shares the message buffers; it is kept so that a
+            // failed call can record the batch's connections.
+            let request = PushBatch { items };
+            let failure = match tokio::time::timeout(PUSH_CALL_TIMEOUT, client.push(request.clone())).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(status)) => format!("push batch failed: {status}"),
+                Err(_) => "push batch timed out".to_owned(),
+            };
+            tracing::warn!(%node, pushes = request.items.len(), "{failure}; its connections will be told to pull");
+            owed.record(&node, &request.items, epoch);
         }
     }
 }
 
+/// How long one push call to an access node may take.
+const PUSH_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn owed_notice(target: Target) -> PushItem {
+    PushItem {
+        user_id: target.user_id,
+        device_id: target.device_id,
+        connection_id: target.connection_id,
+        msg_id: 0,
+        message: Bytes::new(),
+        sync_notice: Some(DROPPED_PUSHES_REASON.to_owned()),
+    }
+}
+
 impl RemotePushGateway {
-    /// Queues `item` for the node of `placement`; a full queue drops it.
+    /// Queues `item` for the node of `placement`; a full queue drops it and
+    /// owes its connection a SYNC notice.
     fn enqueue(&self, placement: &Placement, item: PushItem) {
-        if self.queue.try_send((placement.node_id.clone(), item)).is_err() {
-            tracing::warn!("push queue full; push dropped (the message stays offline)");
+        let epoch = self.owed.epoch();
+        let queued = Queued { node: placement.node_id.clone(), item, epoch };
+        if let Err(e) = self.queue.try_send(queued) {
+            let Queued { node, item, epoch } = e.into_inner();
+            tracing::warn!(%node, "push queue full; push dropped (the connection will be told to pull)");
+            self.owed.record(&node, [&item], epoch);
         }
     }
 }
@@ -211,7 +362,7 @@ impl PushGateway for RemotePushGateway {
             device_id: placement.device_id.clone(),
             connection_id: placement.connection_id,
             msg_id,
-            message: message.to_vec(),
+            message,
             sync_notice: None,
         };
         self.enqueue(placement, item);
@@ -225,9 +376,13 @@ impl PushGateway for RemotePushGateway {
             device_id: placement.device_id.clone(),
             connection_id: placement.connection_id,
             msg_id: 0,
-            message: Vec::new(),
+            message: Bytes::new(),
             sync_notice: Some(reason.to_owned()),
         };
         self.enqueue(placement, item);
+    }
+
+    fn pushed_messages_stored(&self) {
+        self.owed.stored.fetch_add(1, Ordering::AcqRel);
     }
 }

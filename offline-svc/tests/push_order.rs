@@ -3,7 +3,8 @@
 //! when the batch is read is pushed before the write; one that logs in
 //! between the first placement lookup and the write is pushed after the
 //! write (its login-time pull may have missed the entry); the SYNC notice
-//! of a large-group burst goes out only after the write.
+//! of a large-group burst goes out only after the write; the gateway hears
+//! that the pushed messages are stored only after the write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ enum Event {
     Push { connection: u64, msg_id: u64 },
     Sync { connection: u64 },
     Insert { msg_id: u64 },
+    Stored,
 }
 
 type Log = Arc<Mutex<Vec<Event>>>;
@@ -38,6 +40,10 @@ impl PushGateway for Recorder {
 
     fn sync_notice(&self, placement: &Placement, _reason: &str) {
         self.0.lock().unwrap().push(Event::Sync { connection: placement.connection_id });
+    }
+
+    fn pushed_messages_stored(&self) {
+        self.0.lock().unwrap().push(Event::Stored);
     }
 }
 
@@ -153,9 +159,9 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
             let _ = stop_rx.await;
         },
     ));
-    // 4 inserts, bob's and carol's pushes, dave's notice.
+    // 4 inserts, bob's and carol's pushes, dave's notice, the stored report.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while log.lock().unwrap().len() < 7 && tokio::time::Instant::now() < deadline {
+    while log.lock().unwrap().len() < 8 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -179,5 +185,10 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
         at(&Event::Sync { connection: DAVE }) > last_insert,
         "a pull notice only once the entries exist: {events:?}"
     );
-    assert_eq!(events.len(), 7, "nothing twice: {events:?}");
+    assert_eq!(
+        events.last(),
+        Some(&Event::Stored),
+        "stored is reported once everything of the batch was written and pushed: {events:?}"
+    );
+    assert_eq!(events.len(), 8, "nothing twice: {events:?}");
 }
