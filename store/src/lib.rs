@@ -121,14 +121,19 @@ pub struct OfflineEntry {
 #[async_trait]
 pub trait OfflineStore: Send + Sync + 'static {
     /// Adds `entry` to each receiver's set (write diffusion). Idempotent per
-    /// (receiver, msg_id). An entry that was already acknowledged (see
-    /// [`OfflineStore::ack`]) is not added again.
+    /// (receiver, msg_id). An id acknowledged before it was inserted (see
+    /// [`OfflineStore::ack`]) is not added.
     async fn insert(&self, receivers: &[String], entry: &OfflineEntry) -> StoreResult<()>;
     /// Up to `limit` entries with `msg_id > after`, oldest first.
     async fn pull(&self, receiver: &str, after: u64, limit: usize) -> StoreResult<Vec<OfflineEntry>>;
     /// Deletes entries. An id that is not there yet is remembered for
     /// `tombstone_ttl` so a late insert of it is ignored (the push of a
-    /// message can overtake its write to this store).
+    /// message can overtake its write to this store). An id that was there
+    /// leaves nothing behind: a tombstone per delivered message would make
+    /// the store grow with the delivery rate times the ttl. So an insert
+    /// repeated after the ack (the bus replayed a batch, or a sender's retry
+    /// published the message again) adds the entry again; the device gets
+    /// it once more, drops it as a duplicate and ACKs it.
     async fn ack(&self, receiver: &str, msg_ids: &[u64], tombstone_ttl: Duration) -> StoreResult<()>;
     /// Number of entries waiting for `receiver`.
     async fn count(&self, receiver: &str) -> StoreResult<u64>;

@@ -5,10 +5,9 @@
 //!   ordered key range;
 //! - `offline_counts`: receiver → number of entries, updated in the same transaction
 //!   as the entries so `count` is one lookup;
-//! - `offline_tombstones`: (receiver, msg_id) → expires_at_ms, for acknowledged ids:
-//!   an insert that arrives after the ack (the push overtook the store write,
-//!   or the bus redelivered the insert) is ignored until the tombstone
-//!   expires;
+//! - `offline_tombstones`: (receiver, msg_id) → expires_at_ms, for ids acknowledged
+//!   before they were inserted (the push overtook the store write): their
+//!   insert is ignored until the tombstone expires;
 //! - `offline_tombstone_expiry`: (expires_at_ms, receiver, msg_id) → (), tombstones
 //!   ordered by expiry for the writer's lazy cleanup.
 
@@ -162,22 +161,26 @@ impl OfflineStore for EmbeddedOfflineStore {
             .write(move |t: &mut MessageTables<'_>| {
                 let t = &mut t.offline;
                 let r = receiver.as_str();
+                let mut removed = 0;
                 for &msg_id in &msg_ids {
                     if t.entries.remove((r, msg_id)).map_err(db_err)?.is_some() {
-                        t.add_to_count(r, -1)?;
+                        removed += 1;
+                        continue;
                     }
                     if tombstone_ttl.is_zero() {
                         continue;
                     }
-                    // Every acknowledged id gets a tombstone, not only missing
-                    // ones: a redelivered insert of a delivered message must
-                    // not resurrect it either.
+                    // Not there (yet): the ack overtook the insert. Only
+                    // such ids get a tombstone (see `OfflineStore::ack`).
                     let old =
                         t.tombstones.insert((r, msg_id), expires_at).map_err(db_err)?.map(|v| v.value());
                     if let Some(old) = old {
                         t.tombstone_expiry.remove((old, r, msg_id)).map_err(db_err)?;
                     }
                     t.tombstone_expiry.insert((expires_at, r, msg_id), ()).map_err(db_err)?;
+                }
+                if removed > 0 {
+                    t.add_to_count(r, -removed)?;
                 }
                 Ok(())
             })

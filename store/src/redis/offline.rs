@@ -44,11 +44,11 @@ return 1
 /// KEYS: ids, payloads, tombstones. ARGV: tombstone ttl in ms (0 = none),
 /// then hex ids.
 ///
-/// Every acknowledged id gets a tombstone, present or not: a redelivered
-/// insert of a delivered message must not resurrect it, and an ack that
-/// overtook its insert must block it. The tombstone key expires with its
-/// longest-lived tombstone, so a receiver that never comes back leaves
-/// nothing behind.
+/// An id that is not in the set gets a tombstone: the ack overtook its
+/// insert, which must not add it afterwards. An id that was there gets
+/// none (see `OfflineStore::ack`), so tombstones stay as rare as overtaking
+/// acks. The tombstone key expires with its longest-lived tombstone, so a
+/// receiver that never comes back leaves nothing behind.
 static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -57,14 +57,16 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('%.0f', now))
 local ttl = tonumber(ARGV[1])
 local expires = string.format('%.0f', now + ttl)
+local tombstones = 0
 for i = 2, #ARGV do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  if ttl > 0 then
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  elseif ttl > 0 then
     redis.call('ZADD', KEYS[3], expires, ARGV[i])
+    tombstones = tombstones + 1
   end
 end
-if ttl > 0 and #ARGV > 1 and redis.call('PTTL', KEYS[3]) < ttl then
+if tombstones > 0 and redis.call('PTTL', KEYS[3]) < ttl then
   redis.call('PEXPIRE', KEYS[3], ARGV[1])
 end
 return 0
