@@ -1,29 +1,40 @@
 //! offline-svc: the per-receiver offline store.
 //!
 //! Its bus consumer writes every accepted message into the offline set of
-//! each receiver (write diffusion) and pushes it to the receivers that are
-//! online: to the connections it finds before the write at once, and after
-//! the write to those that appeared meanwhile. Entries leave the set only
-//! when the client ACKs them, so a push that is lost, unacknowledged or sent
-//! to a device that just went away is still pulled at the next login.
+//! each receiver device (write diffusion) and pushes it to the devices that
+//! are online: to the connections it finds at once, and after the write to
+//! those that appeared meanwhile. Entries leave the set only when the client
+//! ACKs them, so a push that is lost, unacknowledged or sent to a device
+//! that just went away is still pulled at the next login.
+//!
+//! The copy of a device that was pushed the message is held back for up to
+//! [`OfflineConfig::ack_wait`] ([`held`]): an ACK within that time settles
+//! it without touching the store, and only a copy still unACKed then is
+//! written. So an online device costs no offline write, as in the design's
+//! "written once per offline member", and nothing is lost: the batch's bus
+//! offset is committed only once each held copy is ACKed or written.
 //!
 //! Architecture invariant: every connection is pushed a message, or logged
 //! in after its offline write. The placements are looked up again after the
-//! write: a client that logged in before that lookup is pushed, one that
-//! logs in after it pulls the entry. No message falls between the two.
+//! writes (and after the late writes of held copies): a client that logged
+//! in before that lookup is pushed, one that logs in after it pulls the
+//! entry. No message falls between the two.
 //!
 //! Large groups: a device that would get more than
 //! [`OfflineConfig::pull_notice_threshold`] messages of large groups
 //! ([`OfflineConfig::large_group_members`]) in one consumer batch gets one
-//! NOTICE SYNC instead of those pushes, and pulls them (they are in its
-//! offline set already, like every message).
+//! NOTICE SYNC instead of those pushes, and pulls them (they are written to
+//! its offline set at once).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod held;
 pub mod rpc;
+
+use held::{BatchHold, HeldKey, HeldWrites};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -43,12 +54,16 @@ pub trait PushGateway: Send + Sync + 'static {
     /// Tells the connection to pull its offline set: NOTICE SYNC with
     /// `reason`. Best effort, like a push.
     fn sync_notice(&self, placement: &Placement, reason: &str);
-    /// The consumer has stored every message it pushed before this call in
-    /// the offline sets. A gateway that dropped some of those pushes may
-    /// now tell their connections to pull: before, the pull could run ahead
-    /// of the write and miss them. In-process delivery drops nothing, so
-    /// the default does nothing.
-    fn pushed_messages_stored(&self) {}
+    /// The consumer starts pushing its next batch. Batches are numbered
+    /// from 1 in the order of these calls.
+    fn batch_started(&self) {}
+    /// Every message of the oldest batch not reported yet is stored in the
+    /// offline sets of the devices that have not ACKed it (called once per
+    /// batch, in batch order). A gateway that dropped pushes of that batch
+    /// may now tell their connections to pull: before, the pull could run
+    /// ahead of the write and miss them. In-process delivery drops nothing,
+    /// so the default does nothing.
+    fn batch_stored(&self) {}
 }
 
 /// What access nodes call for pulls and ACKs.
@@ -86,6 +101,13 @@ pub struct OfflineConfig {
     /// messages from one consumer batch gets one NOTICE SYNC instead of
     /// those pushes.
     pub pull_notice_threshold: usize,
+    /// How long the offline copy of a device that was pushed a message is
+    /// held back waiting for its ACK (then it is not written at all); zero
+    /// writes every copy at once.
+    pub ack_wait: Duration,
+    /// Most consumer batches waiting for ACKs at once; the consumer stops
+    /// reading while that many are.
+    pub batches_waiting: usize,
 }
 
 impl Default for OfflineConfig {
@@ -96,6 +118,8 @@ impl Default for OfflineConfig {
             max_ack_ids: 1_000,
             large_group_members: 200,
             pull_notice_threshold: 20,
+            ack_wait: Duration::from_secs(1),
+            batches_waiting: 256,
         }
     }
 }
@@ -103,11 +127,19 @@ impl Default for OfflineConfig {
 pub struct OfflineService {
     store: Arc<dyn OfflineStore>,
     config: OfflineConfig,
+    held: Arc<HeldWrites>,
 }
 
 impl OfflineService {
     pub fn new(store: Arc<dyn OfflineStore>, config: OfflineConfig) -> Self {
-        Self { store, config }
+        Self { store, config, held: Arc::default() }
+    }
+
+    /// The copies this process's consumer holds back; pass them to
+    /// [`run_consumer`] in [`ConsumerBackends::held`] so ACKs reaching this
+    /// service settle them.
+    pub fn held_writes(&self) -> Arc<HeldWrites> {
+        self.held.clone()
     }
 }
 
@@ -123,6 +155,18 @@ impl OfflineApi for OfflineService {
         let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
         // One extra row of each set tells whether another page exists.
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
+        // Copies held back for this device (pushed, not ACKed yet) are
+        // written first: a device pulling now may never have received the
+        // push (its connection was cut), and must find them in order.
+        let held = self.held.held_for(&own_key);
+        if !held.is_empty() {
+            let own = std::slice::from_ref(&own_key);
+            for entry in &held {
+                self.store.insert(own, entry).await.map_err(ServiceError::backend)?;
+            }
+            let ids: Vec<u64> = held.iter().map(|e| e.msg_id).collect();
+            self.held.settle(&own_key, &ids);
+        }
         let own = self.store.pull(&own_key, after_msg_id, limit + 1);
         let shared = self.store.pull(&shared_key, after_msg_id, limit + 1);
         let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
@@ -146,8 +190,25 @@ impl OfflineApi for OfflineService {
         }
         let ttl = self.config.tombstone_ttl;
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
-        let own = self.store.ack(&own_key, msg_ids, ttl);
-        let shared = self.store.ack(&shared_key, msg_ids, ttl);
+        // Copies held back for this device are settled here; the rest are
+        // in the store, or not written yet (the ACK leaves a tombstone).
+        let stored = self.held.settle(&own_key, msg_ids);
+        let own = async {
+            if !stored.is_empty() {
+                self.store.ack(&own_key, &stored, ttl).await?;
+            }
+            Ok::<_, tern_store::StoreError>(())
+        };
+        // The shared set only has entries from before the user's first
+        // device was recorded; most users have none, and an ACK there
+        // leaves no tombstone (a late write to it, possible only around a
+        // first login, comes back once and is dropped as a duplicate).
+        let shared = async {
+            if self.store.count(&shared_key).await? > 0 {
+                self.store.ack(&shared_key, msg_ids, Duration::ZERO).await?;
+            }
+            Ok::<_, tern_store::StoreError>(())
+        };
         futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
         Ok(())
     }
@@ -157,7 +218,10 @@ impl OfflineApi for OfflineService {
         let own = self.store.count(&own_key);
         let shared = self.store.count(&shared_key);
         let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
-        Ok(own + shared)
+        // A held copy is not in the store yet (nor counted twice: a copy is
+        // written and then no longer held).
+        let held = self.held.held_for(&own_key).len() as u64;
+        Ok(own + shared + held)
     }
 }
 
@@ -356,13 +420,24 @@ pub struct ConsumerBackends {
     pub store: Arc<dyn OfflineStore>,
     /// Placements of online devices.
     pub sessions: Arc<dyn SessionStore>,
+    /// Copies held back waiting for ACKs; the [`OfflineService`] answering
+    /// this process's ACKs must share it ([`OfflineService::held_writes`]).
+    pub held: Arc<HeldWrites>,
 }
 
-/// Consumes the messages topic until `shutdown` resolves: offline write for
-/// every receiver, then pushes to online receivers (or one SYNC notice per
-/// device for a burst of large-group messages, see [`OfflineConfig`]), then
-/// the offset commit. A crash before the commit replays the batch; the
-/// writes are idempotent and clients drop duplicate pushes by message id.
+/// Pause before a failed write of held copies is tried again.
+const HELD_WRITE_RETRY: Duration = Duration::from_millis(200);
+
+/// Consumes the messages topic until `shutdown` resolves. Per batch, in
+/// order: pushes to the connections online now (or one SYNC notice per
+/// device for a burst of large-group messages, see [`OfflineConfig`]), the
+/// offline write of every copy not held back for a pushed device, the
+/// notices, pushes to connections that appeared meanwhile. Then, while
+/// later batches go on, each held copy waits for its ACK up to
+/// `ack_wait` and is written if none came, and the batch's offset is
+/// committed once all that is done, in batch order. A crash before the
+/// commit replays the batch; the writes are idempotent and clients drop
+/// duplicate pushes by message id.
 pub async fn run_consumer(
     bus: Arc<dyn Bus>,
     names: BusNames,
@@ -371,67 +446,48 @@ pub async fn run_consumer(
     config: OfflineConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tern_store::StoreError> {
+    let depth = config.batches_waiting;
     let config = Arc::new(config);
     let process = |batch: Vec<BusRecord>| {
-        let ConsumerBackends { meta, store, sessions } = backends.clone();
+        let backends = backends.clone();
         let (pushes, config) = (pushes.clone(), config.clone());
         async move {
-            let mut decoded = Vec::with_capacity(batch.len());
-            for record in &batch {
-                match pb::BusEnvelope::decode(record.payload.clone()) {
-                    Ok(pb::BusEnvelope { message: Some(message), receivers, sender_device }) => {
-                        let payload = Bytes::from(message.encode_to_vec());
-                        let entry = OfflineEntry { msg_id: message.msg_id, payload };
-                        let group_id = if message.kind == pb::ConversationKind::Group as i32 {
-                            message.group_id
-                        } else {
-                            String::new()
-                        };
-                        decoded.push(Delivery {
-                            receivers,
-                            sender: message.sender,
-                            sender_device,
-                            group_id,
-                            entry,
-                        });
-                    }
-                    Ok(_) | Err(_) => {
-                        tracing::error!(offset = record.offset, "undecodable bus record skipped")
-                    }
-                }
-            }
-            // The recorded devices of every user involved, one lookup per
-            // user, all at once (a remote store answers them concurrently).
-            let users: BTreeSet<&String> = decoded
-                .iter()
-                .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
-                .collect();
-            let lookups = users.into_iter().map(|user| {
-                let meta = meta.clone();
-                async move { Ok::<_, tern_store::StoreError>((user.clone(), meta.devices(user).await?)) }
-            });
-            let devices: HashMap<String, Vec<String>> =
-                futures::future::try_join_all(lookups).await?.into_iter().collect();
+            let decoded = Arc::new(decode(&batch));
+            let devices = devices_of(&backends.meta, &decoded).await?;
+            pushes.batch_started();
+            let before = placements_of(&backends.sessions, &decoded).await;
+            let early = plan(&decoded, &before, &config);
+            // The copies of the devices pushed now are held back before the
+            // pushes go out, so that no ACK can come first.
+            let hold = Arc::new(BatchHold::default());
+            let holding = if config.ack_wait.is_zero() {
+                Vec::new()
+            } else {
+                backends.held.hold(&hold, held_copies(&early.pushes, &devices))
+            };
             // Pushes go out before the offline write, so a receiver online
-            // now does not wait for that commit (one group commit less on
-            // the way to every online receiver). A push that overtakes the
+            // now does not wait for that commit. A push that overtakes a
             // write is harmless: the device's ACK leaves a tombstone that
             // drops the late write, and a crash before the write replays
             // the batch (clients drop duplicates by message id).
-            let before = placements_of(&sessions, &decoded).await;
-            let early = plan(&decoded, &before, &config);
             for (d, placement) in &early.pushes {
                 pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
             }
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
-            // ACKed and deleted independently.
+            // ACKed and deleted independently; held copies wait.
+            let held_now: HashSet<&HeldKey> = holding.iter().collect();
             let writes = decoded.iter().map(|d| {
-                let keys = d.inboxes(&devices);
-                let store = store.clone();
-                async move { store.insert(&keys, &d.entry).await }
+                let mut keys = d.inboxes(&devices);
+                keys.retain(|k| !held_now.contains(&(k.clone(), d.entry.msg_id)));
+                let store = backends.store.clone();
+                async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
             });
-            futures::future::try_join_all(writes).await?;
+            if let Err(e) = futures::future::try_join_all(writes).await {
+                // The batch is retried from the start and holds again.
+                backends.held.release(&hold, holding);
+                return Err(e);
+            }
             // After the write: the SYNC notices (a device told to pull must
             // find the entries), and everything for the connections that
             // appeared since the first lookup. Such a device logged in
@@ -441,20 +497,154 @@ pub async fn run_consumer(
                 tracing::debug!(user = %placement.user_id, %reason, "large-group burst: SYNC notice instead of pushes");
                 pushes.sync_notice(placement, reason);
             }
-            let after = placements_of(&sessions, &decoded).await;
-            let newcomers = connections_not_in(after, &before);
-            if !newcomers.is_empty() {
-                let late = plan(&decoded, &newcomers, &config);
-                for (d, placement) in late.pushes {
-                    pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-                }
-                for (placement, reason) in late.notices {
-                    pushes.sync_notice(placement, &reason);
-                }
-            }
-            pushes.pushed_messages_stored();
-            Ok(())
+            let after = placements_of(&backends.sessions, &decoded).await;
+            push_to_newcomers(&*pushes, &decoded, &after, &before, &config);
+            let before = merged(before, after);
+            let finish = finish_held(backends, pushes, config, decoded, before, hold, holding);
+            Ok(tokio::spawn(finish))
         }
     };
-    tern_store::consume::consume(&*bus, &names.messages_topic, &names.offline_group, shutdown, process).await
+    tern_store::consume::consume_pipelined(
+        &*bus,
+        &names.messages_topic,
+        &names.offline_group,
+        shutdown,
+        depth,
+        process,
+    )
+    .await
+}
+
+/// The rest of a batch, while later batches go on: waits until every held
+/// copy is ACKed or `ack_wait` has passed, writes the copies still unACKed
+/// (retrying until the store takes them: the batch's offset is not
+/// committed before), and pushes to the connections that appeared since
+/// `seen`, whose login-time pull may have missed those late writes.
+async fn finish_held(
+    backends: ConsumerBackends,
+    pushes: Arc<dyn PushGateway>,
+    config: Arc<OfflineConfig>,
+    decoded: Arc<Vec<Delivery>>,
+    seen: HashMap<String, Vec<Placement>>,
+    hold: Arc<BatchHold>,
+    holding: Vec<HeldKey>,
+) {
+    if !holding.is_empty() {
+        let _ = tokio::time::timeout(config.ack_wait, hold.all_acked()).await;
+        let unacked = backends.held.release(&hold, holding);
+        if !unacked.is_empty() {
+            let mut by_message: HashMap<u64, Vec<String>> = HashMap::new();
+            for (inbox, msg_id) in unacked {
+                by_message.entry(msg_id).or_default().push(inbox);
+            }
+            let entries: HashMap<u64, &OfflineEntry> =
+                decoded.iter().map(|d| (d.entry.msg_id, &d.entry)).collect();
+            loop {
+                let writes = by_message.iter().filter_map(|(msg_id, inboxes)| {
+                    let entry = entries.get(msg_id)?;
+                    Some(backends.store.insert(inboxes, entry))
+                });
+                match futures::future::try_join_all(writes).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "writing unacknowledged copies failed; retrying");
+                        tokio::time::sleep(HELD_WRITE_RETRY).await;
+                    }
+                }
+            }
+            let now = placements_of(&backends.sessions, &decoded).await;
+            push_to_newcomers(&*pushes, &decoded, &now, &seen, &config);
+        }
+    }
+    pushes.batch_stored();
+}
+
+/// The copies to hold back: those of the devices pushed the message now
+/// (never a user's shared set: a user online has a recorded device).
+fn held_copies(
+    pushes: &[(&Delivery, &Placement)],
+    devices: &HashMap<String, Vec<String>>,
+) -> Vec<(String, OfflineEntry)> {
+    pushes
+        .iter()
+        .filter(|(_, p)| devices.get(&p.user_id).is_some_and(|list| list.contains(&p.device_id)))
+        .map(|(d, p)| (device_inbox(&p.user_id, &p.device_id), d.entry.clone()))
+        .collect()
+}
+
+/// Pushes the batch (and notices) to the connections of `now` that `seen`
+/// did not have.
+fn push_to_newcomers(
+    pushes: &dyn PushGateway,
+    decoded: &[Delivery],
+    now: &HashMap<String, Vec<Placement>>,
+    seen: &HashMap<String, Vec<Placement>>,
+    config: &OfflineConfig,
+) {
+    let newcomers = connections_not_in(now.clone(), seen);
+    if newcomers.is_empty() {
+        return;
+    }
+    let late = plan(decoded, &newcomers, config);
+    for (d, placement) in late.pushes {
+        pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
+    }
+    for (placement, reason) in late.notices {
+        pushes.sync_notice(placement, &reason);
+    }
+}
+
+/// Every connection of `a` and `b`.
+fn merged(
+    mut a: HashMap<String, Vec<Placement>>,
+    b: HashMap<String, Vec<Placement>>,
+) -> HashMap<String, Vec<Placement>> {
+    for (user, placements) in b {
+        let known = a.entry(user).or_default();
+        for p in placements {
+            if !known.iter().any(|k| k.node_id == p.node_id && k.connection_id == p.connection_id) {
+                known.push(p);
+            }
+        }
+    }
+    a
+}
+
+/// The batch's records as deliveries; an undecodable record is logged and
+/// skipped.
+fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
+    let mut decoded = Vec::with_capacity(batch.len());
+    for record in batch {
+        match pb::BusEnvelope::decode(record.payload.clone()) {
+            Ok(pb::BusEnvelope { message: Some(message), receivers, sender_device }) => {
+                let payload = Bytes::from(message.encode_to_vec());
+                let entry = OfflineEntry { msg_id: message.msg_id, payload };
+                let group_id = if message.kind == pb::ConversationKind::Group as i32 {
+                    message.group_id
+                } else {
+                    String::new()
+                };
+                decoded.push(Delivery { receivers, sender: message.sender, sender_device, group_id, entry });
+            }
+            Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
+        }
+    }
+    decoded
+}
+
+/// The recorded devices of every user involved, one lookup per user, all
+/// at once (a remote store answers them concurrently).
+async fn devices_of(
+    meta: &Arc<dyn MetaStore>,
+    decoded: &[Delivery],
+) -> Result<HashMap<String, Vec<String>>, tern_store::StoreError> {
+    let users: BTreeSet<&String> = decoded
+        .iter()
+        .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
+        .collect();
+    let lookups = users.into_iter().map(|user| {
+        let meta = meta.clone();
+        async move { Ok::<_, tern_store::StoreError>((user.clone(), meta.devices(user).await?)) }
+    });
+    Ok(futures::future::try_join_all(lookups).await?.into_iter().collect())
 }

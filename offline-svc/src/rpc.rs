@@ -111,8 +111,8 @@ impl OfflineApi for RemoteOffline {
 ///
 /// A push that cannot be delivered (queue full, node not keeping up, call
 /// failed) is not retried: the message is in the offline store. Instead its
-/// connection is remembered, and once the consumer has stored every message
-/// pushed before the drop ([`PushGateway::pushed_messages_stored`]), it gets
+/// connection is remembered, and once the consumer has stored the batch of
+/// the dropped push and every batch before it ([`PushGateway::batch_stored`]), it gets
 /// one NOTICE SYNC and pulls what it missed. Waiting for the store matters:
 /// pushes go out before the offline write, and a pull that ran ahead of the
 /// write would find nothing and never be repeated.
@@ -156,19 +156,21 @@ struct Target {
 
 /// Connections whose pushes were dropped, per access node.
 ///
-/// Epochs order drops against the consumer's offline writes: `stored` counts
-/// the calls to `pushed_messages_stored`, an item carries the value `stored`
-/// had when it was queued, and a connection may be told to pull once
-/// `stored` has moved past the epoch of its newest dropped item.
+/// Epochs order drops against the consumer's offline writes: an item
+/// carries the number of the consumer batch being pushed when it was queued
+/// (`started`), and a connection may be told to pull once that batch and
+/// every one before it are stored (`stored`, which counts in batch order).
 #[derive(Default)]
 struct OwedNotices {
+    started: AtomicU64,
     stored: AtomicU64,
     by_node: Mutex<HashMap<String, HashMap<Target, u64>>>,
 }
 
 impl OwedNotices {
+    /// The batch being pushed now.
     fn epoch(&self) -> u64 {
-        self.stored.load(Ordering::Acquire)
+        self.started.load(Ordering::Acquire)
     }
 
     fn record<'a>(&self, node: &str, items: impl IntoIterator<Item = &'a PushItem>, epoch: u64) {
@@ -188,13 +190,13 @@ impl OwedNotices {
     /// Takes, per node, the connections whose dropped messages are all
     /// stored now.
     fn take_ready(&self) -> Vec<(String, Vec<Target>)> {
-        let stored = self.epoch();
+        let stored = self.stored.load(Ordering::Acquire);
         let mut by_node = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
         let mut ready = Vec::new();
         for (node, owed) in by_node.iter_mut() {
             let mut targets = Vec::new();
             owed.retain(|target, epoch| {
-                let keep = *epoch >= stored;
+                let keep = *epoch > stored;
                 if !keep {
                     targets.push(target.clone());
                 }
@@ -382,7 +384,11 @@ impl PushGateway for RemotePushGateway {
         self.enqueue(placement, item);
     }
 
-    fn pushed_messages_stored(&self) {
+    fn batch_started(&self) {
+        self.owed.started.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn batch_stored(&self) {
         self.owed.stored.fetch_add(1, Ordering::AcqRel);
     }
 }

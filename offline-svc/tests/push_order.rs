@@ -42,7 +42,7 @@ impl PushGateway for Recorder {
         self.0.lock().unwrap().push(Event::Sync { connection: placement.connection_id });
     }
 
-    fn pushed_messages_stored(&self) {
+    fn batch_stored(&self) {
         self.0.lock().unwrap().push(Event::Stored);
     }
 }
@@ -133,8 +133,13 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
     let store = Arc::new(LoggedStore { inner: backends.offline.clone(), log: log.clone() });
     // Groups of 4 are large; more than 1 of their messages in a batch make
     // a device pull.
-    let config =
-        OfflineConfig { large_group_members: 4, pull_notice_threshold: 1, ..OfflineConfig::default() };
+    // No copy is held back for an ACK here (see held_copies.rs).
+    let config = OfflineConfig {
+        large_group_members: 4,
+        pull_notice_threshold: 1,
+        ack_wait: Duration::ZERO,
+        ..OfflineConfig::default()
+    };
 
     // One batch: a 1:1 message to bob, one to carol, two to a large group
     // with dave.
@@ -152,7 +157,7 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
     let consumer = tokio::spawn(tern_offline_svc::run_consumer(
         backends.bus.clone(),
         names,
-        ConsumerBackends { meta: backends.meta.clone(), store, sessions },
+        ConsumerBackends { meta: backends.meta.clone(), store, sessions, held: Arc::default() },
         Arc::new(Recorder(log.clone())),
         config,
         async move {

@@ -98,8 +98,8 @@ async fn sync_notices_travel_in_order_with_pushes() {
 
 /// An access node that stops answering makes the gateway drop push batches
 /// (its queue holds 64). Every connection whose push was dropped gets a
-/// NOTICE SYNC, but only after the consumer reports the pushed messages
-/// stored, so the pull it triggers finds them.
+/// NOTICE SYNC, but only after the consumer reports the batch of those
+/// pushes stored, so the pull it triggers finds them.
 #[tokio::test]
 async fn dropped_pushes_are_replaced_by_a_sync_notice_once_stored() {
     let node = FakeAccessNode::default();
@@ -109,6 +109,7 @@ async fn dropped_pushes_are_replaced_by_a_sync_notice_once_stored() {
 
     const USERS: u64 = 150;
     let busy = node.busy.write().await;
+    gateway.batch_started();
     for i in 0..USERS {
         gateway.push(&placement(&format!("u{i}"), i), i + 1, Bytes::from_static(b"hello"));
         // One batch per push: the gateway batches what has queued up.
@@ -127,7 +128,7 @@ async fn dropped_pushes_are_replaced_by_a_sync_notice_once_stored() {
     let pushed: BTreeSet<String> = before_stored.iter().map(|i| i.user_id.clone()).collect();
     assert!((pushed.len() as u64) < USERS, "no push was dropped; the test did not overload the node");
 
-    gateway.pushed_messages_stored();
+    gateway.batch_stored();
     let everyone: BTreeSet<String> = (0..USERS).map(|i| format!("u{i}")).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let reached = loop {

@@ -342,7 +342,11 @@ pub async fn offline_store(store: &dyn OfflineStore) {
         "offline: an insert repeated after the ack adds the entry again"
     );
     assert_eq!(store.count(&r1).await.expect("count"), 2, "offline: count includes the repeated insert");
-    assert_eq!(store.count(&r2).await.expect("count"), 3, "offline: a repeated insert of a present entry is a no-op");
+    assert_eq!(
+        store.count(&r2).await.expect("count"),
+        3,
+        "offline: a repeated insert of a present entry is a no-op"
+    );
     store.ack(&r1, &[10], ttl).await.expect("ack");
     assert_eq!(ids(&store.pull(&r1, 0, 10).await.expect("pull")), vec![30], "offline: ack deletes it again");
     assert_eq!(store.count(&r1).await.expect("count"), 1, "offline: count after the second ack");

@@ -1,5 +1,6 @@
 //! The consumer loop the storage services share.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
@@ -54,6 +55,89 @@ where
         }
         if let Err(e) = consumer.commit(&batch).await {
             tracing::warn!(%group, error = %e, "offset commit failed; the batch will be replayed");
+        }
+    }
+}
+
+/// Like [`consume`], for a consumer whose batches finish later than they
+/// start: `process` does the part that must happen in order and returns
+/// the task that finishes the batch. Up to `depth` batches are finishing at
+/// once; their offsets are committed in order, each once its task and every
+/// task before it are done, so a crash replays every batch not finished.
+/// A finishing task must not fail (it retries what it writes); one that
+/// panics stops the consumer with an error, since committing past it would
+/// lose its batch. On shutdown the batches under way are finished and
+/// committed first.
+pub async fn consume_pipelined<F, Fut>(
+    bus: &dyn Bus,
+    topic: &str,
+    group: &str,
+    shutdown: impl Future<Output = ()>,
+    depth: usize,
+    mut process: F,
+) -> StoreResult<()>
+where
+    F: FnMut(Vec<BusRecord>) -> Fut,
+    Fut: Future<Output = StoreResult<tokio::task::JoinHandle<()>>>,
+{
+    let depth = depth.max(1);
+    let mut consumer = bus.subscribe(topic, group).await?;
+    let mut finishing: VecDeque<(Vec<BusRecord>, tokio::task::JoinHandle<()>)> = VecDeque::new();
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    loop {
+        // Commit what finished, oldest first; wait for the oldest when the
+        // pipeline is full or the consumer is stopping.
+        loop {
+            let full = finishing.len() >= depth;
+            let Some((_, task)) = finishing.front_mut() else { break };
+            if !(task.is_finished() || full || stopping) {
+                break;
+            }
+            task.await
+                .map_err(|e| crate::StoreError::Backend(format!("{group}: finishing a batch failed: {e}")))?;
+            let (batch, _) = finishing.pop_front().expect("front exists");
+            if let Err(e) = consumer.commit(&batch).await {
+                tracing::warn!(%group, error = %e, "offset commit failed; the batch will be replayed");
+            }
+        }
+        if stopping {
+            return Ok(());
+        }
+        // While batches are finishing, poll briefly so their commits do
+        // not wait for new records.
+        let wait = if finishing.is_empty() { Duration::from_millis(500) } else { Duration::from_millis(5) };
+        let polled = tokio::select! {
+            _ = &mut shutdown => {
+                stopping = true;
+                continue;
+            }
+            polled = consumer.poll(BATCH, wait) => polled,
+        };
+        let batch = match polled {
+            Ok(batch) if batch.is_empty() => continue,
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(%group, error = %e, "poll failed; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        let task = loop {
+            match process(batch.clone()).await {
+                Ok(task) => break Some(task),
+                Err(e) => tracing::error!(%group, error = %e, "batch not processed; retrying"),
+            }
+            tokio::select! {
+                // The batch did not go through: not committed, replayed
+                // after the restart.
+                _ = &mut shutdown => break None,
+                _ = tokio::time::sleep(RETRY_PAUSE) => {}
+            }
+        };
+        match task {
+            Some(task) => finishing.push_back((batch, task)),
+            None => stopping = true,
         }
     }
 }

@@ -487,14 +487,14 @@ pub async fn run_role(
             let listener = bind(&settings.listen, "offline-svc gRPC").await?;
             let access_nodes = Peers::follow(&*registry, ACCESS_TCP_ROLE).await?;
             let bus = Engines::bus(&config.engines, &settings.node_id).await?;
-            let offline_config = config.offline_svc.offline_config();
+            let offline_config = config.offline_svc.offline_config(config.access_tcp.push_ack_timeout_ms);
             let offline =
                 Arc::new(OfflineService::new(engines.redis.offline.clone(), offline_config.clone()));
             let endpoints =
                 RoleEndpoints { listen: listener.local_addr()?, internal: None, http: None, ca_cert: None };
             let info = node(advertised(&settings, endpoints.listen), String::new());
-            let router =
-                tonic::transport::Server::builder().add_service(tern_offline_svc::rpc::service(offline));
+            let router = tonic::transport::Server::builder()
+                .add_service(tern_offline_svc::rpc::service(offline.clone()));
             ready(&endpoints);
             let consumer = tern_offline_svc::run_consumer(
                 bus,
@@ -503,6 +503,7 @@ pub async fn run_role(
                     meta: engines.meta(&config.engines).await?,
                     store: engines.redis.offline.clone(),
                     sessions: engines.redis.sessions.clone(),
+                    held: offline.held_writes(),
                 },
                 RemotePushGateway::start(access_nodes),
                 offline_config,

@@ -72,6 +72,13 @@ pub struct OfflineSection {
     /// consumer batch gets one NOTICE SYNC (and pulls) instead of a push
     /// per message.
     pub pull_notice_threshold: usize,
+    /// How long the offline copy of a device that was pushed a message
+    /// waits for its ACK (an ACK in time means it is never written); 0
+    /// writes every copy at once. At most half of
+    /// `access_tcp.push_ack_timeout_ms`, so the copy is written before the
+    /// access node tells the device to pull; a larger value is lowered to
+    /// that.
+    pub ack_wait_ms: u64,
 }
 
 impl Default for StandaloneConfig {
@@ -123,16 +130,19 @@ impl Default for OfflineSection {
         Self {
             large_group_members: defaults.large_group_members,
             pull_notice_threshold: defaults.pull_notice_threshold,
+            ack_wait_ms: defaults.ack_wait.as_millis() as u64,
         }
     }
 }
 
 impl OfflineSection {
-    /// offline-svc settings: these on top of the library defaults.
-    pub fn offline_config(&self) -> tern_offline_svc::OfflineConfig {
+    /// offline-svc settings: these on top of the library defaults, with the
+    /// ACK wait capped by the access nodes' `push_ack_timeout_ms`.
+    pub fn offline_config(&self, push_ack_timeout_ms: u64) -> tern_offline_svc::OfflineConfig {
         tern_offline_svc::OfflineConfig {
             large_group_members: self.large_group_members,
             pull_notice_threshold: self.pull_notice_threshold,
+            ack_wait: std::time::Duration::from_millis(self.ack_wait_ms.min(push_ack_timeout_ms / 2)),
             ..tern_offline_svc::OfflineConfig::default()
         }
     }
@@ -224,8 +234,15 @@ mod tests {
         let config: StandaloneConfig =
             toml::from_str("[offline_svc]\nlarge_group_members = 3\npull_notice_threshold = 2\n").unwrap();
         config.validate().unwrap();
-        let offline = config.offline_svc.offline_config();
+        let offline = config.offline_svc.offline_config(config.access_tcp.push_ack_timeout_ms);
         assert_eq!((offline.large_group_members, offline.pull_notice_threshold), (3, 2));
+        assert_eq!(offline.ack_wait, std::time::Duration::from_secs(1), "the default wait");
+        let short = config.offline_svc.offline_config(800);
+        assert_eq!(
+            short.ack_wait,
+            std::time::Duration::from_millis(400),
+            "capped at half the push ACK timeout"
+        );
         assert_eq!(offline.max_pull, tern_offline_svc::OfflineConfig::default().max_pull);
         assert!(toml::from_str::<StandaloneConfig>("[offline_svc]\nlarge_group = 3\n").is_err());
         let mut config = StandaloneConfig::default();

@@ -148,8 +148,9 @@ pub async fn run(
             bus: BusNames::default(),
         },
     ));
-    let offline_config = config.offline_svc.offline_config();
+    let offline_config = config.offline_svc.offline_config(config.access_tcp.push_ack_timeout_ms);
     let offline = Arc::new(OfflineService::new(backends.offline.clone(), offline_config.clone()));
+    let held_writes = offline.held_writes();
     let history = Arc::new(HistoryService::new(backends.history.clone(), backends.meta.clone()));
 
     let access_addr = access_listener.local_addr()?;
@@ -182,6 +183,7 @@ pub async fn run(
             meta: backends.meta.clone(),
             store: backends.offline.clone(),
             sessions: backends.sessions.clone(),
+            held: held_writes,
         },
         node.clone(),
         offline_config,

@@ -1,0 +1,205 @@
+//! Offline writes held back while a pushed device may still ACK.
+//!
+//! A device that is online when the consumer reads a message gets it pushed
+//! and usually ACKs it within milliseconds. Writing its offline copy only to
+//! delete it again on that ACK costs two writes per delivery for nothing, so
+//! the consumer holds the copy back: the ACK, if it comes within
+//! `OfflineConfig::ack_wait`, settles it in memory; otherwise the copy is
+//! written then, as if there had been no push. The message is durable in the
+//! bus all along: the consumer commits a batch's offset only once each of
+//! its held copies is ACKed or written, so a crash replays it.
+//!
+//! An ACK that reaches another offline-svc node (or comes after the wait)
+//! goes to the store as usual: it finds no entry and leaves a tombstone,
+//! which drops the late write. A pull writes the device's held copies
+//! before it reads, so a device that reconnects while its copies are held
+//! (its old connection was cut) pulls them with everything else, in order.
+
+use std::collections::btree_map;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tern_store::OfflineEntry;
+use tokio::sync::Notify;
+
+/// A held copy: a device's offline set and the message.
+pub(crate) type HeldKey = (String, u64);
+
+/// The held copies of one consumer batch.
+#[derive(Default)]
+pub(crate) struct BatchHold {
+    unacked: AtomicUsize,
+    all_acked: Notify,
+}
+
+impl BatchHold {
+    /// Resolves once every copy held for this batch has been ACKed.
+    pub(crate) async fn all_acked(&self) {
+        loop {
+            let notified = self.all_acked.notified();
+            if self.unacked.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn acked_one(&self) {
+        if self.unacked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_acked.notify_waiters();
+        }
+    }
+}
+
+/// A copy held back, with the batch that holds it.
+struct HeldCopy {
+    batch: Arc<BatchHold>,
+    entry: OfflineEntry,
+}
+
+/// Every copy held back in this process, by device offline set and
+/// message id; shared by the consumer (which holds and releases) and
+/// [`crate::OfflineService`] (whose ACKs settle copies and whose pulls
+/// write them first).
+#[derive(Default)]
+pub struct HeldWrites {
+    copies: Mutex<HashMap<String, BTreeMap<u64, HeldCopy>>>,
+}
+
+impl HeldWrites {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<u64, HeldCopy>>> {
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `copies` (offline set, entry) for `batch`; returns the keys
+    /// it now holds. A copy already held (the same message twice within
+    /// the wait) stays with its first holder, which writes it if it is not
+    /// ACKed.
+    pub(crate) fn hold(&self, batch: &Arc<BatchHold>, copies: Vec<(String, OfflineEntry)>) -> Vec<HeldKey> {
+        let mut held = Vec::with_capacity(copies.len());
+        let mut all = self.lock();
+        for (inbox, entry) in copies {
+            let msg_id = entry.msg_id;
+            let set = all.entry(inbox.clone()).or_default();
+            if let btree_map::Entry::Vacant(slot) = set.entry(msg_id) {
+                slot.insert(HeldCopy { batch: batch.clone(), entry });
+                held.push((inbox, msg_id));
+            }
+        }
+        batch.unacked.fetch_add(held.len(), Ordering::AcqRel);
+        held
+    }
+
+    /// `msg_ids` of `inbox` are ACKed (or written by a pull): settles the
+    /// held copies among them and returns the ids that were not held.
+    pub(crate) fn settle(&self, inbox: &str, msg_ids: &[u64]) -> Vec<u64> {
+        let mut all = self.lock();
+        let Some(set) = all.get_mut(inbox) else {
+            return msg_ids.to_vec();
+        };
+        let mut not_held = Vec::new();
+        for &msg_id in msg_ids {
+            match set.remove(&msg_id) {
+                Some(copy) => copy.batch.acked_one(),
+                None => not_held.push(msg_id),
+            }
+        }
+        if set.is_empty() {
+            all.remove(inbox);
+        }
+        not_held
+    }
+
+    /// The wait is over: takes back the copies of `batch` still held
+    /// (to be written).
+    pub(crate) fn release(&self, batch: &Arc<BatchHold>, keys: Vec<HeldKey>) -> Vec<HeldKey> {
+        let mut all = self.lock();
+        keys.into_iter()
+            .filter(|(inbox, msg_id)| {
+                let Some(set) = all.get_mut(inbox) else { return false };
+                let ours = set.get(msg_id).is_some_and(|copy| Arc::ptr_eq(&copy.batch, batch));
+                if ours {
+                    set.remove(msg_id);
+                    if set.is_empty() {
+                        all.remove(inbox);
+                    }
+                }
+                ours
+            })
+            .collect()
+    }
+
+    /// The copies held for `inbox`, oldest first (a pull writes them before
+    /// it reads, so it never misses a message that is only held).
+    pub(crate) fn held_for(&self, inbox: &str) -> Vec<OfflineEntry> {
+        self.lock()
+            .get(inbox)
+            .map(|set| set.values().map(|copy| copy.entry.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many copies are held now.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(inbox: &str, id: u64) -> HeldKey {
+        (inbox.to_owned(), id)
+    }
+
+    fn copy(inbox: &str, id: u64) -> (String, OfflineEntry) {
+        (inbox.to_owned(), OfflineEntry { msg_id: id, payload: bytes::Bytes::from(format!("m{id}")) })
+    }
+
+    #[tokio::test]
+    async fn acks_settle_held_copies_and_the_rest_is_released() {
+        let held = HeldWrites::default();
+        let batch = Arc::new(BatchHold::default());
+        let holding = held.hold(&batch, vec![copy("bob/phone", 1), copy("bob/phone", 2), copy("eve/tab", 1)]);
+        assert_eq!(holding.len(), 3);
+        let held_ids = |inbox| held.held_for(inbox).iter().map(|e| e.msg_id).collect::<Vec<_>>();
+        assert_eq!(held_ids("bob/phone"), [1, 2]);
+        assert_eq!(held.settle("bob/phone", &[1, 2, 9]), vec![9], "9 was never held: the store gets it");
+        assert!(held_ids("bob/phone").is_empty());
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            held.release(&batch, holding),
+            vec![key("eve/tab", 1)],
+            "only the unACKed copy is written"
+        );
+        assert!(held.is_empty());
+        assert_eq!(held.settle("eve/tab", &[1]), vec![1], "after the release an ACK goes to the store");
+    }
+
+    #[tokio::test]
+    async fn all_acked_resolves_on_the_last_ack_and_a_copy_stays_with_its_first_holder() {
+        let held = Arc::new(HeldWrites::default());
+        let first = Arc::new(BatchHold::default());
+        let second = Arc::new(BatchHold::default());
+        let first_keys = held.hold(&first, vec![copy("bob/phone", 1), copy("bob/phone", 2)]);
+        let second_keys = held.hold(&second, vec![copy("bob/phone", 2), copy("bob/phone", 3)]);
+        assert_eq!(second_keys, vec![key("bob/phone", 3)], "message 2 is already held by the first batch");
+
+        let waiter = tokio::spawn({
+            let first = first.clone();
+            async move { first.all_acked().await }
+        });
+        held.settle("bob/phone", &[1]);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one copy of the first batch is still unACKed");
+        held.settle("bob/phone", &[2]);
+        waiter.await.unwrap();
+        assert!(held.release(&first, first_keys).is_empty());
+        assert_eq!(held.release(&second, second_keys), vec![key("bob/phone", 3)]);
+    }
+}

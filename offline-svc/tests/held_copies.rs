@@ -1,0 +1,199 @@
+//! Copies held back for pushed devices, end to end through `run_consumer`
+//! and `OfflineService::ack` on the embedded backends: an ACK within
+//! `ack_wait` means the copy is never written; without one it is written
+//! once the wait is over; the batch's offset is committed only then, so a
+//! consumer that dies while holding is replayed; a pull writes the held
+//! copies of its device first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_offline_svc::held::HeldWrites;
+use tern_offline_svc::{ConsumerBackends, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_proto::BusNames;
+use tern_store::embedded::EmbeddedBackends;
+use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
+use tokio::time::Instant;
+
+mod common;
+use common::{envelope, placement};
+
+/// Records pushes (connection, message) and counts stored batches.
+#[derive(Default)]
+struct Recorder {
+    pushes: Mutex<Vec<(u64, u64)>>,
+    stored: AtomicU64,
+}
+
+impl PushGateway for Recorder {
+    fn push(&self, placement: &Placement, msg_id: u64, _message: Bytes) {
+        self.pushes.lock().unwrap().push((placement.connection_id, msg_id));
+    }
+
+    fn sync_notice(&self, _placement: &Placement, _reason: &str) {}
+
+    fn batch_stored(&self) {
+        self.stored.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Recorder {
+    fn pushed(&self, connection: u64, msg_id: u64) -> bool {
+        self.pushes.lock().unwrap().contains(&(connection, msg_id))
+    }
+
+    fn stored(&self) -> u64 {
+        self.stored.load(Ordering::SeqCst)
+    }
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const BOB: u64 = 1;
+const CAROL: u64 = 2;
+
+fn consumer(
+    backends: &EmbeddedBackends,
+    held: Arc<HeldWrites>,
+    gateway: Arc<Recorder>,
+    config: OfflineConfig,
+) -> (tokio::task::JoinHandle<Result<(), tern_store::StoreError>>, tokio::sync::oneshot::Sender<()>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tern_offline_svc::run_consumer(
+        backends.bus.clone(),
+        BusNames::default(),
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: backends.sessions.clone(),
+            held,
+        },
+        gateway,
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (task, stop_tx)
+}
+
+#[tokio::test]
+async fn an_acked_copy_is_never_written_and_an_unacked_one_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for (user, device) in [("bob", "phone"), ("carol", "desk"), ("dave", "tab")] {
+        backends.meta.add_device(user, device).await.unwrap();
+    }
+    // bob and carol are online, dave is not.
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    backends.sessions.put(&placement("carol", "desk", CAROL)).await.unwrap();
+    let names = BusNames::default();
+    for (id, to) in [(1, "bob"), (2, "carol"), (3, "dave")] {
+        let record = envelope(id, "", "alice", &[to]);
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+    let ack_wait = Duration::from_millis(1_500);
+    let config = OfflineConfig { ack_wait, ..OfflineConfig::default() };
+    let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let gateway = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let (task, stop) = consumer(&backends, offline.held_writes(), gateway.clone(), config);
+    let count = |inbox: &'static str| {
+        let store = backends.offline.clone();
+        async move { store.count(inbox).await.unwrap() }
+    };
+
+    eventually("pushes to bob and carol", || gateway.pushed(BOB, 1) && gateway.pushed(CAROL, 2)).await;
+    // dave was offline: written at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count("dave/tab").await == 0 {
+        assert!(Instant::now() < deadline, "dave's copy was not written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    offline.ack("bob", "phone", &[1]).await.unwrap();
+    assert_eq!(count("bob/phone").await, 0, "bob ACKed within the wait: nothing written");
+    assert_eq!(count("carol/desk").await, 0, "carol's copy waits for her ACK");
+    assert_eq!(gateway.stored(), 0, "the batch is not done while carol's copy waits");
+
+    eventually("the batch to be stored", || gateway.stored() == 1).await;
+    assert!(started.elapsed() >= ack_wait, "stored before the wait was over");
+    assert_eq!(count("carol/desk").await, 1, "carol did not ACK: her copy is written after the wait");
+    assert_eq!(count("bob/phone").await, 0, "bob's ACKed copy is never written");
+    let (pulled, _) = offline.pull("carol", "desk", 0, 10).await.unwrap();
+    assert_eq!(pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [2]);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batch_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    backends.meta.add_device("bob", "phone").await.unwrap();
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    let names = BusNames::default();
+    let record = envelope(1, "", "alice", &["bob"]);
+    backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    // A wait far longer than the test: only ACKs settle the batch.
+    let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+
+    // The first consumer pushes, holds bob's copy and dies before the ACK.
+    let first = Arc::new(Recorder::default());
+    let (task, _stop) = consumer(&backends, Arc::default(), first.clone(), config.clone());
+    eventually("the first push", || first.pushed(BOB, 1)).await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "the copy was held, not written");
+
+    // Its offset was not committed: the next consumer gets the batch again.
+    let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let second = Arc::new(Recorder::default());
+    let (task, stop) = consumer(&backends, offline.held_writes(), second.clone(), config);
+    eventually("the replayed push", || second.pushed(BOB, 1)).await;
+    assert_eq!(second.stored(), 0);
+    offline.ack("bob", "phone", &[1]).await.unwrap();
+    eventually("the batch to be stored once bob ACKed", || second.stored() == 1).await;
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for an ACKed copy");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// A device whose connection was cut while its copies were held pulls them
+/// at once (the pull writes them first), and that settles the batch.
+#[tokio::test]
+async fn a_pull_writes_the_held_copies_of_its_device_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    backends.meta.add_device("bob", "phone").await.unwrap();
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    let names = BusNames::default();
+    for id in [1, 2] {
+        let record = envelope(id, "", "alice", &["bob"]);
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+    let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+    let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let gateway = Arc::new(Recorder::default());
+    let (task, stop) = consumer(&backends, offline.held_writes(), gateway.clone(), config);
+    eventually("both pushes", || gateway.pushed(BOB, 1) && gateway.pushed(BOB, 2)).await;
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "held, not written");
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 2, "held copies count as pending");
+
+    let (pulled, more) = offline.pull("bob", "phone", 0, 10).await.unwrap();
+    assert_eq!((pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), more), (vec![1, 2], false));
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 2, "the pull wrote them");
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 2, "and counts them once");
+    eventually("the batch to be stored once its copies are written", || gateway.stored() >= 1).await;
+    offline.ack("bob", "phone", &[1, 2]).await.unwrap();
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 0);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
