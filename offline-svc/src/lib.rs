@@ -54,16 +54,19 @@ pub trait PushGateway: Send + Sync + 'static {
     /// Tells the connection to pull its offline set: NOTICE SYNC with
     /// `reason`. Best effort, like a push.
     fn sync_notice(&self, placement: &Placement, reason: &str);
-    /// The consumer starts pushing its next batch. Batches are numbered
-    /// from 1 in the order of these calls.
-    fn batch_started(&self) {}
-    /// Every message of the oldest batch not reported yet is stored in the
-    /// offline sets of the devices that have not ACKed it (called once per
-    /// batch, in batch order). A gateway that dropped pushes of that batch
-    /// may now tell their connections to pull: before, the pull could run
-    /// ahead of the write and miss them. In-process delivery drops nothing,
-    /// so the default does nothing.
-    fn batch_stored(&self) {}
+    /// The consumer starts pushing a batch (or another attempt at one);
+    /// returns its number. Numbers count up from 1.
+    fn batch_started(&self) -> u64 {
+        0
+    }
+    /// Every message batch `number` pushed is stored in the offline sets
+    /// of the devices that have not ACKed it (or the attempt failed and its
+    /// messages will be pushed again under a new number). Once this holds
+    /// for a batch and every batch before it, a gateway that dropped pushes
+    /// of those batches may tell their connections to pull: before, the
+    /// pull could run ahead of the write and miss them. In-process delivery
+    /// drops nothing, so the default does nothing.
+    fn batch_stored(&self, _number: u64) {}
 }
 
 /// What access nodes call for pulls and ACKs.
@@ -454,7 +457,7 @@ pub async fn run_consumer(
         async move {
             let decoded = Arc::new(decode(&batch));
             let devices = devices_of(&backends.meta, &decoded).await?;
-            pushes.batch_started();
+            let number = pushes.batch_started();
             let before = placements_of(&backends.sessions, &decoded).await;
             let early = plan(&decoded, &before, &config);
             // The copies of the devices pushed now are held back before the
@@ -484,8 +487,10 @@ pub async fn run_consumer(
                 async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
             });
             if let Err(e) = futures::future::try_join_all(writes).await {
-                // The batch is retried from the start and holds again.
+                // The batch is retried from the start: it holds and
+                // pushes again, under a new number.
                 backends.held.release(&hold, holding);
+                pushes.batch_stored(number);
                 return Err(e);
             }
             // After the write: the SYNC notices (a device told to pull must
@@ -500,7 +505,8 @@ pub async fn run_consumer(
             let after = placements_of(&backends.sessions, &decoded).await;
             push_to_newcomers(&*pushes, &decoded, &after, &before, &config);
             let before = merged(before, after);
-            let finish = finish_held(backends, pushes, config, decoded, before, hold, holding);
+            let held = Held { number, hold, holding };
+            let finish = finish_held(backends, pushes, config, decoded, before, held);
             Ok(tokio::spawn(finish))
         }
     };
@@ -526,9 +532,9 @@ async fn finish_held(
     config: Arc<OfflineConfig>,
     decoded: Arc<Vec<Delivery>>,
     seen: HashMap<String, Vec<Placement>>,
-    hold: Arc<BatchHold>,
-    holding: Vec<HeldKey>,
+    held: Held,
 ) {
+    let Held { number, hold, holding } = held;
     if !holding.is_empty() {
         let _ = tokio::time::timeout(config.ack_wait, hold.all_acked()).await;
         let unacked = backends.held.release(&hold, holding);
@@ -556,7 +562,15 @@ async fn finish_held(
             push_to_newcomers(&*pushes, &decoded, &now, &seen, &config);
         }
     }
-    pushes.batch_stored();
+    pushes.batch_stored(number);
+}
+
+/// What a batch holds back: its number (for the push gateway), its hold,
+/// and the keys of its held copies.
+struct Held {
+    number: u64,
+    hold: Arc<BatchHold>,
+    holding: Vec<HeldKey>,
 }
 
 /// The copies to hold back: those of the devices pushed the message now

@@ -2,7 +2,7 @@
 //! access nodes use, and [`RemotePushGateway`], which delivers pushes to the
 //! access node holding each connection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,13 +157,17 @@ struct Target {
 /// Connections whose pushes were dropped, per access node.
 ///
 /// Epochs order drops against the consumer's offline writes: an item
-/// carries the number of the consumer batch being pushed when it was queued
-/// (`started`), and a connection may be told to pull once that batch and
-/// every one before it are stored (`stored`, which counts in batch order).
+/// carries the number of the newest consumer batch started when it was
+/// queued (`started`), and a connection may be told to pull once that batch
+/// and every one before it are stored (`stored_upto`).
 #[derive(Default)]
 struct OwedNotices {
     started: AtomicU64,
-    stored: AtomicU64,
+    /// Every batch up to this number is stored.
+    stored_upto: AtomicU64,
+    /// Batches reported stored above `stored_upto` (they finished out of
+    /// order).
+    stored_above: Mutex<BTreeSet<u64>>,
     by_node: Mutex<HashMap<String, HashMap<Target, u64>>>,
 }
 
@@ -171,6 +175,19 @@ impl OwedNotices {
     /// The batch being pushed now.
     fn epoch(&self) -> u64 {
         self.started.load(Ordering::Acquire)
+    }
+
+    fn stored(&self, number: u64) {
+        let mut above = self.stored_above.lock().unwrap_or_else(|e| e.into_inner());
+        let mut upto = self.stored_upto.load(Ordering::Acquire);
+        if number <= upto {
+            return;
+        }
+        above.insert(number);
+        while above.remove(&(upto + 1)) {
+            upto += 1;
+        }
+        self.stored_upto.store(upto, Ordering::Release);
     }
 
     fn record<'a>(&self, node: &str, items: impl IntoIterator<Item = &'a PushItem>, epoch: u64) {
@@ -190,7 +207,7 @@ impl OwedNotices {
     /// Takes, per node, the connections whose dropped messages are all
     /// stored now.
     fn take_ready(&self) -> Vec<(String, Vec<Target>)> {
-        let stored = self.stored.load(Ordering::Acquire);
+        let stored = self.stored_upto.load(Ordering::Acquire);
         let mut by_node = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
         let mut ready = Vec::new();
         for (node, owed) in by_node.iter_mut() {
@@ -384,11 +401,31 @@ impl PushGateway for RemotePushGateway {
         self.enqueue(placement, item);
     }
 
-    fn batch_started(&self) {
-        self.owed.started.fetch_add(1, Ordering::AcqRel);
+    fn batch_started(&self) -> u64 {
+        self.owed.started.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    fn batch_stored(&self) {
-        self.owed.stored.fetch_add(1, Ordering::AcqRel);
+    fn batch_stored(&self, number: u64) {
+        self.owed.stored(number);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_count_as_stored_only_once_every_earlier_one_is() {
+        let owed = OwedNotices::default();
+        let upto = |owed: &OwedNotices| owed.stored_upto.load(Ordering::Acquire);
+        owed.stored(2);
+        owed.stored(4);
+        assert_eq!(upto(&owed), 0, "batch 1 is still under way");
+        owed.stored(1);
+        assert_eq!(upto(&owed), 2);
+        owed.stored(3);
+        assert_eq!(upto(&owed), 4);
+        owed.stored(3);
+        assert_eq!(upto(&owed), 4, "a repeated report changes nothing");
     }
 }

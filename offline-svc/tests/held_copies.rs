@@ -34,7 +34,7 @@ impl PushGateway for Recorder {
 
     fn sync_notice(&self, _placement: &Placement, _reason: &str) {}
 
-    fn batch_stored(&self) {
+    fn batch_stored(&self, _number: u64) {
         self.stored.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -42,7 +42,7 @@ impl PushGateway for Recorder {
         self.0.lock().unwrap().push(Event::Sync { connection: placement.connection_id });
     }
 
-    fn batch_stored(&self) {
+    fn batch_stored(&self, _number: u64) {
         self.0.lock().unwrap().push(Event::Stored);
     }
 }

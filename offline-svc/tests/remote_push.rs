@@ -109,7 +109,7 @@ async fn dropped_pushes_are_replaced_by_a_sync_notice_once_stored() {
 
     const USERS: u64 = 150;
     let busy = node.busy.write().await;
-    gateway.batch_started();
+    let batch = gateway.batch_started();
     for i in 0..USERS {
         gateway.push(&placement(&format!("u{i}"), i), i + 1, Bytes::from_static(b"hello"));
         // One batch per push: the gateway batches what has queued up.
@@ -128,7 +128,7 @@ async fn dropped_pushes_are_replaced_by_a_sync_notice_once_stored() {
     let pushed: BTreeSet<String> = before_stored.iter().map(|i| i.user_id.clone()).collect();
     assert!((pushed.len() as u64) < USERS, "no push was dropped; the test did not overload the node");
 
-    gateway.batch_stored();
+    gateway.batch_stored(batch);
     let everyone: BTreeSet<String> = (0..USERS).map(|i| format!("u{i}")).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let reached = loop {
