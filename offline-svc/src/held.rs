@@ -73,22 +73,29 @@ impl HeldWrites {
     }
 
     /// Holds `copies` (offline set, entry) for `batch`; returns the keys
-    /// it now holds. A copy already held (the same message twice within
-    /// the wait) stays with its first holder, which writes it if it is not
-    /// ACKed.
-    pub(crate) fn hold(&self, batch: &Arc<BatchHold>, copies: Vec<(String, OfflineEntry)>) -> Vec<HeldKey> {
-        let mut held = Vec::with_capacity(copies.len());
+    /// it now holds, and those another batch already held (the same message
+    /// again within the wait): such a copy stays with its first holder,
+    /// which writes it if it is not ACKed.
+    pub(crate) fn hold(
+        &self,
+        batch: &Arc<BatchHold>,
+        copies: Vec<(String, OfflineEntry)>,
+    ) -> (Vec<HeldKey>, Vec<HeldKey>) {
+        let (mut held, mut elsewhere) = (Vec::with_capacity(copies.len()), Vec::new());
         let mut all = self.lock();
         for (inbox, entry) in copies {
             let msg_id = entry.msg_id;
             let set = all.entry(inbox.clone()).or_default();
-            if let btree_map::Entry::Vacant(slot) = set.entry(msg_id) {
-                slot.insert(HeldCopy { batch: batch.clone(), entry });
-                held.push((inbox, msg_id));
+            match set.entry(msg_id) {
+                btree_map::Entry::Vacant(slot) => {
+                    slot.insert(HeldCopy { batch: batch.clone(), entry });
+                    held.push((inbox, msg_id));
+                }
+                btree_map::Entry::Occupied(_) => elsewhere.push((inbox, msg_id)),
             }
         }
         batch.unacked.fetch_add(held.len(), Ordering::AcqRel);
-        held
+        (held, elsewhere)
     }
 
     /// `msg_ids` of `inbox` are ACKed (or written by a pull): settles the
@@ -165,7 +172,8 @@ mod tests {
     async fn acks_settle_held_copies_and_the_rest_is_released() {
         let held = HeldWrites::default();
         let batch = Arc::new(BatchHold::default());
-        let holding = held.hold(&batch, vec![copy("bob/phone", 1), copy("bob/phone", 2), copy("eve/tab", 1)]);
+        let (holding, _) =
+            held.hold(&batch, vec![copy("bob/phone", 1), copy("bob/phone", 2), copy("eve/tab", 1)]);
         assert_eq!(holding.len(), 3);
         let held_ids = |inbox| held.held_for(inbox).iter().map(|e| e.msg_id).collect::<Vec<_>>();
         assert_eq!(held_ids("bob/phone"), [1, 2]);
@@ -186,9 +194,10 @@ mod tests {
         let held = Arc::new(HeldWrites::default());
         let first = Arc::new(BatchHold::default());
         let second = Arc::new(BatchHold::default());
-        let first_keys = held.hold(&first, vec![copy("bob/phone", 1), copy("bob/phone", 2)]);
-        let second_keys = held.hold(&second, vec![copy("bob/phone", 2), copy("bob/phone", 3)]);
-        assert_eq!(second_keys, vec![key("bob/phone", 3)], "message 2 is already held by the first batch");
+        let (first_keys, _) = held.hold(&first, vec![copy("bob/phone", 1), copy("bob/phone", 2)]);
+        let (second_keys, elsewhere) = held.hold(&second, vec![copy("bob/phone", 2), copy("bob/phone", 3)]);
+        assert_eq!(second_keys, vec![key("bob/phone", 3)]);
+        assert_eq!(elsewhere, vec![key("bob/phone", 2)], "message 2 is already held by the first batch");
 
         let waiter = tokio::spawn({
             let first = first.clone();

@@ -164,9 +164,8 @@ impl OfflineApi for OfflineService {
         let held = self.held.held_for(&own_key);
         if !held.is_empty() {
             let own = std::slice::from_ref(&own_key);
-            for entry in &held {
-                self.store.insert(own, entry).await.map_err(ServiceError::backend)?;
-            }
+            let writes = held.iter().map(|entry| self.store.insert(own, entry));
+            futures::future::try_join_all(writes).await.map_err(ServiceError::backend)?;
             let ids: Vec<u64> = held.iter().map(|e| e.msg_id).collect();
             self.held.settle(&own_key, &ids);
         }
@@ -370,6 +369,29 @@ fn sync_reason(groups: &BTreeMap<&str, usize>) -> String {
     format!("{total} new messages in groups {}; pull", named.join(", "))
 }
 
+/// The placements of everyone the batch is pushed to after its writes,
+/// retried until every lookup succeeds: a connection missed here may have
+/// pulled before those writes, and nothing else would tell it.
+async fn placements_after_writes(
+    sessions: &Arc<dyn SessionStore>,
+    decoded: &[Delivery],
+) -> HashMap<String, Vec<Placement>> {
+    loop {
+        let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
+        let lookups = users.into_iter().map(|user| {
+            let sessions = sessions.clone();
+            async move { Ok::<_, tern_store::StoreError>((user.clone(), sessions.get(user).await?)) }
+        });
+        match futures::future::try_join_all(lookups).await {
+            Ok(found) => return found.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "placement lookup after the offline write failed; retrying");
+                tokio::time::sleep(HELD_WRITE_RETRY).await;
+            }
+        }
+    }
+}
+
 /// The placements of everyone the batch is pushed to, one lookup per user,
 /// all at once. A failed lookup counts as offline: the entry is stored and
 /// the device pulls it at its next sync.
@@ -426,6 +448,31 @@ pub struct ConsumerBackends {
     /// Copies held back waiting for ACKs; the [`OfflineService`] answering
     /// this process's ACKs must share it ([`OfflineService::held_writes`]).
     pub held: Arc<HeldWrites>,
+    /// When copies may be held back at all.
+    pub holding: Holding,
+}
+
+/// When the consumer holds the copies of pushed devices back.
+#[derive(Clone)]
+pub enum Holding {
+    /// Always: every ACK reaches this process (standalone).
+    Always,
+    /// Only while this is the only live node of the offline-svc role. Access
+    /// nodes send an ACK to any offline-svc node; one that does not hold the
+    /// copy sends the ACK to the store, which leaves a tombstone for the
+    /// unwritten entry, so holding with several nodes would cost a tombstone
+    /// per delivery instead of saving writes. Routing each ACK to the node
+    /// that pushed the message would lift this.
+    WhileSoleNode(Arc<tern_store::discovery::Peers>),
+}
+
+impl Holding {
+    fn allowed(&self) -> bool {
+        match self {
+            Holding::Always => true,
+            Holding::WhileSoleNode(peers) => peers.nodes().len() <= 1,
+        }
+    }
 }
 
 /// Pause before a failed write of held copies is tried again.
@@ -463,8 +510,9 @@ pub async fn run_consumer(
             // The copies of the devices pushed now are held back before the
             // pushes go out, so that no ACK can come first.
             let hold = Arc::new(BatchHold::default());
-            let holding = if config.ack_wait.is_zero() {
-                Vec::new()
+            let deadline = tokio::time::Instant::now() + config.ack_wait;
+            let (holding, held_elsewhere) = if config.ack_wait.is_zero() || !backends.holding.allowed() {
+                (Vec::new(), Vec::new())
             } else {
                 backends.held.hold(&hold, held_copies(&early.pushes, &devices))
             };
@@ -479,7 +527,9 @@ pub async fn run_consumer(
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
             // ACKed and deleted independently; held copies wait.
-            let held_now: HashSet<&HeldKey> = holding.iter().collect();
+            // Copies another batch holds (the same message again within
+            // the wait) are that batch's to write.
+            let held_now: HashSet<&HeldKey> = holding.iter().chain(&held_elsewhere).collect();
             let writes = decoded.iter().map(|d| {
                 let mut keys = d.inboxes(&devices);
                 keys.retain(|k| !held_now.contains(&(k.clone(), d.entry.msg_id)));
@@ -502,10 +552,10 @@ pub async fn run_consumer(
                 tracing::debug!(user = %placement.user_id, %reason, "large-group burst: SYNC notice instead of pushes");
                 pushes.sync_notice(placement, reason);
             }
-            let after = placements_of(&backends.sessions, &decoded).await;
+            let after = placements_after_writes(&backends.sessions, &decoded).await;
             push_to_newcomers(&*pushes, &decoded, &after, &before, &config);
             let before = merged(before, after);
-            let held = Held { number, hold, holding };
+            let held = Held { number, hold, holding, deadline };
             let finish = finish_held(backends, pushes, config, decoded, before, held);
             Ok(tokio::spawn(finish))
         }
@@ -534,9 +584,9 @@ async fn finish_held(
     seen: HashMap<String, Vec<Placement>>,
     held: Held,
 ) {
-    let Held { number, hold, holding } = held;
+    let Held { number, hold, holding, deadline } = held;
     if !holding.is_empty() {
-        let _ = tokio::time::timeout(config.ack_wait, hold.all_acked()).await;
+        let _ = tokio::time::timeout_at(deadline, hold.all_acked()).await;
         let unacked = backends.held.release(&hold, holding);
         if !unacked.is_empty() {
             let mut by_message: HashMap<u64, Vec<String>> = HashMap::new();
@@ -558,7 +608,7 @@ async fn finish_held(
                     }
                 }
             }
-            let now = placements_of(&backends.sessions, &decoded).await;
+            let now = placements_after_writes(&backends.sessions, &decoded).await;
             push_to_newcomers(&*pushes, &decoded, &now, &seen, &config);
         }
     }
@@ -571,6 +621,8 @@ struct Held {
     number: u64,
     hold: Arc<BatchHold>,
     holding: Vec<HeldKey>,
+    /// `ack_wait` after the copies were held (before the pushes went out).
+    deadline: tokio::time::Instant,
 }
 
 /// The copies to hold back: those of the devices pushed the message now

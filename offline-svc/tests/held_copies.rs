@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_offline_svc::held::HeldWrites;
-use tern_offline_svc::{ConsumerBackends, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::BusNames;
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
@@ -75,6 +75,7 @@ fn consumer(
             store: backends.offline.clone(),
             sessions: backends.sessions.clone(),
             held,
+            holding: Holding::Always,
         },
         gateway,
         config,
@@ -196,4 +197,73 @@ async fn a_pull_writes_the_held_copies_of_its_device_first() {
     assert_eq!(offline.pending("bob", "phone").await.unwrap(), 0);
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// With several offline-svc nodes an ACK may reach one that does not hold
+/// the copy, so the consumer writes every copy at once; alone, it holds.
+#[tokio::test]
+async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
+    use tern_store::discovery::Peers;
+    use tern_store::embedded::InProcessRegistry;
+    use tern_store::{NodeInfo, Registry};
+
+    let registry = InProcessRegistry::new();
+    let node = |id: &str| NodeInfo {
+        node_id: id.into(),
+        role: "offline-svc".into(),
+        addr: "127.0.0.1:1".into(),
+        internal_addr: String::new(),
+        connections: 0,
+    };
+    registry.register(&node("offline-1")).await.unwrap();
+    registry.register(&node("offline-2")).await.unwrap();
+    let peers = Peers::follow(&registry, "offline-svc").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    backends.meta.add_device("bob", "phone").await.unwrap();
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    let names = BusNames::default();
+    let publish = |id: u64| {
+        let bus = backends.bus.clone();
+        let topic = names.messages_topic.clone();
+        async move {
+            bus.publish(&topic, Bytes::from_static(b"k"), envelope(id, "", "alice", &["bob"])).await.unwrap()
+        }
+    };
+    publish(1).await;
+    let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+    let held = Arc::new(HeldWrites::default());
+    let gateway = Arc::new(Recorder::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tern_offline_svc::run_consumer(
+        backends.bus.clone(),
+        BusNames::default(),
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: backends.sessions.clone(),
+            held: held.clone(),
+            holding: Holding::WhileSoleNode(peers),
+        },
+        gateway.clone(),
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    eventually("the batch of two nodes to be stored", || gateway.stored() == 1).await;
+    assert!(gateway.pushed(BOB, 1));
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1, "two nodes: written at once");
+    assert!(held.is_empty());
+
+    registry.deregister("offline-2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publish(2).await;
+    eventually("the second push", || gateway.pushed(BOB, 2)).await;
+    assert_eq!(held.len(), 1, "alone: bob's copy of message 2 is held");
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1);
+    // Not stopped gracefully: that would wait out the held copy's 600 s.
+    drop(stop_tx);
+    task.abort();
 }

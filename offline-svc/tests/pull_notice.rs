@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tern_offline_svc::{ConsumerBackends, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::{BusNames, pb};
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, Placement, SessionStore};
@@ -98,6 +98,7 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
             store: backends.offline.clone(),
             sessions: backends.sessions.clone(),
             held: Arc::default(),
+            holding: Holding::Always,
         },
         recorder.clone(),
         config.clone(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tern_offline_svc::{ConsumerBackends, OfflineConfig, PushGateway};
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineConfig, PushGateway};
 use tern_proto::BusNames;
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore, StoreResult};
@@ -157,7 +157,13 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
     let consumer = tokio::spawn(tern_offline_svc::run_consumer(
         backends.bus.clone(),
         names,
-        ConsumerBackends { meta: backends.meta.clone(), store, sessions, held: Arc::default() },
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store,
+            sessions,
+            held: Arc::default(),
+            holding: Holding::Always,
+        },
         Arc::new(Recorder(log.clone())),
         config,
         async move {

@@ -14,7 +14,7 @@ use anyhow::Context;
 use tern_access_tcp::{AccessNode, AccessServices};
 use tern_dispatcher::{Dispatcher, DispatcherBackends, DispatcherConfig};
 use tern_group_svc::HistoryService;
-use tern_offline_svc::{ConsumerBackends, OfflineService};
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineService};
 use tern_proto::BusNames;
 use tern_router_auth::{AuthConfig, AuthService, TokenSigner};
 use tern_store::embedded::EmbeddedBackends;
@@ -184,6 +184,7 @@ pub async fn run(
             store: backends.offline.clone(),
             sessions: backends.sessions.clone(),
             held: held_writes,
+            holding: Holding::Always,
         },
         node.clone(),
         offline_config,
