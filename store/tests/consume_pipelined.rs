@@ -1,0 +1,129 @@
+//! `consume::consume_pipelined` on the embedded bus: a batch whose
+//! finishing task is still running keeps every later batch uncommitted,
+//! even one that finished, so a crash replays from the oldest unfinished
+//! batch; once it finishes, everything up to the newest finished batch is
+//! committed; shutdown finishes what is under way first.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_store::embedded::EmbeddedBackends;
+use tern_store::{Bus, consume};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+const TOPIC: &str = "t";
+const GROUP: &str = "g";
+
+async fn publish(bus: &Arc<tern_store::embedded::EmbeddedBus>, payload: &'static str) {
+    bus.publish(TOPIC, Bytes::from_static(b"k"), Bytes::from_static(payload.as_bytes())).await.unwrap();
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a new consumer of the group reads first: where the group's
+/// committed offset stands.
+async fn first_uncommitted(bus: &Arc<tern_store::embedded::EmbeddedBus>) -> Option<Bytes> {
+    let mut consumer = bus.subscribe(TOPIC, GROUP).await.unwrap();
+    let batch = consumer.poll(10, Duration::from_millis(200)).await.unwrap();
+    batch.first().map(|r| r.payload.clone())
+}
+
+/// Runs the consumer: the batch holding "slow" finishes only when
+/// `release` is notified; the others finish at once. Returns the payloads
+/// seen, in order.
+fn start(
+    bus: Arc<tern_store::embedded::EmbeddedBus>,
+    release: Arc<Notify>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (tokio::task::JoinHandle<tern_store::StoreResult<()>>, Arc<Mutex<Vec<Bytes>>>) {
+    let seen: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        let process = |batch: Vec<tern_store::BusRecord>| {
+            let (log, release) = (log.clone(), release.clone());
+            async move {
+                let slow = batch.iter().any(|r| r.payload.as_ref() == b"slow");
+                log.lock().unwrap().extend(batch.into_iter().map(|r| r.payload));
+                Ok(tokio::spawn(async move {
+                    if slow {
+                        release.notified().await;
+                    }
+                }))
+            }
+        };
+        let shutdown = async move {
+            let _ = stop.await;
+        };
+        consume::consume_pipelined(&*bus, TOPIC, GROUP, shutdown, 8, process).await
+    });
+    (task, seen)
+}
+
+#[tokio::test]
+async fn an_unfinished_batch_holds_back_the_commits_of_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EmbeddedBackends::open(dir.path()).unwrap().bus;
+    publish(&bus, "slow").await;
+    let release = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (task, seen) = start(bus.clone(), release.clone(), stop_rx);
+    eventually("the slow batch", || seen.lock().unwrap().len() == 1).await;
+    publish(&bus, "fast").await;
+    eventually("the fast batch", || seen.lock().unwrap().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The fast batch finished, the slow one did not: nothing is committed.
+    assert_eq!(first_uncommitted(&bus).await.as_deref(), Some(&b"slow"[..]));
+
+    // Once the slow batch finishes, both are committed.
+    release.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first_uncommitted(&bus).await.is_some() {
+        assert!(Instant::now() < deadline, "the finished batches were never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_replays_from_the_oldest_unfinished_batch_and_shutdown_finishes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EmbeddedBackends::open(dir.path()).unwrap().bus;
+    publish(&bus, "first").await;
+    let release = Arc::new(Notify::new());
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (task, seen) = start(bus.clone(), release.clone(), stop_rx);
+    eventually("the first batch", || seen.lock().unwrap().len() == 1).await;
+    publish(&bus, "slow").await;
+    eventually("the slow batch", || seen.lock().unwrap().len() == 2).await;
+    publish(&bus, "after").await;
+    eventually("the batch after it", || seen.lock().unwrap().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    let _ = task.await;
+
+    // "first" was committed; "slow" and "after" come again. (The aborted
+    // consumer's finishing task still waits on the old `release`.)
+    let release = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (task, seen) = start(bus.clone(), release.clone(), stop_rx);
+    eventually("the replay", || seen.lock().unwrap().len() >= 2).await;
+    assert_eq!(seen.lock().unwrap()[..2], [Bytes::from_static(b"slow"), Bytes::from_static(b"after")]);
+
+    // Shutdown waits for the slow batch, then commits it and the rest.
+    let _ = stop_tx.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!task.is_finished(), "shutdown did not wait for the unfinished batch");
+    release.notify_one();
+    task.await.unwrap().unwrap();
+    assert!(first_uncommitted(&bus).await.is_none(), "everything finished is committed at shutdown");
+}
