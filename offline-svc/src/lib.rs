@@ -526,13 +526,15 @@ pub async fn run_consumer(
             }
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
-            // ACKed and deleted independently; held copies wait.
-            // Copies another batch holds (the same message again within
-            // the wait) are that batch's to write.
+            // ACKed and deleted independently; held copies wait (and those
+            // another batch holds, the same message again within the wait,
+            // are that batch's to write).
             let held_now: HashSet<&HeldKey> = holding.iter().chain(&held_elsewhere).collect();
             let writes = decoded.iter().map(|d| {
                 let mut keys = d.inboxes(&devices);
-                keys.retain(|k| !held_now.contains(&(k.clone(), d.entry.msg_id)));
+                if !held_now.is_empty() {
+                    keys.retain(|k| !held_now.contains(&(k.clone(), d.entry.msg_id)));
+                }
                 let store = backends.store.clone();
                 async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
             });
