@@ -355,6 +355,17 @@ async fn serve_grpc(
 
 /// Registers the node, runs `work` until `shutdown`, deregisters first on
 /// the way out so peers stop sending before the service stops.
+/// Runs a role's bus consumer. One that ends on its own (an error it cannot
+/// recover from: the bus failed, or a batch could not be finished) stops the
+/// role's server too, so the process exits with that error and its
+/// supervisor restarts it, resuming from the last committed batch; a role
+/// serving without its consumer would leave messages undelivered.
+async fn consumer_stops_role<T>(stop: CancellationToken, consumer: impl Future<Output = T>) -> T {
+    let result = consumer.await;
+    stop.cancel();
+    result
+}
+
 async fn registered<F>(
     registry: &ZkRegistry,
     node: NodeInfo,
@@ -511,6 +522,7 @@ pub async fn run_role(
                 stop.clone().cancelled_owned(),
             );
             let work = async {
+                let consumer = consumer_stops_role(stop.clone(), consumer);
                 let (grpc, consumed) = tokio::join!(serve_grpc(listener, router, stop.clone()), consumer);
                 grpc?;
                 consumed.context("offline consumer failed")
@@ -533,6 +545,7 @@ pub async fn run_role(
             let consumer =
                 tern_group_svc::run_consumer(bus, names, history_store, stop.clone().cancelled_owned());
             let work = async {
+                let consumer = consumer_stops_role(stop.clone(), consumer);
                 let (grpc, consumed) = tokio::join!(serve_grpc(listener, router, stop.clone()), consumer);
                 grpc?;
                 consumed.context("history consumer failed")

@@ -176,25 +176,35 @@ pub async fn run(
     );
 
     let stop = CancellationToken::new();
-    let offline_consumer = tokio::spawn(tern_offline_svc::run_consumer(
-        backends.bus.clone(),
-        BusNames::default(),
-        ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: backends.sessions.clone(),
-            held: held_writes,
-            holding: Holding::Always,
-        },
-        node.clone(),
-        offline_config,
-        stop.clone().cancelled_owned(),
+    let consumer_failed = CancellationToken::new();
+    let watch = (stop.clone(), consumer_failed.clone());
+    let offline_consumer = tokio::spawn(watched(
+        "offline-svc",
+        watch.clone(),
+        tern_offline_svc::run_consumer(
+            backends.bus.clone(),
+            BusNames::default(),
+            ConsumerBackends {
+                meta: backends.meta.clone(),
+                store: backends.offline.clone(),
+                sessions: backends.sessions.clone(),
+                held: held_writes,
+                holding: Holding::Always,
+            },
+            node.clone(),
+            offline_config,
+            stop.clone().cancelled_owned(),
+        ),
     ));
-    let group_consumer = tokio::spawn(tern_group_svc::run_consumer(
-        backends.bus.clone(),
-        BusNames::default(),
-        backends.history.clone(),
-        stop.clone().cancelled_owned(),
+    let group_consumer = tokio::spawn(watched(
+        "group-svc",
+        watch,
+        tern_group_svc::run_consumer(
+            backends.bus.clone(),
+            BusNames::default(),
+            backends.history.clone(),
+            stop.clone().cancelled_owned(),
+        ),
     ));
     let http_addr = http_listener.local_addr()?;
     let http =
@@ -205,7 +215,10 @@ pub async fn run(
 
     ready(&Endpoints { access_tcp: access_addr, router_auth: http_addr, ca_cert, tls: tls.is_some() });
 
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = consumer_failed.cancelled() => {}
+    }
     tracing::info!("shutting down: draining access-tcp");
     // Access first: clients are told to reconnect and their placements are
     // cleared while the services behind them still answer.
@@ -225,5 +238,45 @@ pub async fn run(
         tracing::warn!(error = %e, "router-auth ended with an error");
     }
     tracing::info!("stopped");
+    if consumer_failed.is_cancelled() {
+        anyhow::bail!("a bus consumer ended before shutdown (see the log); restart the server");
+    }
     Ok(())
+}
+
+/// Runs a bus consumer. One that ends before `stop` (an error it cannot
+/// recover from: the bus failed, or a batch could not be finished) cancels
+/// `failed`, which stops the whole server with an error: without the
+/// consumer, messages would be acknowledged and never delivered. A restart
+/// resumes from the last committed batch.
+async fn watched(
+    name: &'static str,
+    (stop, failed): (CancellationToken, CancellationToken),
+    consumer: impl Future<Output = Result<(), tern_store::StoreError>>,
+) -> Result<(), tern_store::StoreError> {
+    let result = consumer.await;
+    if !stop.is_cancelled() {
+        let reason = result.as_ref().err().map_or_else(|| "it stopped".to_owned(), ToString::to_string);
+        tracing::error!(consumer = name, %reason, "a bus consumer ended; stopping the server");
+        failed.cancel();
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_consumer_ending_before_shutdown_stops_the_server_and_one_ending_at_shutdown_does_not() {
+        let (stop, failed) = (CancellationToken::new(), CancellationToken::new());
+        let broken = async { Err(tern_store::StoreError::Backend("bus gone".into())) };
+        assert!(watched("offline-svc", (stop.clone(), failed.clone()), broken).await.is_err());
+        assert!(failed.is_cancelled(), "an early end stops the server");
+
+        let (stop, failed) = (CancellationToken::new(), CancellationToken::new());
+        stop.cancel();
+        watched("group-svc", (stop, failed.clone()), async { Ok(()) }).await.unwrap();
+        assert!(!failed.is_cancelled(), "an end at shutdown is no failure");
+    }
 }
