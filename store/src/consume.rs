@@ -27,36 +27,13 @@ where
     F: FnMut(Vec<BusRecord>) -> Fut,
     Fut: Future<Output = StoreResult<()>>,
 {
-    let mut consumer = bus.subscribe(topic, group).await?;
-    tokio::pin!(shutdown);
-    loop {
-        let polled = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            polled = consumer.poll(BATCH, Duration::from_millis(500)) => polled,
-        };
-        let batch = match polled {
-            Ok(batch) if batch.is_empty() => continue,
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(%group, error = %e, "poll failed; retrying");
-                tokio::time::sleep(RETRY_PAUSE).await;
-                continue;
-            }
-        };
-        loop {
-            match process(batch.clone()).await {
-                Ok(()) => break,
-                Err(e) => tracing::error!(%group, error = %e, "batch not processed; retrying"),
-            }
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                _ = tokio::time::sleep(RETRY_PAUSE) => {}
-            }
-        }
-        if let Err(e) = consumer.commit(&batch).await {
-            tracing::warn!(%group, error = %e, "offset commit failed; the batch will be replayed");
-        }
-    }
+    // The pipelined loop with one batch at a time: each batch is done when
+    // `process` returns, so its finishing task has nothing left to do.
+    let process = |batch| {
+        let processed = process(batch);
+        async move { processed.await.map(|()| tokio::spawn(async {})) }
+    };
+    consume_pipelined(bus, topic, group, shutdown, 1, process).await
 }
 
 /// Like [`consume`], for a consumer whose batches finish later than they
