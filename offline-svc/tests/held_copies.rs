@@ -60,9 +60,30 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 const BOB: u64 = 1;
 const CAROL: u64 = 2;
 
+/// Embedded backends where each (user, device) is recorded and the first
+/// `online` of them are connected (connection ids 1, 2, …).
+async fn backends_with(devices: &[(&str, &str)], online: usize) -> (tempfile::TempDir, EmbeddedBackends) {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for (i, (user, device)) in devices.iter().enumerate() {
+        backends.meta.add_device(user, device).await.unwrap();
+        if i < online {
+            backends.sessions.put(&placement(user, device, i as u64 + 1)).await.unwrap();
+        }
+    }
+    (dir, backends)
+}
+
+/// Publishes 1:1 message `id` from alice to `to`.
+async fn publish(backends: &EmbeddedBackends, id: u64, to: &str) {
+    let topic = BusNames::default().messages_topic;
+    backends.bus.publish(&topic, Bytes::from_static(b"k"), envelope(id, "", "alice", &[to])).await.unwrap();
+}
+
 fn consumer(
     backends: &EmbeddedBackends,
     held: Arc<HeldWrites>,
+    holding: Holding,
     gateway: Arc<Recorder>,
     config: OfflineConfig,
 ) -> (tokio::task::JoinHandle<Result<(), tern_store::StoreError>>, tokio::sync::oneshot::Sender<()>) {
@@ -75,7 +96,7 @@ fn consumer(
             store: backends.offline.clone(),
             sessions: backends.sessions.clone(),
             held,
-            holding: Holding::Always,
+            holding,
         },
         gateway,
         config,
@@ -88,25 +109,17 @@ fn consumer(
 
 #[tokio::test]
 async fn an_acked_copy_is_never_written_and_an_unacked_one_after_the_wait() {
-    let dir = tempfile::tempdir().unwrap();
-    let backends = EmbeddedBackends::open(dir.path()).unwrap();
-    for (user, device) in [("bob", "phone"), ("carol", "desk"), ("dave", "tab")] {
-        backends.meta.add_device(user, device).await.unwrap();
-    }
-    // bob and carol are online, dave is not.
-    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
-    backends.sessions.put(&placement("carol", "desk", CAROL)).await.unwrap();
-    let names = BusNames::default();
+    // bob (connection BOB) and carol (CAROL) are online, dave is not.
+    let (_dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk"), ("dave", "tab")], 2).await;
     for (id, to) in [(1, "bob"), (2, "carol"), (3, "dave")] {
-        let record = envelope(id, "", "alice", &[to]);
-        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+        publish(&backends, id, to).await;
     }
     let ack_wait = Duration::from_millis(1_500);
     let config = OfflineConfig { ack_wait, ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
     let gateway = Arc::new(Recorder::default());
     let started = Instant::now();
-    let (task, stop) = consumer(&backends, offline.held_writes(), gateway.clone(), config);
+    let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
     let count = |inbox: &'static str| {
         let store = backends.offline.clone();
         async move { store.count(inbox).await.unwrap() }
@@ -136,19 +149,14 @@ async fn an_acked_copy_is_never_written_and_an_unacked_one_after_the_wait() {
 
 #[tokio::test]
 async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batch_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let backends = EmbeddedBackends::open(dir.path()).unwrap();
-    backends.meta.add_device("bob", "phone").await.unwrap();
-    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
-    let names = BusNames::default();
-    let record = envelope(1, "", "alice", &["bob"]);
-    backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
+    publish(&backends, 1, "bob").await;
     // A wait far longer than the test: only ACKs settle the batch.
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
 
     // The first consumer pushes, holds bob's copy and dies before the ACK.
     let first = Arc::new(Recorder::default());
-    let (task, _stop) = consumer(&backends, Arc::default(), first.clone(), config.clone());
+    let (task, _stop) = consumer(&backends, Arc::default(), Holding::Always, first.clone(), config.clone());
     eventually("the first push", || first.pushed(BOB, 1)).await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
@@ -157,7 +165,7 @@ async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batc
     // Its offset was not committed: the next consumer gets the batch again.
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
     let second = Arc::new(Recorder::default());
-    let (task, stop) = consumer(&backends, offline.held_writes(), second.clone(), config);
+    let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, second.clone(), config);
     eventually("the replayed push", || second.pushed(BOB, 1)).await;
     assert_eq!(second.stored(), 0);
     offline.ack("bob", "phone", &[1]).await.unwrap();
@@ -171,19 +179,14 @@ async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batc
 /// at once (the pull writes them first), and that settles the batch.
 #[tokio::test]
 async fn a_pull_writes_the_held_copies_of_its_device_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let backends = EmbeddedBackends::open(dir.path()).unwrap();
-    backends.meta.add_device("bob", "phone").await.unwrap();
-    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
-    let names = BusNames::default();
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
     for id in [1, 2] {
-        let record = envelope(id, "", "alice", &["bob"]);
-        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+        publish(&backends, id, "bob").await;
     }
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
     let gateway = Arc::new(Recorder::default());
-    let (task, stop) = consumer(&backends, offline.held_writes(), gateway.clone(), config);
+    let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
     eventually("both pushes", || gateway.pushed(BOB, 1) && gateway.pushed(BOB, 2)).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "held, not written");
     assert_eq!(offline.pending("bob", "phone").await.unwrap(), 2, "held copies count as pending");
@@ -219,39 +222,13 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
     registry.register(&node("offline-2")).await.unwrap();
     let peers = Peers::follow(&registry, "offline-svc").await.unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let backends = EmbeddedBackends::open(dir.path()).unwrap();
-    backends.meta.add_device("bob", "phone").await.unwrap();
-    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
-    let names = BusNames::default();
-    let publish = |id: u64| {
-        let bus = backends.bus.clone();
-        let topic = names.messages_topic.clone();
-        async move {
-            bus.publish(&topic, Bytes::from_static(b"k"), envelope(id, "", "alice", &["bob"])).await.unwrap()
-        }
-    };
-    publish(1).await;
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
+    publish(&backends, 1, "bob").await;
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let held = Arc::new(HeldWrites::default());
     let gateway = Arc::new(Recorder::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tern_offline_svc::run_consumer(
-        backends.bus.clone(),
-        BusNames::default(),
-        ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: backends.sessions.clone(),
-            held: held.clone(),
-            holding: Holding::WhileSoleNode(peers),
-        },
-        gateway.clone(),
-        config,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let holding = Holding::WhileSoleNode(peers);
+    let (task, stop) = consumer(&backends, held.clone(), holding, gateway.clone(), config);
     eventually("the batch of two nodes to be stored", || gateway.stored() == 1).await;
     assert!(gateway.pushed(BOB, 1));
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1, "two nodes: written at once");
@@ -259,11 +236,11 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
 
     registry.deregister("offline-2").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    publish(2).await;
+    publish(&backends, 2, "bob").await;
     eventually("the second push", || gateway.pushed(BOB, 2)).await;
     assert_eq!(held.len(), 1, "alone: bob's copy of message 2 is held");
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1);
     // Not stopped gracefully: that would wait out the held copy's 600 s.
-    drop(stop_tx);
+    drop(stop);
     task.abort();
 }
