@@ -146,6 +146,11 @@ impl HeldWrites {
             .unwrap_or_default()
     }
 
+    /// How many copies are held for `inbox`.
+    pub(crate) fn count_for(&self, inbox: &str) -> usize {
+        self.lock().get(inbox).map_or(0, BTreeMap::len)
+    }
+
     /// How many copies are held now.
     pub fn len(&self) -> usize {
         self.lock().values().map(BTreeMap::len).sum()

@@ -222,7 +222,7 @@ impl OfflineApi for OfflineService {
         let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
         // A held copy is not in the store yet (nor counted twice: a copy is
         // written and then no longer held).
-        let held = self.held.held_for(&own_key).len() as u64;
+        let held = self.held.count_for(&own_key) as u64;
         Ok(own + shared + held)
     }
 }
@@ -418,22 +418,23 @@ async fn placements_of(
 /// The connections of `now` that `before` did not have (a connection is
 /// its access node and connection id).
 fn connections_not_in(
-    now: HashMap<String, Vec<Placement>>,
+    now: &HashMap<String, Vec<Placement>>,
     before: &HashMap<String, Vec<Placement>>,
 ) -> HashMap<String, Vec<Placement>> {
-    let known = |user: &str, p: &Placement| {
-        before
-            .get(user)
-            .into_iter()
-            .flatten()
-            .any(|b| b.node_id == p.node_id && b.connection_id == p.connection_id)
-    };
-    now.into_iter()
+    let known =
+        |user: &str, p: &Placement| before.get(user).into_iter().flatten().any(|b| same_connection(b, p));
+    now.iter()
         .filter_map(|(user, placements)| {
-            let fresh: Vec<Placement> = placements.into_iter().filter(|p| !known(&user, p)).collect();
-            (!fresh.is_empty()).then_some((user, fresh))
+            let fresh: Vec<Placement> = placements.iter().filter(|p| !known(user, p)).cloned().collect();
+            (!fresh.is_empty()).then(|| (user.clone(), fresh))
         })
         .collect()
+}
+
+/// Whether two placements name the same connection (its access node and
+/// connection id).
+fn same_connection(a: &Placement, b: &Placement) -> bool {
+    a.node_id == b.node_id && a.connection_id == b.connection_id
 }
 
 /// The stores the consumer reads and writes.
@@ -649,7 +650,7 @@ fn push_to_newcomers(
     seen: &HashMap<String, Vec<Placement>>,
     config: &OfflineConfig,
 ) {
-    let newcomers = connections_not_in(now.clone(), seen);
+    let newcomers = connections_not_in(now, seen);
     if newcomers.is_empty() {
         return;
     }
@@ -670,7 +671,7 @@ fn merged(
     for (user, placements) in b {
         let known = a.entry(user).or_default();
         for p in placements {
-            if !known.iter().any(|k| k.node_id == p.node_id && k.connection_id == p.connection_id) {
+            if !known.iter().any(|k| same_connection(k, &p)) {
                 known.push(p);
             }
         }
