@@ -133,7 +133,8 @@ const OWED_NOTICE_INTERVAL: Duration = Duration::from_millis(100);
 /// Reason of the NOTICE SYNC that replaces dropped pushes.
 const DROPPED_PUSHES_REASON: &str = "pushes were dropped while the access node was busy; pull";
 
-/// One push or notice on its way, with the store epoch it was queued in.
+/// One push or notice on its way, with the number of the consumer batch
+/// being pushed when it was queued (its epoch).
 struct Queued {
     node: String,
     item: PushItem,
