@@ -21,8 +21,11 @@ use bytes::{Buf, BytesMut};
 use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use tern_dispatcher::SendRequest;
 use tern_proto::pb::{self, NoticeKind};
-use tern_proto::{ErrorCode, Frame, FrameCodec, HEADER_LEN, RequestType, ServiceError, ServiceResult};
+use tern_proto::{
+    ErrorCode, Frame, FrameCodec, FrameError, HEADER_LEN, RequestType, ServiceError, ServiceResult,
+};
 use tern_router_auth::Identity;
 use tern_store::Placement;
 use tokio::io::AsyncWriteExt;
@@ -616,6 +619,20 @@ impl Io<Tls> {
     }
 }
 
+/// Most consecutive sends of one connection served by one dispatcher call.
+/// Bounds the wait of the first (it is answered with the last).
+const MAX_SEND_BATCH: usize = 64;
+
+/// Whether `frame` is a send (served in bursts).
+fn is_send(frame: &Frame) -> bool {
+    matches!(frame.kind(), Some(RequestType::SendSingle | RequestType::SendGroup))
+}
+
+/// The next whole frame in the input buffer, if any.
+fn next_frame<W: Wire>(codec: &mut FrameCodec, io: &mut Io<W>) -> Result<Option<Frame>, FrameError> {
+    if io.eof { codec.decode_eof(&mut io.input) } else { codec.decode(&mut io.input) }
+}
+
 /// What a request leaves to send, and whether the connection ends after it.
 struct Reply {
     frame: Option<Frame>,
@@ -662,6 +679,9 @@ impl Connection {
         let sleep = tokio::time::sleep_until(idle_at);
         tokio::pin!(sleep);
         let mut fired = false;
+        // A frame read while gathering a burst of sends that is not a send:
+        // served next.
+        let mut lookahead: Option<Frame> = None;
         loop {
             if self.handle.outbox.closing() {
                 return;
@@ -669,37 +689,53 @@ impl Connection {
             // The requests received, unless the client is not reading what
             // it is sent.
             while io.output.len() < HIGH_WATER {
-                let decoded =
-                    if io.eof { codec.decode_eof(&mut io.input) } else { codec.decode(&mut io.input) };
-                let frame = match decoded {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(e) => {
-                        if let Some(code) = e.code() {
-                            let error = ServiceError::new(code, e.to_string());
-                            if let Some(frame) = self.fail(0, &error).frame {
-                                let _ = io.send([frame]);
+                let frame = match lookahead.take().map(Ok).or_else(|| next_frame(&mut codec, io).transpose())
+                {
+                    Some(Ok(frame)) => frame,
+                    None => break,
+                    Some(Err(e)) => return self.framing_failed(io, &e),
+                };
+                let mut broken = None;
+                let replies = if is_send(&frame) && self.logged_in() {
+                    // The sends that follow it are served with it: one
+                    // durable write for a pipelining client's burst.
+                    let mut sends = vec![frame];
+                    while sends.len() < MAX_SEND_BATCH {
+                        match next_frame(&mut codec, io) {
+                            Ok(Some(next)) if is_send(&next) => sends.push(next),
+                            Ok(Some(next)) => {
+                                lookahead = Some(next);
+                                break;
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                // Answered after the sends before it.
+                                broken = Some(e);
+                                break;
                             }
                         }
-                        return;
                     }
+                    Box::pin(self.while_serving(io, self.handle_sends(sends))).await
+                } else {
+                    // Boxed: a request's future is large and short-lived, and
+                    // an idle connection's task should not carry its space.
+                    vec![Box::pin(self.while_serving(io, self.handle_frame(frame))).await]
                 };
-                // Boxed: a request's future is large and short-lived, and an
-                // idle connection's task should not carry its space.
-                let reply = Box::pin(self.serve_request(io, frame)).await;
-                if let Some(frame) = reply.frame
-                    && io.send([frame]).is_err()
-                {
+                let close = replies.iter().any(|reply| reply.close);
+                if io.send(replies.into_iter().filter_map(|reply| reply.frame)).is_err() {
                     return;
                 }
-                if reply.close || self.handle.outbox.closing() {
+                if let Some(e) = broken {
+                    return self.framing_failed(io, &e);
+                }
+                if close || self.handle.outbox.closing() {
                     return;
                 }
                 if self.logged_in() {
                     idle_at = Instant::now() + config.idle_timeout;
                 }
             }
-            if io.eof && io.output.len() < HIGH_WATER {
+            if io.eof && lookahead.is_none() && io.output.len() < HIGH_WATER {
                 // Every frame before the end was served.
                 return;
             }
@@ -756,10 +792,9 @@ impl Connection {
         }
     }
 
-    /// Serves one request while still sending what other tasks queue for
-    /// this connection (pushes keep flowing during a slow request).
-    async fn serve_request<W: Wire>(&self, io: &mut Io<W>, frame: Frame) -> Reply {
-        let request = self.handle_frame(frame);
+    /// Runs `request` while still sending what other tasks queue for this
+    /// connection (pushes keep flowing during a slow request).
+    async fn while_serving<W: Wire, T>(&self, io: &mut Io<W>, request: impl Future<Output = T>) -> T {
         tokio::pin!(request);
         let mut broken = false;
         loop {
@@ -775,6 +810,17 @@ impl Connection {
                 ready = poll_fn(|cx| io.poll_ready(cx, false, true)), if writing => {
                     broken = ready.is_err() || io.write_ready().is_err();
                 }
+            }
+        }
+    }
+
+    /// Sends the ERROR frame of a stream that cannot be read on (when the
+    /// peer can still hear it); the connection then ends.
+    fn framing_failed<W: Wire>(&self, io: &mut Io<W>, e: &FrameError) {
+        if let Some(code) = e.code() {
+            let error = ServiceError::new(code, e.to_string());
+            if let Some(frame) = self.fail(0, &error).frame {
+                let _ = io.send([frame]);
             }
         }
     }
@@ -843,6 +889,49 @@ impl Connection {
         }
     }
 
+    /// Consecutive SEND_SINGLE / SEND_GROUP frames of a logged-in
+    /// connection, served in order by one dispatcher call; one reply each,
+    /// in the same order (a body that does not decode fails alone).
+    async fn handle_sends(&self, frames: Vec<Frame>) -> Vec<Reply> {
+        let Some(identity) = self.identity() else {
+            let e = ServiceError::new(ErrorCode::NotLoggedIn, "log in first");
+            return frames.iter().map(|frame| self.fail(frame.sequence, &e)).collect();
+        };
+        let mut replies: Vec<Option<Reply>> = Vec::with_capacity(frames.len());
+        let mut requests = Vec::with_capacity(frames.len());
+        let mut sent = Vec::with_capacity(frames.len());
+        for (index, frame) in frames.iter().enumerate() {
+            let request = match frame.kind() {
+                Some(RequestType::SendGroup) => decode(frame).map(SendRequest::Group),
+                _ => decode(frame).map(SendRequest::Single),
+            };
+            match request {
+                Ok(request) => {
+                    requests.push(request);
+                    sent.push(index);
+                    replies.push(None);
+                }
+                Err(e) => replies.push(Some(self.fail(frame.sequence, &e))),
+            }
+        }
+        let dispatch = &self.node.services.dispatch;
+        let acks = dispatch.send_batch(&identity.user_id, &identity.device_id, requests).await;
+        for (index, ack) in sent.into_iter().zip(acks) {
+            let frame = &frames[index];
+            let kind = frame.kind().unwrap_or(RequestType::SendSingle);
+            replies[index] = Some(self.reply(frame, kind, ack));
+        }
+        replies
+            .into_iter()
+            .zip(&frames)
+            .map(|(reply, frame)| {
+                reply.unwrap_or_else(|| {
+                    self.fail(frame.sequence, &ServiceError::internal("the dispatcher gave no answer"))
+                })
+            })
+            .collect()
+    }
+
     async fn login(&self, frame: &Frame) -> Reply {
         if self.logged_in() {
             let e = ServiceError::new(ErrorCode::AlreadyLoggedIn, "this connection is already logged in");
@@ -896,15 +985,6 @@ impl Connection {
         let services = &self.node.services;
         let (user, device) = (identity.user_id.as_str(), identity.device_id.as_str());
         match kind {
-            RequestType::SendSingle => {
-                let result =
-                    async { services.dispatch.send_single(user, device, decode(frame)?).await }.await;
-                self.reply(frame, kind, result)
-            }
-            RequestType::SendGroup => {
-                let result = async { services.dispatch.send_group(user, device, decode(frame)?).await }.await;
-                self.reply(frame, kind, result)
-            }
             RequestType::AckMessages => {
                 let result = async {
                     let req: pb::AckMessagesRequest = decode(frame)?;
@@ -978,6 +1058,9 @@ impl Connection {
                 }
                 .await;
                 self.reply(frame, kind, result)
+            }
+            RequestType::SendSingle | RequestType::SendGroup => {
+                self.handle_sends(vec![frame.clone()]).await.pop().expect("one reply per send")
             }
             RequestType::Login
             | RequestType::Heartbeat

@@ -15,7 +15,8 @@
 //! retry publishes the message again with those ids; so a retry after any
 //! failure never stores a second message, and never loses the first.
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,11 +57,40 @@ pub trait DispatchService: Send + Sync + 'static {
         device: &str,
         req: pb::SendGroupRequest,
     ) -> ServiceResult<pb::SendAck>;
+    /// Sends consecutive messages of one connection, as `send_single` and
+    /// `send_group` would one after another: the results come back in the
+    /// same order, and within a conversation a later message gets a later
+    /// sequence. One message's failure does not fail the others.
+    ///
+    /// The default sends them one at a time; [`Dispatcher`] stores the new
+    /// ones together (one commit for the burst of a pipelining client).
+    async fn send_batch(
+        &self,
+        sender: &str,
+        device: &str,
+        requests: Vec<SendRequest>,
+    ) -> Vec<ServiceResult<pb::SendAck>> {
+        let mut acks = Vec::with_capacity(requests.len());
+        for request in requests {
+            acks.push(match request {
+                SendRequest::Single(req) => self.send_single(sender, device, req).await,
+                SendRequest::Group(req) => self.send_group(sender, device, req).await,
+            });
+        }
+        acks
+    }
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo>;
     async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
     async fn leave_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
     async fn group_members(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo>;
     async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>>;
+}
+
+/// One send of a [`DispatchService::send_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendRequest {
+    Single(pb::SendSingleRequest),
+    Group(pb::SendGroupRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -178,10 +208,10 @@ impl Dispatcher {
         Self { backends, ids, config, stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect() }
     }
 
-    fn stripe(&self, conversation: &str) -> &Mutex<()> {
+    fn stripe_index(&self, conversation: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         conversation.hash(&mut h);
-        &self.stripes[(h.finish() as usize) % LOCK_STRIPES]
+        (h.finish() as usize) % LOCK_STRIPES
     }
 
     async fn require_user(&self, user_id: &str) -> ServiceResult<()> {
@@ -242,31 +272,92 @@ impl Dispatcher {
     /// Dedup, id, then sequence + reservation + publish in the message log:
     /// the path every message takes, under its conversation's lock.
     async fn accept(&self, draft: Draft) -> ServiceResult<pb::SendAck> {
-        let _guard = self.stripe(&draft.conversation).lock().await;
-        // Checked under the lock: two concurrent retries store once.
-        if let Some(ack) = self.replay(&draft).await? {
-            return Ok(ack);
+        self.accept_batch(vec![draft]).await.pop().expect("one result per draft")
+    }
+
+    /// [`Dispatcher::accept`] for several drafts, in order, under the locks
+    /// of all their conversations, with the new messages stored by one
+    /// [`MessageLog::append_batch`]. Returns one result per draft.
+    async fn accept_batch(&self, drafts: Vec<Draft>) -> Vec<ServiceResult<pb::SendAck>> {
+        // Stripes are locked in index order, so two batches sharing
+        // stripes cannot deadlock.
+        let mut stripes: Vec<usize> = drafts.iter().map(|d| self.stripe_index(&d.conversation)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            guards.push(self.stripes[stripe].lock().await);
         }
-        // Clock trouble or a lost worker id: temporary, retry later.
-        let msg_id = self.ids.next_id().map_err(ServiceError::unavailable)?;
-        let sent_at_ms = now_ms();
-        let client_msg_id = draft.client_msg_id.clone();
-        let message = NewMessage {
-            conversation: draft.conversation.clone(),
-            sender: draft.sender.clone(),
-            client_msg_id: draft.client_msg_id.clone(),
-            msg_id,
-            sent_at_ms,
-            dedup_ttl: self.config.dedup_ttl,
-            topic: self.config.bus.messages_topic.clone(),
-            key: Bytes::from(draft.conversation.clone().into_bytes()),
-            payload: Box::new(move |seq| envelope(&draft, DedupRecord { msg_id, seq, sent_at_ms })),
-        };
-        let ids = self.backends.log.append(message).await.map_err(|e| match e {
-            StoreError::Unavailable(reason) => ServiceError::unavailable(reason),
-            other => ServiceError::backend(other),
-        })?;
-        Ok(pb::SendAck { client_msg_id, msg_id, seq: ids.seq, sent_at_ms, duplicate: false })
+
+        let many = drafts.len() > 1;
+        let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; drafts.len()];
+        // A client message id sent twice in one batch is one message: the
+        // later copy is answered like a retry of the first.
+        let mut first_of: HashMap<String, usize> = HashMap::new();
+        let mut repeats = Vec::new();
+        let mut messages = Vec::with_capacity(drafts.len());
+        let mut owners = Vec::with_capacity(drafts.len());
+        for (index, draft) in drafts.into_iter().enumerate() {
+            if many {
+                match first_of.entry(draft.client_msg_id.clone()) {
+                    Entry::Occupied(first) => {
+                        repeats.push((index, *first.get()));
+                        continue;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(index);
+                    }
+                }
+            }
+            // Checked under the lock: two concurrent retries store once.
+            match self.replay(&draft).await {
+                Ok(Some(ack)) => results[index] = Some(Ok(ack)),
+                Err(e) => results[index] = Some(Err(e)),
+                Ok(None) => match self.ids.next_id() {
+                    // Clock trouble or a lost worker id: temporary, retry later.
+                    Err(e) => results[index] = Some(Err(ServiceError::unavailable(e))),
+                    Ok(msg_id) => {
+                        let sent_at_ms = now_ms();
+                        owners.push((index, draft.client_msg_id.clone(), msg_id, sent_at_ms));
+                        messages.push(NewMessage {
+                            conversation: draft.conversation.clone(),
+                            sender: draft.sender.clone(),
+                            client_msg_id: draft.client_msg_id.clone(),
+                            msg_id,
+                            sent_at_ms,
+                            dedup_ttl: self.config.dedup_ttl,
+                            topic: self.config.bus.messages_topic.clone(),
+                            key: Bytes::from(draft.conversation.clone().into_bytes()),
+                            payload: Box::new(move |seq| {
+                                envelope(&draft, DedupRecord { msg_id, seq, sent_at_ms })
+                            }),
+                        });
+                    }
+                },
+            }
+        }
+        let stored =
+            if messages.is_empty() { Vec::new() } else { self.backends.log.append_batch(messages).await };
+        for ((index, client_msg_id, msg_id, sent_at_ms), result) in owners.into_iter().zip(stored) {
+            results[index] = Some(match result {
+                Ok(ids) => {
+                    Ok(pb::SendAck { client_msg_id, msg_id, seq: ids.seq, sent_at_ms, duplicate: false })
+                }
+                Err(StoreError::Unavailable(reason)) => Err(ServiceError::unavailable(reason)),
+                Err(other) => Err(ServiceError::backend(other)),
+            });
+        }
+        drop(guards);
+        for (index, first) in repeats {
+            results[index] = match &results[first] {
+                Some(Ok(ack)) => Some(Ok(pb::SendAck { duplicate: true, ..ack.clone() })),
+                other => other.clone(),
+            };
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("message was not stored".to_owned()))))
+            .collect()
     }
 
     fn check_group_size(&self, members: usize) -> ServiceResult<()> {
@@ -280,14 +371,20 @@ impl Dispatcher {
     }
 }
 
-#[async_trait]
-impl DispatchService for Dispatcher {
-    async fn send_single(
+/// A send after its checks: answered already (a retry), or to be stored.
+enum Prepared {
+    Answered(pb::SendAck),
+    New(Draft),
+}
+
+impl Dispatcher {
+    /// The checks of a 1:1 send, in the order PROTOCOL.md gives.
+    async fn prepare_single(
         &self,
         sender: &str,
         device: &str,
         req: pb::SendSingleRequest,
-    ) -> ServiceResult<pb::SendAck> {
+    ) -> ServiceResult<Prepared> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
         validate_id("receiver", &req.receiver)?;
         let draft = Draft {
@@ -301,21 +398,20 @@ impl DispatchService for Dispatcher {
             content: req.content,
             receivers: vec![req.receiver],
         };
-        // A retry is answered before the remaining checks, so it gets its
-        // ACK even if the send would no longer pass them.
-        if let Some(ack) = self.replay(&draft).await? {
-            return Ok(ack);
+        if let Err(e) = self.require_user(&draft.receiver).await {
+            return self.retry_or(draft, e).await;
         }
-        self.require_user(&draft.receiver).await?;
-        self.accept(draft).await
+        // Not looked up as a retry yet: `accept` does, under the lock.
+        Ok(Prepared::New(draft))
     }
 
-    async fn send_group(
+    /// The checks of a group send, in the order PROTOCOL.md gives.
+    async fn prepare_group(
         &self,
         sender: &str,
         device: &str,
         req: pb::SendGroupRequest,
-    ) -> ServiceResult<pb::SendAck> {
+    ) -> ServiceResult<Prepared> {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
         let group = self.require_group(&req.group_id).await?;
         let is_member = group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_ok();
@@ -331,13 +427,82 @@ impl DispatchService for Dispatcher {
             content: req.content,
             receivers,
         };
-        if let Some(ack) = self.replay(&draft).await? {
-            return Ok(ack);
-        }
         if !is_member {
-            return Err(Self::not_member(&draft.group_id));
+            let e = Self::not_member(&draft.group_id);
+            return self.retry_or(draft, e).await;
         }
-        self.accept(draft).await
+        Ok(Prepared::New(draft))
+    }
+
+    /// A retry is answered even if the send would no longer pass the
+    /// checks (the receiver was deleted, the sender left the group): its
+    /// original ACK, or `error` if it is not a retry. PROTOCOL.md puts this
+    /// duplicate check before those checks; looking only when one fails
+    /// gives the same answers and saves a lookup per message.
+    async fn retry_or(&self, draft: Draft, error: ServiceError) -> ServiceResult<Prepared> {
+        match self.replay(&draft).await? {
+            Some(ack) => Ok(Prepared::Answered(ack)),
+            None => Err(error),
+        }
+    }
+
+    async fn send(&self, prepared: ServiceResult<Prepared>) -> ServiceResult<pb::SendAck> {
+        match prepared? {
+            Prepared::Answered(ack) => Ok(ack),
+            Prepared::New(draft) => self.accept(draft).await,
+        }
+    }
+}
+
+#[async_trait]
+impl DispatchService for Dispatcher {
+    async fn send_single(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendSingleRequest,
+    ) -> ServiceResult<pb::SendAck> {
+        self.send(self.prepare_single(sender, device, req).await).await
+    }
+
+    async fn send_group(
+        &self,
+        sender: &str,
+        device: &str,
+        req: pb::SendGroupRequest,
+    ) -> ServiceResult<pb::SendAck> {
+        self.send(self.prepare_group(sender, device, req).await).await
+    }
+
+    /// Checks each send in turn, then stores the new ones with one
+    /// [`MessageLog::append_batch`] (one commit in standalone).
+    async fn send_batch(
+        &self,
+        sender: &str,
+        device: &str,
+        requests: Vec<SendRequest>,
+    ) -> Vec<ServiceResult<pb::SendAck>> {
+        let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; requests.len()];
+        let mut drafts = Vec::with_capacity(requests.len());
+        let mut owners = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            let prepared = match request {
+                SendRequest::Single(req) => self.prepare_single(sender, device, req).await,
+                SendRequest::Group(req) => self.prepare_group(sender, device, req).await,
+            };
+            match prepared {
+                Ok(Prepared::New(draft)) => {
+                    drafts.push(draft);
+                    owners.push(index);
+                }
+                Ok(Prepared::Answered(ack)) => results[index] = Some(Ok(ack)),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        for (index, result) in owners.into_iter().zip(self.accept_batch(drafts).await) {
+            results[index] = Some(result);
+        }
+        results.into_iter().map(|r| r.expect("every send answered")).collect()
     }
 
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {

@@ -778,9 +778,36 @@ pub async fn message_log(
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "message log: concurrent appends get distinct sequences");
 
+    // A batch is appended in order: each conversation's sequences continue
+    // where they were, interleaved conversations keep their own counters.
+    let third = unique_id("p");
+    let batch = [(&conversation, "b0"), (&third, "b1"), (&conversation, "b2"), (&third, "b3")];
+    let messages = batch
+        .iter()
+        .enumerate()
+        .map(|(i, (conv, client))| new_message(conv, &sender, client, 3_000 + i as u64, &topic))
+        .collect();
+    let results = log.append_batch(messages).await;
+    assert_eq!(results.len(), batch.len(), "message log: one result per message of a batch");
+    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().expect("batch append").seq).collect();
+    assert_eq!(
+        seqs,
+        vec![4, 1, 5, 2],
+        "message log: a batch takes each conversation's next sequences in order"
+    );
+    for ((_, client), result) in batch.iter().zip(&results) {
+        let ids = *result.as_ref().expect("batch append");
+        let reserved = dedup.get(&sender, client).await.expect("dedup get");
+        assert_eq!(reserved, Some(ids), "message log: a batch reserves each message's ids");
+        if ids.msg_id == 3_000 || ids.msg_id == 3_002 {
+            appended.push(((*client).to_owned(), ids));
+        }
+    }
+    assert!(log.append_batch(Vec::new()).await.is_empty(), "message log: an empty batch stores nothing");
+
     // The bus holds one record per append, built with the sequence given.
     let mut consumer = bus.subscribe(&topic, &unique_id("mg")).await.expect("subscribe");
-    let records = poll_n(&mut *consumer, 23, 100).await;
+    let records = poll_n(&mut *consumer, 27, 100).await;
     let mine: Vec<String> = records
         .iter()
         .filter(|r| r.key == conversation.as_bytes())
@@ -795,7 +822,13 @@ pub async fn message_log(
         let reserved = dedup.get(&sender, client).await.expect("dedup get").expect("reserved");
         assert_eq!(seq, reserved.seq.to_string(), "message log: bus record and reservation agree");
     }
-    assert_eq!(records.len(), 23, "message log: one bus record per append");
+    let thirds: Vec<String> = records
+        .iter()
+        .filter(|r| r.key == third.as_bytes())
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(thirds, vec!["b1:1", "b3:2"], "message log: a batch's records are in its order");
+    assert_eq!(records.len(), 27, "message log: one bus record per append");
 }
 
 /// Checks every rule of [`Registry`].

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 /// Failure of a backend. Callers map it to `ErrorCode::Internal`: the request
 /// may be retried.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("backend unavailable: {0}")]
     Unavailable(String),

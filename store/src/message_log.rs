@@ -47,6 +47,23 @@ pub trait MessageLog: Send + Sync + 'static {
     /// came after the reservation, a retry finds the reserved ids (and
     /// publishes with them); otherwise no sequence was used up.
     async fn append(&self, message: NewMessage) -> StoreResult<DedupRecord>;
+
+    /// Appends `messages` in order, as [`MessageLog::append`] would one
+    /// after another: within a conversation, a later message gets a later
+    /// sequence and a later bus record. Returns one result per message, in
+    /// the same order.
+    ///
+    /// The default appends them one at a time. A backend that can store them
+    /// in one durable write overrides it (the dispatcher hands it the
+    /// consecutive sends of one connection, so a client that pipelines its
+    /// sends costs one commit per burst instead of one per message).
+    async fn append_batch(&self, messages: Vec<NewMessage>) -> Vec<StoreResult<DedupRecord>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            results.push(self.append(message).await);
+        }
+        results
+    }
 }
 
 /// [`MessageLog`] over three separate backends, one call after another.

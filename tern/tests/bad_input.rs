@@ -553,6 +553,77 @@ async fn send_to_a_nonexistent_user_is_no_such_user() {
     bystanders.still_served().await;
 }
 
+/// The bytes of `frame` on the wire.
+fn wire_bytes(frame: &Frame) -> Vec<u8> {
+    let mut bytes = header(HEADER_LEN as u32, frame.request_type, frame.sequence, frame.body.len() as u32);
+    bytes.extend_from_slice(&frame.body);
+    bytes
+}
+
+fn send_text(sequence: u32, client_msg_id: &str, receiver: &str, content: &str) -> Frame {
+    let body = pb::SendSingleRequest {
+        client_msg_id: client_msg_id.to_owned(),
+        sender: String::new(),
+        receiver: receiver.to_owned(),
+        content: content.as_bytes().to_vec(),
+    };
+    Frame::new(RequestType::SendSingle, sequence, &body)
+}
+
+/// A burst of pipelined sends, written at once, is served as one batch
+/// (PROTOCOL.md §3): each request still gets its own answer, in request
+/// order; a bad one fails alone; a client message id repeated inside the
+/// burst is stored once; a framing error after the burst is reported after
+/// the burst's answers.
+#[tokio::test]
+async fn pipelined_sends_are_answered_in_order_and_fail_alone() {
+    let (server, _dir) = Server::start();
+    let (erin, mut erin_events) = client(&server, "erin").await;
+
+    let mut raw = Raw::logged_in(&server, "dave").await;
+    let mut burst = Vec::new();
+    burst.extend(wire_bytes(&send_text(10, "p-1", "erin", "one")));
+    burst.extend(wire_bytes(&raw_frame(RequestType::SendSingle as u32, 11, vec![0xff, 0xff])));
+    burst.extend(wire_bytes(&send_text(12, "p-2", "erin", "two")));
+    burst.extend(wire_bytes(&send_text(13, "p-1", "erin", "one again")));
+    burst.extend(wire_bytes(&send_text(14, "p-x", "nobody", "lost")));
+    burst.extend(wire_bytes(&Frame::new(RequestType::Heartbeat, 15, &pb::Heartbeat {})));
+    burst.extend(wire_bytes(&send_text(16, "p-3", "erin", "three")));
+    burst.extend(header(19, RequestType::Heartbeat as u32, 17, 0));
+    raw.send_bytes(&burst).await;
+
+    let mut acks = Vec::new();
+    for sequence in [10, 12, 13, 16] {
+        if sequence == 12 {
+            raw.expect_error(11, ErrorCode::BadBody).await;
+        }
+        if sequence == 16 {
+            raw.expect_error(14, ErrorCode::NoSuchUser).await;
+            let heartbeat = raw.next_frame().await.expect("heartbeat answer");
+            assert_eq!((heartbeat.request_type, heartbeat.sequence), (RequestType::Heartbeat as u32, 15));
+        }
+        let frame = raw.next_frame().await.expect("a SendAck");
+        assert_eq!(frame.request_type, RequestType::SendSingle as u32, "expected a SendAck, got {frame:?}");
+        assert_eq!(frame.sequence, sequence, "answers come in request order");
+        acks.push(frame.decode::<pb::SendAck>().expect("SendAck"));
+    }
+    let seqs: Vec<(u64, bool)> = acks.iter().map(|a| (a.seq, a.duplicate)).collect();
+    assert_eq!(seqs, vec![(1, false), (2, false), (1, true), (3, false)]);
+    assert_eq!(acks[2].msg_id, acks[0].msg_id, "the repeated client message id is the same message");
+    raw.expect_error(0, ErrorCode::BadHeader).await;
+    raw.expect_closed().await;
+
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let message = next_message(&mut erin_events, WAIT).await;
+        received.push((text(&message), message.seq));
+    }
+    assert_eq!(received, vec![("one".into(), 1), ("two".into(), 2), ("three".into(), 3)]);
+    no_message(&mut erin_events, QUIET).await;
+    erin.close().await;
+    assert_nothing_stored_for(&server, "nobody").await;
+}
+
 #[tokio::test]
 async fn empty_client_msg_id_is_invalid_argument() {
     let (server, _dir) = Server::start();

@@ -1,0 +1,135 @@
+//! `Dispatcher::send_batch` on the embedded backends: a burst of one
+//! connection's sends is answered per message, in order, as if sent one at
+//! a time, and the new messages reach the bus in that order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_dispatcher::{DispatchService, Dispatcher, DispatcherBackends, DispatcherConfig, SendRequest};
+use tern_proto::pb::{self, BusEnvelope};
+use tern_proto::{ErrorCode, ServiceResult};
+use tern_store::embedded::EmbeddedBackends;
+use tern_store::{Bus, GroupRecord, MetaStore, UserRecord};
+
+fn single(client_msg_id: &str, receiver: &str) -> SendRequest {
+    SendRequest::Single(pb::SendSingleRequest {
+        client_msg_id: client_msg_id.into(),
+        sender: String::new(),
+        receiver: receiver.into(),
+        content: client_msg_id.as_bytes().to_vec(),
+    })
+}
+
+fn group(client_msg_id: &str, group_id: &str) -> SendRequest {
+    SendRequest::Group(pb::SendGroupRequest {
+        client_msg_id: client_msg_id.into(),
+        sender: String::new(),
+        group_id: group_id.into(),
+        content: client_msg_id.as_bytes().to_vec(),
+    })
+}
+
+fn error_code(result: &ServiceResult<pb::SendAck>) -> Option<ErrorCode> {
+    result.as_ref().err().map(|e| e.code)
+}
+
+fn ack(result: &ServiceResult<pb::SendAck>) -> &pb::SendAck {
+    result.as_ref().unwrap_or_else(|e| panic!("expected a SendAck, got {e}"))
+}
+
+async fn dispatcher() -> (tempfile::TempDir, EmbeddedBackends, Dispatcher) {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for user in ["alice", "bob", "carol"] {
+        let record = UserRecord { user_id: user.into(), password_hash: String::new(), created_at_ms: 0 };
+        assert!(backends.meta.create_user(&record).await.unwrap());
+    }
+    let g = GroupRecord {
+        group_id: "g".into(),
+        name: "g".into(),
+        owner: "alice".into(),
+        members: vec!["alice".into(), "bob".into()],
+        created_at_ms: 0,
+    };
+    assert!(backends.meta.create_group(&g).await.unwrap());
+    let dispatcher = Dispatcher::new(
+        DispatcherBackends {
+            meta: backends.meta.clone(),
+            log: backends.log.clone(),
+            dedup: backends.dedup.clone(),
+            bus: backends.bus.clone(),
+        },
+        Arc::new(tern_idgen::Snowflake::new(0).unwrap()),
+        DispatcherConfig::default(),
+    );
+    (dir, backends, dispatcher)
+}
+
+#[tokio::test]
+async fn a_burst_is_answered_per_message_in_order() {
+    let (_dir, backends, dispatcher) = dispatcher().await;
+    let burst = vec![
+        single("a1", "bob"),
+        single("x", "nobody"),
+        group("g1", "g"),
+        single("a2", "bob"),
+        single("a1", "bob"),
+        group("n", "no-group"),
+        single("c1", "carol"),
+        single("", "bob"),
+        group("g2", "g"),
+    ];
+    let results = dispatcher.send_batch("alice", "phone", burst).await;
+    assert_eq!(results.len(), 9, "one answer per send");
+    assert_eq!(ack(&results[0]).seq, 1);
+    assert_eq!(error_code(&results[1]), Some(ErrorCode::NoSuchUser));
+    assert_eq!(ack(&results[2]).seq, 1);
+    assert_eq!(ack(&results[3]).seq, 2);
+    assert!(!ack(&results[3]).duplicate);
+    // The same client message id twice in one burst is one message.
+    assert!(ack(&results[4]).duplicate);
+    assert_eq!(ack(&results[4]).msg_id, ack(&results[0]).msg_id);
+    assert_eq!(ack(&results[4]).seq, 1);
+    assert_eq!(error_code(&results[5]), Some(ErrorCode::NoSuchGroup));
+    assert_eq!(ack(&results[6]).seq, 1);
+    assert_eq!(error_code(&results[7]), Some(ErrorCode::InvalidArgument));
+    assert_eq!(ack(&results[8]).seq, 2);
+    let ids: Vec<u64> = [0, 2, 3, 6, 8].iter().map(|&i| ack(&results[i]).msg_id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "message ids increase in burst order: {ids:?}");
+
+    // A later burst retrying some of them gets the original answers.
+    let retries =
+        dispatcher.send_batch("alice", "phone", vec![single("a2", "bob"), single("a3", "bob")]).await;
+    assert!(ack(&retries[0]).duplicate);
+    assert_eq!(ack(&retries[0]).msg_id, ack(&results[3]).msg_id);
+    assert_eq!((ack(&retries[1]).seq, ack(&retries[1]).duplicate), (3, false));
+
+    // The bus has each new message once, in burst order, then the retry's
+    // copy and a3.
+    let mut consumer =
+        backends.bus.subscribe(&DispatcherConfig::default().bus.messages_topic, "test").await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 7 {
+        let records = consumer.poll(100, Duration::from_secs(5)).await.unwrap();
+        assert!(!records.is_empty(), "bus records missing; have {seen:?}");
+        for record in records {
+            let envelope: BusEnvelope = prost::Message::decode(record.payload).unwrap();
+            let message = envelope.message.unwrap();
+            seen.push((message.client_msg_id, message.seq));
+        }
+    }
+    let expected = [("a1", 1), ("g1", 1), ("a2", 2), ("c1", 1), ("g2", 2), ("a2", 2), ("a3", 3)];
+    assert_eq!(seen, expected.map(|(c, s)| (c.to_owned(), s)).to_vec());
+}
+
+#[tokio::test]
+async fn a_sender_who_left_the_group_still_gets_the_answer_to_a_retry() {
+    let (_dir, backends, dispatcher) = dispatcher().await;
+    let first = dispatcher.send_batch("bob", "phone", vec![group("b1", "g")]).await;
+    let original = ack(&first[0]).clone();
+    backends.meta.remove_member("g", "bob").await.unwrap();
+    let again = dispatcher.send_batch("bob", "phone", vec![group("b1", "g"), group("b2", "g")]).await;
+    assert_eq!(ack(&again[0]).msg_id, original.msg_id, "the retry is answered with the original ids");
+    assert!(ack(&again[0]).duplicate);
+    assert_eq!(error_code(&again[1]), Some(ErrorCode::NotGroupMember), "a new message is refused");
+}
