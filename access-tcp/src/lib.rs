@@ -16,6 +16,35 @@ mod connection;
 pub mod rpc;
 pub mod tls;
 
+/// Connections the kernel queues for `accept` on the client listener.
+/// tokio's default (1,024) overflows in a reconnect storm (every client of a
+/// failed node arriving at once): the kernel then drops handshakes and the
+/// clients retry only after a 1 s SYN timeout, while this node idles. The
+/// kernel caps it at `net.core.somaxconn` (4,096 by default).
+pub const ACCEPT_BACKLOG: u32 = 4_096;
+
+/// Binds the client listener on `addr` (`host:port`; the first address
+/// that binds wins) with an [`ACCEPT_BACKLOG`]-deep accept queue.
+pub async fn bind_client_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted node can rebind at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr} resolves to no address"))
+    }))
+}
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;

@@ -620,7 +620,9 @@ async fn run_access(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let registry = engines.registry.clone();
-    let listener = bind(&settings.listen, "access-tcp").await?;
+    let listener = tern_access_tcp::bind_client_listener(&settings.listen)
+        .await
+        .with_context(|| format!("cannot bind access-tcp on {}", settings.listen))?;
     let internal_listen =
         if settings.internal_listen.is_empty() { "127.0.0.1:0" } else { &settings.internal_listen };
     let internal = bind(internal_listen, "access-tcp internal gRPC").await?;

@@ -114,7 +114,7 @@ pub async fn run(
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let backends = EmbeddedBackends::open(data_dir).context("cannot open the embedded backends")?;
 
-    let access_listener = TcpListener::bind(&config.access_tcp.listen)
+    let access_listener = tern_access_tcp::bind_client_listener(&config.access_tcp.listen)
         .await
         .with_context(|| format!("cannot bind access-tcp on {}", config.access_tcp.listen))?;
     let http_listener = TcpListener::bind(&config.router_auth.listen)
