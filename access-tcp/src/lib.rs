@@ -359,3 +359,36 @@ impl PushGateway for AccessNode {
         Self::deliver(&conn, placement, Frame::new(RequestType::Notice, 0, &notice));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More connections than tokio's default backlog (1,024) complete their
+    /// handshake while nobody accepts: the storm waits in the queue instead
+    /// of being dropped into SYN retries.
+    #[tokio::test]
+    async fn the_client_listener_queues_a_storm_beyond_the_default_backlog() {
+        let listener = bind_client_listener("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut connections = Vec::new();
+        for i in 0..1_500 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            // A dropped SYN is retried after 1 s: far beyond this wait.
+            match tokio::time::timeout(Duration::from_millis(500), connect).await {
+                Ok(Ok(stream)) => connections.push(stream),
+                Ok(Err(e)) => panic!("connection {i} failed: {e}"),
+                Err(_) => panic!("connection {i} was not queued (accept queue full)"),
+            }
+        }
+        let (_first, _) = listener.accept().await.expect("the queued connections are accepted");
+    }
+
+    #[tokio::test]
+    async fn a_bad_listen_address_is_a_clear_error() {
+        let e = bind_client_listener("no-port").await.expect_err("an address without a port");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        let e = bind_client_listener("192.0.2.1:0").await.expect_err("an address this host does not have");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrNotAvailable, "{e}");
+    }
+}
