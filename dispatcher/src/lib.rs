@@ -16,7 +16,7 @@
 //! failure never stores a second message, and never loses the first.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,7 +137,15 @@ pub struct Dispatcher {
     /// sequences and bus positions in the same order, and concurrent retries
     /// of one client message id are stored once.
     stripes: Vec<Mutex<()>>,
+    /// Users found to exist, so a 1:1 send does not read the MetaStore for
+    /// its receiver each time. Sound because accounts are never deleted (no
+    /// request or API removes one); emptied when it reaches
+    /// [`KNOWN_USERS_MAX`].
+    known_users: std::sync::Mutex<HashSet<String>>,
 }
+
+/// Most receivers [`Dispatcher`] remembers as existing.
+const KNOWN_USERS_MAX: usize = 100_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -205,7 +213,13 @@ struct Draft {
 
 impl Dispatcher {
     pub fn new(backends: DispatcherBackends, ids: Arc<Snowflake>, config: DispatcherConfig) -> Self {
-        Self { backends, ids, config, stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect() }
+        Self {
+            backends,
+            ids,
+            config,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            known_users: Default::default(),
+        }
     }
 
     fn stripe_index(&self, conversation: &str) -> usize {
@@ -214,9 +228,23 @@ impl Dispatcher {
         (h.finish() as usize) % LOCK_STRIPES
     }
 
+    fn known_users(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.known_users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn require_user(&self, user_id: &str) -> ServiceResult<()> {
+        if self.known_users().contains(user_id) {
+            return Ok(());
+        }
         match self.backends.meta.get_user(user_id).await.map_err(ServiceError::backend)? {
-            Some(_) => Ok(()),
+            Some(_) => {
+                let mut known = self.known_users();
+                if known.len() >= KNOWN_USERS_MAX {
+                    known.clear();
+                }
+                known.insert(user_id.to_owned());
+                Ok(())
+            }
             None => Err(ServiceError::new(ErrorCode::NoSuchUser, format!("no user {user_id:?}"))),
         }
     }

@@ -95,7 +95,8 @@ pub async fn run_consumer(
         let history = history.clone();
         async move {
             let mut rows = Vec::new();
-            for record in &batch {
+            // 1:1 records are skipped by their key, undecoded.
+            for record in batch.iter().filter(|r| tern_proto::is_group_conversation_key(&r.key)) {
                 match pb::BusEnvelope::decode(record.payload.clone()) {
                     Ok(pb::BusEnvelope { message: Some(message), .. }) => {
                         if message.kind == ConversationKind::Group as i32 {

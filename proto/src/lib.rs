@@ -149,6 +149,12 @@ pub fn group_conversation_key(group_id: &str) -> String {
     format!("g:{group_id}")
 }
 
+/// Whether `key` (a bus record's key: its conversation) is a group's, so a
+/// consumer of group messages can skip the others without decoding them.
+pub fn is_group_conversation_key(key: &[u8]) -> bool {
+    key.starts_with(b"g:")
+}
+
 /// Rendezvous (highest random weight) hashing weight of `node` for `key`.
 /// Every process computes the same weights (FNV-1a, no per-process seed),
 /// so all of them map a key to the same node; when a node leaves, only the
@@ -183,6 +189,13 @@ pub fn validate_id(kind: &str, id: &str) -> ServiceResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_keys_are_told_from_single_keys() {
+        assert!(is_group_conversation_key(group_conversation_key("team").as_bytes()));
+        assert!(!is_group_conversation_key(single_conversation_key("g", "h").as_bytes()));
+        assert!(!is_group_conversation_key(b""));
+    }
 
     #[test]
     fn request_type_round_trips() {
