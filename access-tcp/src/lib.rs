@@ -372,7 +372,7 @@ mod tests {
         let listener = bind_client_listener("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let mut connections = Vec::new();
-        for i in 0..1_500 {
+        for i in 0..1_100 {
             let connect = tokio::net::TcpStream::connect(addr);
             // A dropped SYN is retried after 1 s: far beyond this wait.
             match tokio::time::timeout(Duration::from_millis(500), connect).await {

@@ -15,8 +15,7 @@
 //! retry publishes the message again with those ids; so a retry after any
 //! failure never stores a second message, and never loses the first.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,7 +304,8 @@ impl Dispatcher {
 
     /// [`Dispatcher::accept`] for several drafts, in order, under the locks
     /// of all their conversations, with the new messages stored by one
-    /// [`MessageLog::append_batch`]. Returns one result per draft.
+    /// [`MessageLog::append_batch`]. Returns one result per draft. The
+    /// drafts have distinct client message ids (see `send_batch`).
     async fn accept_batch(&self, drafts: Vec<Draft>) -> Vec<ServiceResult<pb::SendAck>> {
         // Stripes are locked in index order, so two batches sharing
         // stripes cannot deadlock.
@@ -317,26 +317,10 @@ impl Dispatcher {
             guards.push(self.stripes[stripe].lock().await);
         }
 
-        let many = drafts.len() > 1;
         let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; drafts.len()];
-        // A client message id sent twice in one batch is one message: the
-        // later copy is answered like a retry of the first.
-        let mut first_of: HashMap<String, usize> = HashMap::new();
-        let mut repeats = Vec::new();
         let mut messages = Vec::with_capacity(drafts.len());
         let mut owners = Vec::with_capacity(drafts.len());
         for (index, draft) in drafts.into_iter().enumerate() {
-            if many {
-                match first_of.entry(draft.client_msg_id.clone()) {
-                    Entry::Occupied(first) => {
-                        repeats.push((index, *first.get()));
-                        continue;
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(index);
-                    }
-                }
-            }
             // Checked under the lock: two concurrent retries store once.
             match self.replay(&draft).await {
                 Ok(Some(ack)) => results[index] = Some(Ok(ack)),
@@ -376,12 +360,6 @@ impl Dispatcher {
             });
         }
         drop(guards);
-        for (index, first) in repeats {
-            results[index] = match &results[first] {
-                Some(Ok(ack)) => Some(Ok(pb::SendAck { duplicate: true, ..ack.clone() })),
-                other => other.clone(),
-            };
-        }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("message was not stored".to_owned()))))
@@ -463,7 +441,7 @@ impl Dispatcher {
     }
 
     /// A retry is answered even if the send would no longer pass the
-    /// checks (the receiver was deleted, the sender left the group): its
+    /// checks (the sender left the group since): its
     /// original ACK, or `error` if it is not a retry. PROTOCOL.md puts this
     /// duplicate check before those checks; looking only when one fails
     /// gives the same answers and saves a lookup per message.
@@ -472,6 +450,39 @@ impl Dispatcher {
             Some(ack) => Ok(Prepared::Answered(ack)),
             None => Err(error),
         }
+    }
+
+    /// [`DispatchService::send_batch`] for sends with distinct client
+    /// message ids.
+    async fn send_segment(
+        &self,
+        sender: &str,
+        device: &str,
+        requests: Vec<SendRequest>,
+    ) -> Vec<ServiceResult<pb::SendAck>> {
+        let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; requests.len()];
+        let mut drafts = Vec::with_capacity(requests.len());
+        let mut owners = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            let prepared = match request {
+                SendRequest::Single(req) => self.prepare_single(sender, device, req).await,
+                SendRequest::Group(req) => self.prepare_group(sender, device, req).await,
+            };
+            match prepared {
+                Ok(Prepared::New(draft)) => {
+                    drafts.push(draft);
+                    owners.push(index);
+                }
+                Ok(Prepared::Answered(ack)) => results[index] = Some(Ok(ack)),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        if !drafts.is_empty() {
+            for (index, result) in owners.into_iter().zip(self.accept_batch(drafts).await) {
+                results[index] = Some(result);
+            }
+        }
+        results.into_iter().map(|r| r.expect("every send answered")).collect()
     }
 
     async fn send(&self, prepared: ServiceResult<Prepared>) -> ServiceResult<pb::SendAck> {
@@ -503,34 +514,34 @@ impl DispatchService for Dispatcher {
     }
 
     /// Checks each send in turn, then stores the new ones with one
-    /// [`MessageLog::append_batch`] (one commit in standalone).
+    /// [`MessageLog::append_batch`] (one commit in standalone). A client
+    /// message id repeated within the burst ends a segment: the repeat and
+    /// what follows are served after the messages before it are stored, so
+    /// it is answered exactly as if sent on its own (a retry of a stored
+    /// message, or a send of its own if the first copy failed).
     async fn send_batch(
         &self,
         sender: &str,
         device: &str,
         requests: Vec<SendRequest>,
     ) -> Vec<ServiceResult<pb::SendAck>> {
-        let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; requests.len()];
-        let mut drafts = Vec::with_capacity(requests.len());
-        let mut owners = Vec::with_capacity(requests.len());
-        for (index, request) in requests.into_iter().enumerate() {
-            let prepared = match request {
-                SendRequest::Single(req) => self.prepare_single(sender, device, req).await,
-                SendRequest::Group(req) => self.prepare_group(sender, device, req).await,
+        let mut results = Vec::with_capacity(requests.len());
+        let mut segment = Vec::with_capacity(requests.len());
+        let mut ids = HashSet::new();
+        for request in requests {
+            let client_msg_id = match &request {
+                SendRequest::Single(req) => &req.client_msg_id,
+                SendRequest::Group(req) => &req.client_msg_id,
             };
-            match prepared {
-                Ok(Prepared::New(draft)) => {
-                    drafts.push(draft);
-                    owners.push(index);
-                }
-                Ok(Prepared::Answered(ack)) => results[index] = Some(Ok(ack)),
-                Err(e) => results[index] = Some(Err(e)),
+            if !ids.insert(client_msg_id.clone()) {
+                results.extend(self.send_segment(sender, device, std::mem::take(&mut segment)).await);
+                ids.clear();
+                ids.insert(client_msg_id.clone());
             }
+            segment.push(request);
         }
-        for (index, result) in owners.into_iter().zip(self.accept_batch(drafts).await) {
-            results[index] = Some(result);
-        }
-        results.into_iter().map(|r| r.expect("every send answered")).collect()
+        results.extend(self.send_segment(sender, device, segment).await);
+        results
     }
 
     async fn create_group(&self, creator: &str, req: pb::CreateGroupRequest) -> ServiceResult<pb::GroupInfo> {

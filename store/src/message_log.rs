@@ -48,10 +48,11 @@ pub trait MessageLog: Send + Sync + 'static {
     /// publishes with them); otherwise no sequence was used up.
     async fn append(&self, message: NewMessage) -> StoreResult<DedupRecord>;
 
-    /// Appends `messages` in order, as [`MessageLog::append`] would one
-    /// after another: within a conversation, a later message gets a later
-    /// sequence and a later bus record. Returns one result per message, in
-    /// the same order.
+    /// Appends `messages` in order: within a conversation, a later message
+    /// gets a later sequence and a later bus record. Returns one result per
+    /// message, in the same order. A backend that stores the batch in one
+    /// write stores all of it or none: on failure every message gets the
+    /// error (and a retry of any of them is safe, as after `append`).
     ///
     /// The default appends them one at a time. A backend that can store them
     /// in one durable write overrides it (the dispatcher hands it the

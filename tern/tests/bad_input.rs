@@ -578,6 +578,7 @@ fn send_text(sequence: u32, client_msg_id: &str, receiver: &str, content: &str) 
 #[tokio::test]
 async fn pipelined_sends_are_answered_in_order_and_fail_alone() {
     let (server, _dir) = Server::start();
+    let bystanders = Bystanders::connect(&server).await;
     let (erin, mut erin_events) = client(&server, "erin").await;
 
     let mut raw = Raw::logged_in(&server, "dave").await;
@@ -622,6 +623,7 @@ async fn pipelined_sends_are_answered_in_order_and_fail_alone() {
     no_message(&mut erin_events, QUIET).await;
     erin.close().await;
     assert_nothing_stored_for(&server, "nobody").await;
+    bystanders.still_served().await;
 }
 
 #[tokio::test]

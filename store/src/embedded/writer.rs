@@ -38,7 +38,8 @@ use crate::{StoreError, StoreResult};
 const QUEUE_CAPACITY: usize = 16 * 1024;
 
 /// Upper bound on operations applied in one transaction, so one commit (and
-/// the latency of the first caller in it) stays bounded under overload.
+/// the latency of the first caller in it) stays bounded under overload. An
+/// operation may carry several messages (a burst of up to 64 sends is one).
 const MAX_BATCH: usize = 8 * 1024;
 
 /// How often, at most, the schema's maintenance (expiry of old records) runs
