@@ -26,7 +26,7 @@
 //! NOTICE SYNC instead of those pushes, and pulls them (they are written to
 //! its offline set at once).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -377,7 +377,7 @@ async fn placements_after_writes(
     decoded: &[Delivery],
 ) -> HashMap<String, Vec<Placement>> {
     loop {
-        let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
+        let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
         let lookups = users.into_iter().map(|user| {
             let sessions = sessions.clone();
             async move { Ok::<_, tern_store::StoreError>((user.clone(), sessions.get(user).await?)) }
@@ -399,7 +399,7 @@ async fn placements_of(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
 ) -> HashMap<String, Vec<Placement>> {
-    let users: BTreeSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
+    let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
     let lookups = users.into_iter().map(|user| {
         let sessions = sessions.clone();
         async move {
@@ -530,11 +530,12 @@ pub async fn run_consumer(
             // ACKed and deleted independently; held copies wait (and those
             // another batch holds, the same message again within the wait,
             // are that batch's to write).
-            let held_now: HashSet<&HeldKey> = holding.iter().chain(&held_elsewhere).collect();
+            let held_now: HashSet<(&str, u64)> =
+                holding.iter().chain(&held_elsewhere).map(|(inbox, id)| (inbox.as_str(), *id)).collect();
             let writes = decoded.iter().map(|d| {
                 let mut keys = d.inboxes(&devices);
                 if !held_now.is_empty() {
-                    keys.retain(|k| !held_now.contains(&(k.clone(), d.entry.msg_id)));
+                    keys.retain(|k| !held_now.contains(&(k.as_str(), d.entry.msg_id)));
                 }
                 let store = backends.store.clone();
                 async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
@@ -701,19 +702,16 @@ fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
     decoded
 }
 
-/// The recorded devices of every user involved, one lookup per user, all
-/// at once (a remote store answers them concurrently).
+/// The recorded devices of every user involved, in one call (one read
+/// transaction in standalone; concurrent lookups on a remote store).
 async fn devices_of(
     meta: &Arc<dyn MetaStore>,
     decoded: &[Delivery],
 ) -> Result<HashMap<String, Vec<String>>, tern_store::StoreError> {
-    let users: BTreeSet<&String> = decoded
+    let users: HashSet<&str> = decoded
         .iter()
         .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
+        .map(String::as_str)
         .collect();
-    let lookups = users.into_iter().map(|user| {
-        let meta = meta.clone();
-        async move { Ok::<_, tern_store::StoreError>((user.clone(), meta.devices(user).await?)) }
-    });
-    Ok(futures::future::try_join_all(lookups).await?.into_iter().collect())
+    meta.devices_of_users(&users.into_iter().collect::<Vec<_>>()).await
 }

@@ -8,6 +8,7 @@
 //! - `devices`: (user, device) → (), the devices each user has logged in
 //!   with ([`MetaStore::devices`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -127,19 +128,27 @@ impl EmbeddedMetaStore {
         self.store
             .read(move |txn| {
                 let table = txn.open_table(table).map_err(db_err)?;
-                let mut out = Vec::new();
-                for entry in table.range((first.as_str(), "")..).map_err(db_err)? {
-                    let (k, _) = entry.map_err(db_err)?;
-                    let (f, second) = k.value();
-                    if f != first {
-                        break;
-                    }
-                    out.push(second.to_owned());
-                }
-                Ok(out)
+                pair_seconds(&table, &first)
             })
             .await
     }
+}
+
+/// The second halves of the keys of `table` whose first half is `first`.
+fn pair_seconds(
+    table: &impl ReadableTable<(&'static str, &'static str), ()>,
+    first: &str,
+) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in table.range((first, "")..).map_err(db_err)? {
+        let (k, _) = entry.map_err(db_err)?;
+        let (f, second) = k.value();
+        if f != first {
+            break;
+        }
+        out.push(second.to_owned());
+    }
+    Ok(out)
 }
 
 /// A table keyed by (user, x) pairs with no value: an index.
@@ -220,5 +229,20 @@ impl MetaStore for EmbeddedMetaStore {
 
     async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>> {
         self.second_keys(DEVICES, user_id).await
+    }
+
+    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
+        let users: Vec<String> = user_ids.iter().map(|&u| u.to_owned()).collect();
+        self.store
+            .read(move |txn| {
+                let table = txn.open_table(DEVICES).map_err(db_err)?;
+                let mut found = HashMap::with_capacity(users.len());
+                for user in users {
+                    let devices = pair_seconds(&table, &user)?;
+                    found.insert(user, devices);
+                }
+                Ok(found)
+            })
+            .await
     }
 }
