@@ -633,6 +633,11 @@ fn next_frame<W: Wire>(codec: &mut FrameCodec, io: &mut Io<W>) -> Result<Option<
     if io.eof { codec.decode_eof(&mut io.input) } else { codec.decode(&mut io.input) }
 }
 
+/// The answer to a request that needs a logged-in connection.
+fn not_logged_in() -> ServiceError {
+    ServiceError::new(ErrorCode::NotLoggedIn, "log in first")
+}
+
 /// What a request leaves to send, and whether the connection ends after it.
 struct Reply {
     frame: Option<Frame>,
@@ -696,7 +701,7 @@ impl Connection {
                     Some(Err(e)) => return self.framing_failed(io, &e),
                 };
                 let mut broken = None;
-                let replies = if is_send(&frame) && self.logged_in() {
+                let replies = if is_send(&frame) {
                     // The sends that follow it are served with it: one
                     // durable write for a pipelining client's burst.
                     let mut sends = vec![frame];
@@ -880,10 +885,7 @@ impl Connection {
                 self.fail(frame.sequence, &e)
             }
             _ => match self.identity() {
-                None => {
-                    let e = ServiceError::new(ErrorCode::NotLoggedIn, "log in first");
-                    self.fail(frame.sequence, &e)
-                }
+                None => self.fail(frame.sequence, &not_logged_in()),
                 Some(identity) => self.request(kind, &frame, &identity).await,
             },
         }
@@ -894,8 +896,7 @@ impl Connection {
     /// in the same order (a body that does not decode fails alone).
     async fn handle_sends(&self, frames: Vec<Frame>) -> Vec<Reply> {
         let Some(identity) = self.identity() else {
-            let e = ServiceError::new(ErrorCode::NotLoggedIn, "log in first");
-            return frames.iter().map(|frame| self.fail(frame.sequence, &e)).collect();
+            return frames.iter().map(|frame| self.fail(frame.sequence, &not_logged_in())).collect();
         };
         let mut replies: Vec<Option<Reply>> = Vec::with_capacity(frames.len());
         let mut requests = Vec::with_capacity(frames.len());
@@ -1059,14 +1060,15 @@ impl Connection {
                 .await;
                 self.reply(frame, kind, result)
             }
-            RequestType::SendSingle | RequestType::SendGroup => {
-                self.handle_sends(vec![frame.clone()]).await.pop().expect("one reply per send")
-            }
-            RequestType::Login
+            RequestType::SendSingle
+            | RequestType::SendGroup
+            | RequestType::Login
             | RequestType::Heartbeat
             | RequestType::PushMessage
             | RequestType::Notice
-            | RequestType::Error => unreachable!("handled before login check"),
+            | RequestType::Error => {
+                unreachable!("sends are served in bursts; the rest before the login check")
+            }
         }
     }
 }

@@ -92,6 +92,15 @@ pub enum SendRequest {
     Group(pb::SendGroupRequest),
 }
 
+impl SendRequest {
+    pub fn client_msg_id(&self) -> &str {
+        match self {
+            Self::Single(req) => &req.client_msg_id,
+            Self::Group(req) => &req.client_msg_id,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
     /// How long a client message id is remembered for deduplicating retries.
@@ -529,14 +538,10 @@ impl DispatchService for Dispatcher {
         let mut segment = Vec::with_capacity(requests.len());
         let mut ids = HashSet::new();
         for request in requests {
-            let client_msg_id = match &request {
-                SendRequest::Single(req) => &req.client_msg_id,
-                SendRequest::Group(req) => &req.client_msg_id,
-            };
-            if !ids.insert(client_msg_id.clone()) {
+            if !ids.insert(request.client_msg_id().to_owned()) {
                 results.extend(self.send_segment(sender, device, std::mem::take(&mut segment)).await);
                 ids.clear();
-                ids.insert(client_msg_id.clone());
+                ids.insert(request.client_msg_id().to_owned());
             }
             segment.push(request);
         }

@@ -26,23 +26,7 @@ impl EmbeddedMessageLog {
 #[async_trait]
 impl MessageLog for EmbeddedMessageLog {
     async fn append(&self, message: NewMessage) -> StoreResult<DedupRecord> {
-        let head = self.bus.head_signal(&message.topic);
-        let expires_at = expiry_ms(message.dedup_ttl);
-        let (ids, _offset) = self
-            .store
-            .write_then(
-                move |t: &mut MessageTables<'_>| {
-                    let m = &message;
-                    let seq = t.sequences.incr(&m.conversation)?;
-                    let ids = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
-                    t.dedup.put(&m.sender, &m.client_msg_id, ids, expires_at)?;
-                    let offset = t.bus.append(&m.topic, &m.key, &(m.payload)(seq))?;
-                    Ok((ids, offset))
-                },
-                move |&(_, offset)| head.committed(offset),
-            )
-            .await?;
-        Ok(ids)
+        self.append_batch(vec![message]).await.pop().expect("one result per message")
     }
 
     /// One writer job for the whole batch: its messages commit together (in
