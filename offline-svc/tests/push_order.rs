@@ -84,7 +84,7 @@ struct LoginAfterFirstLookup {
 
 #[async_trait]
 impl SessionStore for LoginAfterFirstLookup {
-    async fn put(&self, placement: &Placement) -> StoreResult<()> {
+    async fn put(&self, placement: &Placement) -> StoreResult<Option<Placement>> {
         self.inner.put(placement).await
     }
 

@@ -340,13 +340,6 @@ impl SessionAuthority for AuthService {
         if self.meta.get_user(&claims.sub).await.map_err(ServiceError::backend)?.is_none() {
             return Err(ServiceError::new(ErrorCode::InvalidToken, "invalid token: unknown user"));
         }
-        let previous = self
-            .sessions
-            .get(&claims.sub)
-            .await
-            .map_err(ServiceError::backend)?
-            .into_iter()
-            .find(|p| p.device_id == device_id);
         // Recorded before the placement: from now on every message for the
         // user is also kept for this device.
         self.meta.add_device(&claims.sub, device_id).await.map_err(ServiceError::backend)?;
@@ -356,7 +349,8 @@ impl SessionAuthority for AuthService {
             node_id: node_id.to_owned(),
             connection_id,
         };
-        self.sessions.put(&placement).await.map_err(ServiceError::backend)?;
+        // The login this one replaces (same device), to be closed.
+        let previous = self.sessions.put(&placement).await.map_err(ServiceError::backend)?;
         Ok((Identity { user_id: claims.sub, device_id: device_id.to_owned() }, previous))
     }
 

@@ -86,8 +86,8 @@ pub async fn session_store(store: &dyn SessionStore) {
 
     let phone = place(&user, "phone", &node_a, 1);
     let laptop = place(&user, "laptop", &node_a, 2);
-    store.put(&phone).await.expect("put");
-    store.put(&laptop).await.expect("put");
+    assert_eq!(store.put(&phone).await.expect("put"), None, "session: a first login replaces nothing");
+    assert_eq!(store.put(&laptop).await.expect("put"), None, "session: another device replaces nothing");
     assert_eq!(
         sorted(store.get(&user).await.expect("get")),
         vec![laptop.clone(), phone.clone()],
@@ -96,7 +96,11 @@ pub async fn session_store(store: &dyn SessionStore) {
 
     // A new login of the same device replaces the old placement.
     let phone2 = place(&user, "phone", &node_b, 3);
-    store.put(&phone2).await.expect("put");
+    assert_eq!(
+        store.put(&phone2).await.expect("put"),
+        Some(phone.clone()),
+        "session: put returns the placement it replaced (to be closed)"
+    );
     assert_eq!(
         sorted(store.get(&user).await.expect("get")),
         vec![laptop.clone(), phone2.clone()],
@@ -130,6 +134,21 @@ pub async fn session_store(store: &dyn SessionStore) {
         vec![laptop.clone()],
         "session: remove deletes only that device"
     );
+
+    // Logins of one device racing: each replaces exactly one other (or
+    // none, for the first), so every login but the last one is returned
+    // once, to be closed, and none is left open unplaced.
+    let racer = unique_id("su");
+    let logins: Vec<Placement> = (0..8).map(|i| place(&racer, "phone", &node_b, 100 + i)).collect();
+    let replaced = futures::future::join_all(logins.iter().map(|p| store.put(p))).await;
+    let mut seen: Vec<Placement> = replaced
+        .into_iter()
+        .filter_map(|r| r.expect("put"))
+        .chain(store.get(&racer).await.expect("get"))
+        .collect();
+    seen.sort_by_key(|p| p.connection_id);
+    assert_eq!(seen, logins, "session: racing puts of one device each replace a different login");
+    assert!(store.remove(&store.get(&racer).await.expect("get")[0]).await.expect("remove"));
 
     // online_users: distinct, sorted, limited.
     let other_web = place(&other, "web", &node_a, 4);

@@ -59,8 +59,11 @@ pub struct Placement {
 /// Redis in cluster mode.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// Records a placement, replacing any placement of the same (user, device).
-    async fn put(&self, placement: &Placement) -> StoreResult<()>;
+    /// Records a placement, replacing any placement of the same (user,
+    /// device), and returns the one it replaced. Read and replace are one
+    /// step, so of two logins of one device racing, each learns of the
+    /// other and neither connection is left open without a placement.
+    async fn put(&self, placement: &Placement) -> StoreResult<Option<Placement>>;
     /// Removes the (user, device) placement only if it still names this node
     /// and connection, so a stale disconnect never removes a newer login.
     /// Returns whether something was removed.

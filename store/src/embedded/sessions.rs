@@ -44,15 +44,21 @@ impl EmbeddedSessionStore {
 
 #[async_trait]
 impl SessionStore for EmbeddedSessionStore {
-    async fn put(&self, placement: &Placement) -> StoreResult<()> {
+    async fn put(&self, placement: &Placement) -> StoreResult<Option<Placement>> {
         let p = placement;
         let mut maps = self.maps();
         let key = (p.user_id.clone(), p.device_id.clone());
-        if let Some((old_node, _)) = maps.placements.insert(key, (p.node_id.clone(), p.connection_id)) {
-            maps.by_node.remove(&(old_node, p.user_id.clone(), p.device_id.clone()));
+        let replaced = maps.placements.insert(key, (p.node_id.clone(), p.connection_id));
+        if let Some((old_node, _)) = &replaced {
+            maps.by_node.remove(&(old_node.clone(), p.user_id.clone(), p.device_id.clone()));
         }
         maps.by_node.insert((p.node_id.clone(), p.user_id.clone(), p.device_id.clone()));
-        Ok(())
+        Ok(replaced.map(|(node_id, connection_id)| Placement {
+            user_id: p.user_id.clone(),
+            device_id: p.device_id.clone(),
+            node_id,
+            connection_id,
+        }))
     }
 
     async fn remove(&self, placement: &Placement) -> StoreResult<bool> {

@@ -223,7 +223,7 @@ impl RedisSessionStore {
 
 #[async_trait]
 impl SessionStore for RedisSessionStore {
-    async fn put(&self, placement: &Placement) -> StoreResult<()> {
+    async fn put(&self, placement: &Placement) -> StoreResult<Option<Placement>> {
         let p = placement;
         let member = node_member(&p.user_id, &p.device_id)?;
         self.index(p, &member).await?;
@@ -235,14 +235,18 @@ impl SessionStore for RedisSessionStore {
             .await
             .map_err(redis_err)?;
         self.index(p, &member).await?;
-        if let Some(old) = old {
-            let old = utf8(old, "session placement")?;
-            let (old_node, _) = decode_value(&old)?;
-            if old_node != p.node_id {
-                self.unindex_node(old_node, &p.user_id, &p.device_id).await?;
-            }
+        let Some(old) = old else { return Ok(None) };
+        let old = utf8(old, "session placement")?;
+        let (old_node, connection_id) = decode_value(&old)?;
+        if old_node != p.node_id {
+            self.unindex_node(old_node, &p.user_id, &p.device_id).await?;
         }
-        Ok(())
+        Ok(Some(Placement {
+            user_id: p.user_id.clone(),
+            device_id: p.device_id.clone(),
+            node_id: old_node.to_owned(),
+            connection_id,
+        }))
     }
 
     async fn remove(&self, placement: &Placement) -> StoreResult<bool> {
