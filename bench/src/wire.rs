@@ -85,7 +85,7 @@ pub fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.context("bad PEM")?)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)

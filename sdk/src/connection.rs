@@ -102,7 +102,7 @@ pub struct Connection {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The TLS client for the CA file `ca`, shared by every connection that

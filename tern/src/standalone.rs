@@ -80,11 +80,11 @@ pub fn tls_setup(
             cert: access.tls_cert.clone().into(),
             key: access.tls_key.clone().into(),
         };
-        return Ok((Some(tern_access_tcp::tls::acceptor(&paths)?), None));
+        return Ok((Some(tern_access_tcp::tls::acceptor(&[paths])?), None));
     }
     let generated = tern_access_tcp::tls::ensure_self_signed(&data_dir.join("tls"), &[])?;
     if generated.created {
-        tracing::info!(ca = %generated.ca_cert.display(), "created a private CA and server certificate");
+        tracing::info!(ca = %generated.ca_cert.display(), "created a private CA and server certificates");
     }
     Ok((Some(tern_access_tcp::tls::acceptor(&generated.server)?), Some(generated.ca_cert)))
 }

@@ -40,7 +40,7 @@ async fn tls_stream(server: &Server) -> TlsStream<TcpStream> {
         roots.add(cert.expect("CA PEM")).expect("add CA");
     }
     let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
             .with_root_certificates(roots)
