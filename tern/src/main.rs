@@ -229,6 +229,15 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// mimalloc rather than glibc's malloc. glibc keeps what a burst of large
+/// allocations leaves behind: after 100 account registrations (argon2 uses
+/// 19 MiB per hash, on whichever blocking thread, so in several arenas) a
+/// standalone server held 850 MB RSS for good; with mimalloc, 112 MB. Its
+/// small allocations are no slower either (server CPU per login in a connect
+/// storm: 178–197 µs with glibc, 151–191 µs with mimalloc, alternating runs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
