@@ -501,13 +501,34 @@ struct Io<W> {
     input: BytesMut,
     /// Bytes for the socket not yet written.
     output: BytesMut,
+    /// The end of a TLS 1.3 handshake that the client does not wait for
+    /// (its session ticket), kept back to go out in front of the first
+    /// reply: one send per login instead of two. Moved into `output` before
+    /// anything else is added there, so records stay in order.
+    held: BytesMut,
     /// The peer ended its side (or the session).
     eof: bool,
 }
 
 impl<W: Wire> Io<W> {
     fn new(stream: TcpStream, wire: W) -> Self {
-        Self { stream, wire, input: BytesMut::new(), output: BytesMut::new(), eof: false }
+        Self {
+            stream,
+            wire,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            held: BytesMut::new(),
+            eof: false,
+        }
+    }
+
+    /// Puts the held handshake records back in front of `output`.
+    fn unhold(&mut self) {
+        if !self.held.is_empty() {
+            let later = std::mem::take(&mut self.output);
+            self.output = std::mem::take(&mut self.held);
+            self.output.extend_from_slice(&later);
+        }
     }
 
     /// Reads once, if the socket has something, without waiting.
@@ -520,6 +541,8 @@ impl<W: Wire> Io<W> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         }
+        // Receiving may answer (a TLS key update): after the held records.
+        self.unhold();
         self.wire.received(&mut self.input, &mut self.output)?;
         if self.wire.peer_closed() {
             self.eof = true;
@@ -574,6 +597,7 @@ impl<W: Wire> Io<W> {
     }
 
     fn send(&mut self, frames: impl IntoIterator<Item = Frame>) -> io::Result<()> {
+        self.unhold();
         self.wire.send(frames, &mut self.input, &mut self.output)
     }
 
@@ -601,6 +625,13 @@ impl Io<Tls> {
     async fn handshake(&mut self) -> io::Result<()> {
         loop {
             let phase = self.wire.pump(&mut self.input, &mut self.output, None);
+            if matches!(phase, Ok(Phase::Open))
+                && self.wire.session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            {
+                // The client has finished; what is left is for later (see `held`).
+                self.held = std::mem::take(&mut self.output);
+                return Ok(());
+            }
             // Handshake records, or the alert that explains a failure.
             let written = self.write_all().await;
             match phase? {
@@ -1084,6 +1115,7 @@ fn decode<M: prost::Message + Default>(frame: &Frame) -> ServiceResult<M> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -1196,7 +1228,8 @@ mod tests {
     }
 
     /// A client that reconnects with the ticket of its first session
-    /// resumes it (no certificate signature or verification), and the
+    /// resumes it (no certificate signature or verification), the ticket
+    /// is held back until the server's first reply, and the
     /// server picks TLS_AES_128_GCM_SHA256 even though the client lists
     /// TLS_AES_256_GCM_SHA384 first.
     #[tokio::test]
@@ -1228,15 +1261,19 @@ mod tests {
         for cert in CertificateDer::pem_file_iter(&generated.ca_cert).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        );
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let store = Arc::new(TicketCounter {
+            inner: rustls::client::ClientSessionMemoryCache::new(8),
+            tickets: AtomicUsize::new(0),
+        });
+        config.resumption = rustls::client::Resumption::store(store.clone());
+        let config = Arc::new(config);
         let mut kinds = Vec::new();
         for sequence in 1..=2 {
             let tcp = TcpStream::connect(addr).await.unwrap();
@@ -1251,6 +1288,11 @@ mod tests {
                 Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
             );
             let mut client = Framed::new(tls, FrameCodec::new(1_000));
+            // The server's ticket waits for its first reply: reading before
+            // asking anything gets no ticket.
+            let tickets = store.tickets.load(Ordering::SeqCst);
+            assert!(tokio::time::timeout(Duration::from_millis(300), client.next()).await.is_err());
+            assert_eq!(store.tickets.load(Ordering::SeqCst), tickets, "a ticket came before any reply");
             client.send(frame(sequence, 10)).await.unwrap();
             // Reading the echo also reads the ticket the server sent first.
             let echoed = tokio::time::timeout(Duration::from_secs(10), client.next()).await.unwrap();
@@ -1258,6 +1300,50 @@ mod tests {
         }
         server.await.unwrap();
         assert_eq!(kinds, [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]);
+        assert!(store.tickets.load(Ordering::SeqCst) >= 2, "each session gave a ticket");
+    }
+
+    /// A client session cache that counts the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct TicketCounter {
+        inner: rustls::client::ClientSessionMemoryCache,
+        tickets: AtomicUsize,
+    }
+
+    impl rustls::client::ClientSessionStore for TicketCounter {
+        fn set_kx_hint(&self, server: ServerName<'static>, group: rustls::NamedGroup) {
+            self.inner.set_kx_hint(server, group)
+        }
+        fn kx_hint(&self, server: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(server)
+        }
+        fn set_tls12_session(
+            &self,
+            server: ServerName<'static>,
+            value: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(server, value)
+        }
+        fn tls12_session(&self, server: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(server)
+        }
+        fn remove_tls12_session(&self, server: &ServerName<'static>) {
+            self.inner.remove_tls12_session(server)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            server: ServerName<'static>,
+            value: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets.fetch_add(1, Ordering::SeqCst);
+            self.inner.insert_tls13_ticket(server, value)
+        }
+        fn take_tls13_ticket(
+            &self,
+            server: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(server)
+        }
     }
 
     #[test]
