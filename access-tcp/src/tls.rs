@@ -105,13 +105,13 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<GeneratedTls, 
     let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     sans.extend(names.iter().cloned());
     let (staged_ca, staged_ed25519, staged_p256) = paths(&staging);
-    let (ed25519_ca, ed25519) = generate_chain(&rcgen::PKCS_ED25519, "tern standalone CA (Ed25519)", &sans)?;
-    let (p256_ca, p256) = generate_chain(&rcgen::PKCS_ECDSA_P256_SHA256, "tern standalone CA", &sans)?;
-    write(&staged_ed25519.key, ed25519.1)?;
-    write(&staged_ed25519.cert, ed25519.0)?;
-    write(&staged_p256.key, p256.1)?;
-    write(&staged_p256.cert, p256.0)?;
-    write(&staged_ca, format!("{p256_ca}{ed25519_ca}"))?;
+    let ed25519 = generate_chain(&rcgen::PKCS_ED25519, "tern standalone CA (Ed25519)", &sans)?;
+    let p256 = generate_chain(&rcgen::PKCS_ECDSA_P256_SHA256, "tern standalone CA", &sans)?;
+    for (chain, staged) in [(&ed25519, &staged_ed25519), (&p256, &staged_p256)] {
+        write(&staged.key, &chain.key_pem)?;
+        write(&staged.cert, &chain.cert_pem)?;
+    }
+    write(&staged_ca, &format!("{}{}", p256.ca_pem, ed25519.ca_pem))?;
     // An empty `dir` left by an earlier failed attempt would block the rename.
     let _ = fs::remove_dir(dir);
     match fs::rename(&staging, dir) {
@@ -127,13 +127,20 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<GeneratedTls, 
     }
 }
 
-/// A CA certificate (PEM) and a server certificate for `names` signed by it,
-/// with its key (PEM), all with keys of algorithm `alg`.
+/// A generated CA and the server certificate it signed, in PEM.
+struct GeneratedChain {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// A CA and a server certificate for `names` signed by it, both with keys
+/// of algorithm `alg`.
 fn generate_chain(
     alg: &'static SignatureAlgorithm,
     ca_name: &str,
     names: &[String],
-) -> Result<(String, (String, String)), TlsError> {
+) -> Result<GeneratedChain, TlsError> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, ca_name);
@@ -147,10 +154,10 @@ fn generate_chain(
     params.distinguished_name.push(DnType::CommonName, "tern access node");
     let key = KeyPair::generate_for(alg)?;
     let cert = params.signed_by(&key, &issuer)?;
-    Ok((ca.pem(), (cert.pem(), key.serialize_pem())))
+    Ok(GeneratedChain { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
-fn write(path: &Path, contents: String) -> Result<(), TlsError> {
+fn write(path: &Path, contents: &str) -> Result<(), TlsError> {
     fs::write(path, contents).map_err(|source| TlsError::Write { path: path.to_owned(), source })
 }
 
