@@ -344,8 +344,27 @@ async fn sender_loop(stream: u32, mut frames: Frames, mut rx: FlowRx) {
 /// pulled is recorded and ACKed. A pull can return a message whose push was
 /// just recorded (its ACK still on the way), so pulled and pushed ids are
 /// told apart per run; a message pushed twice still counts as a duplicate.
+/// A receiver whose connection ends is an error of the run (its messages
+/// would otherwise only show up as missing, without a reason).
 async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>, mut rx: FlowRx) {
     let mut flow: Option<Arc<Flow>> = None;
+    let ended = receive(receiver, frames, tx, &mut rx, &mut flow).await;
+    current(&mut rx, &mut flow);
+    let note = format!("receiver {receiver}: connection ended: {ended}");
+    match &flow {
+        Some(f) => f.on_error(|| note),
+        None => eprintln!("  error: {note}"),
+    }
+}
+
+/// The loop of [`receiver_loop`]; returns why the connection ended.
+async fn receive(
+    receiver: usize,
+    frames: Frames,
+    tx: mpsc::Sender<Bytes>,
+    rx: &mut FlowRx,
+    flow: &mut Option<Arc<Flow>>,
+) -> String {
     let mut run = None;
     let mut seq: u32 = 1;
     let mut bursts = frames.ready_chunks(512);
@@ -356,7 +375,8 @@ async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>,
     let mut pulling: Option<u32> = None;
     let mut sync_again = false;
     while let Some(batch) = bursts.next().await {
-        current(&mut rx, &mut flow);
+        current(rx, flow);
+        let flow = &*flow;
         if flow.as_ref().map(|f| f.run) != run {
             run = flow.as_ref().map(|f| f.run);
             pushed.clear();
@@ -364,7 +384,10 @@ async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>,
         }
         let mut pull_after: Option<u64> = None;
         for frame in batch {
-            let Ok(frame) = frame else { return };
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => return format!("read failed: {e}"),
+            };
             match frame.kind() {
                 Some(RequestType::PushMessage) => {
                     let Ok(message) = frame.decode::<pb::Message>() else { continue };
@@ -423,7 +446,7 @@ async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>,
                 &pb::AckMessagesRequest { msg_ids: chunk.to_vec() },
             );
             if tx.send(ack).await.is_err() {
-                return;
+                return "its writer stopped".into();
             }
         }
         ids.clear();
@@ -436,8 +459,9 @@ async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>,
             );
             pulling = Some(sequence);
             if tx.send(pull).await.is_err() {
-                return;
+                return "its writer stopped".into();
             }
         }
     }
+    "closed by the server".into()
 }
