@@ -136,7 +136,8 @@ impl TernBed {
             let (frames, write) = conn.with_context(|| format!("receiver {}", receiver_users[r]))?;
             let tx = wire::spawn_writer(write, QUEUE);
             tasks.push(tokio::spawn(keep_alive(tx.downgrade())));
-            tasks.push(tokio::spawn(receiver_loop(r, frames, tx, flow_rx.clone())));
+            let login = (dials[r % dials.len()].clone(), receiver_tokens[r].clone());
+            tasks.push(tokio::spawn(receiver_loop(r, login, frames, tx, flow_rx.clone())));
         }
         for (s, token) in sender_tokens.iter().enumerate() {
             let (frames, write) = open_logged_in(&dials[(s + 1) % dials.len()], token)
@@ -344,43 +345,92 @@ async fn sender_loop(stream: u32, mut frames: Frames, mut rx: FlowRx) {
 /// pulled is recorded and ACKed. A pull can return a message whose push was
 /// just recorded (its ACK still on the way), so pulled and pushed ids are
 /// told apart per run; a message pushed twice still counts as a duplicate.
-/// A receiver whose connection ends is an error of the run (its messages
-/// would otherwise only show up as missing, without a reason).
-async fn receiver_loop(receiver: usize, frames: Frames, tx: mpsc::Sender<Bytes>, mut rx: FlowRx) {
+///
+/// A connection the server ends (its slow-consumer policy closes a receiver
+/// that falls a queue behind) is an error of the run. The receiver then
+/// does what the SDK does: it logs in again and pulls what it missed, so
+/// the next runs are measured on all the receivers.
+async fn receiver_loop(
+    receiver: usize,
+    login: (Dial, String),
+    mut frames: Frames,
+    mut tx: mpsc::Sender<Bytes>,
+    mut rx: FlowRx,
+) {
     let mut flow: Option<Arc<Flow>> = None;
-    let ended = receive(receiver, frames, tx, &mut rx, &mut flow).await;
-    current(&mut rx, &mut flow);
-    let note = format!("receiver {receiver}: connection ended: {ended}");
-    match &flow {
-        Some(f) => f.on_error(|| note),
-        None => eprintln!("  error: {note}"),
+    let mut seen = Seen::default();
+    let mut resync = false;
+    loop {
+        let ended = receive(receiver, frames, tx, &mut rx, &mut flow, &mut seen, resync).await;
+        current(&mut rx, &mut flow);
+        let note = format!("receiver {receiver}: connection ended: {ended}");
+        match &flow {
+            Some(f) => f.on_error(|| note),
+            None => eprintln!("  error: {note}"),
+        }
+        let (dial, token) = &login;
+        match open_logged_in(dial, token).await {
+            Ok((read, write)) => {
+                frames = read;
+                tx = wire::spawn_writer(write, QUEUE);
+                tokio::spawn(keep_alive(tx.downgrade()));
+                resync = true;
+            }
+            Err(e) => {
+                eprintln!("  error: receiver {receiver}: cannot log in again: {e:#}");
+                return;
+            }
+        }
     }
 }
 
-/// The loop of [`receiver_loop`]; returns why the connection ended.
+/// The messages a receiver got in the current run, by way of arrival: a
+/// message pulled after being pushed (or the reverse) is one delivery, and
+/// so is one pushed again after a reconnect; pushed twice on one connection
+/// it is a duplicate.
+#[derive(Default)]
+struct Seen {
+    run: Option<u32>,
+    pushed: HashSet<u64>,
+    pulled: HashSet<u64>,
+}
+
+/// The loop of [`receiver_loop`] on one connection, pulling the offline
+/// set first if `resync`; returns why the connection ended.
 async fn receive(
     receiver: usize,
     frames: Frames,
     tx: mpsc::Sender<Bytes>,
     rx: &mut FlowRx,
     flow: &mut Option<Arc<Flow>>,
+    seen: &mut Seen,
+    resync: bool,
 ) -> String {
-    let mut run = None;
+    let Seen { run, pushed, pulled } = seen;
+    // What this connection was pushed in the current run.
+    let mut pushed_here: HashSet<u64> = HashSet::new();
     let mut seq: u32 = 1;
     let mut bursts = frames.ready_chunks(512);
     let mut ids = Vec::with_capacity(512);
-    let mut pushed: HashSet<u64> = HashSet::new();
-    let mut pulled: HashSet<u64> = HashSet::new();
     // The sequence of the pull in flight, and whether a SYNC came meanwhile.
     let mut pulling: Option<u32> = None;
     let mut sync_again = false;
+    if resync {
+        let sequence = next_seq(&mut seq);
+        let pull = pb::PullOfflineRequest { after_msg_id: 0, limit: 200 };
+        if tx.send(wire::encode(RequestType::PullOffline, sequence, &pull)).await.is_err() {
+            return "its writer stopped".into();
+        }
+        pulling = Some(sequence);
+    }
     while let Some(batch) = bursts.next().await {
         current(rx, flow);
         let flow = &*flow;
-        if flow.as_ref().map(|f| f.run) != run {
-            run = flow.as_ref().map(|f| f.run);
+        if flow.as_ref().map(|f| f.run) != *run {
+            *run = flow.as_ref().map(|f| f.run);
             pushed.clear();
             pulled.clear();
+            pushed_here.clear();
         }
         let mut pull_after: Option<u64> = None;
         for frame in batch {
@@ -395,7 +445,13 @@ async fn receive(
                     if pulled.contains(&message.msg_id) {
                         continue;
                     }
-                    pushed.insert(message.msg_id);
+                    let first = pushed.insert(message.msg_id);
+                    let again_here = !pushed_here.insert(message.msg_id);
+                    if !first && !again_here {
+                        // Pushed before the reconnect, not ACKed in time,
+                        // pushed again: the SDK drops it by id too.
+                        continue;
+                    }
                     if let (Some(f), Some(stamp)) = (&flow, Stamp::decode(&message.content)) {
                         f.on_delivery(receiver, &stamp);
                     }
