@@ -551,12 +551,14 @@ impl<W: Wire> Io<W> {
         } else {
             // Receiving may answer (a TLS key update): that answer goes
             // after the held records, and only then are they released.
+            // (A failure's alert too, so it is still sent before the close.)
             let mut answer = BytesMut::new();
-            self.wire.received(&mut self.input, &mut answer)?;
+            let received = self.wire.received(&mut self.input, &mut answer);
             if !answer.is_empty() {
                 self.unhold();
                 self.output.extend_from_slice(&answer);
             }
+            received?;
         }
         if self.wire.peer_closed() {
             self.eof = true;
