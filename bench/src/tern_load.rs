@@ -416,12 +416,10 @@ async fn receive(
     let mut pulling: Option<u32> = None;
     let mut sync_again = false;
     if resync {
-        let sequence = next_seq(&mut seq);
-        let pull = pb::PullOfflineRequest { after_msg_id: 0, limit: 200 };
-        if tx.send(wire::encode(RequestType::PullOffline, sequence, &pull)).await.is_err() {
-            return "its writer stopped".into();
+        match request_pull(&tx, &mut seq, 0).await {
+            Some(sequence) => pulling = Some(sequence),
+            None => return "its writer stopped".into(),
         }
-        pulling = Some(sequence);
     }
     while let Some(batch) = bursts.next().await {
         current(rx, flow);
@@ -507,17 +505,20 @@ async fn receive(
         }
         ids.clear();
         if let Some(after) = pull_after {
-            let sequence = next_seq(&mut seq);
-            let pull = wire::encode(
-                RequestType::PullOffline,
-                sequence,
-                &pb::PullOfflineRequest { after_msg_id: after, limit: 200 },
-            );
-            pulling = Some(sequence);
-            if tx.send(pull).await.is_err() {
-                return "its writer stopped".into();
+            match request_pull(&tx, &mut seq, after).await {
+                Some(sequence) => pulling = Some(sequence),
+                None => return "its writer stopped".into(),
             }
         }
     }
     "closed by the server".into()
+}
+
+/// Asks for the page of the offline set after `after`; returns the
+/// request's sequence, or `None` if the connection's writer has stopped.
+async fn request_pull(tx: &mpsc::Sender<Bytes>, seq: &mut u32, after: u64) -> Option<u32> {
+    let sequence = next_seq(seq);
+    let pull = pb::PullOfflineRequest { after_msg_id: after, limit: 200 };
+    tx.send(wire::encode(RequestType::PullOffline, sequence, &pull)).await.ok()?;
+    Some(sequence)
 }
