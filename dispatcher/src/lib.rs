@@ -295,14 +295,49 @@ impl Dispatcher {
             .await
             .map_err(ServiceError::backend)?;
         let Some(ids) = seen else { return Ok(None) };
+        self.replay_reserved(draft, ids).await.map(Some)
+    }
+
+    /// [`Dispatcher::replay`] once the reservation `ids` was found.
+    async fn replay_reserved(&self, draft: &Draft, ids: DedupRecord) -> ServiceResult<pb::SendAck> {
         self.publish(draft, ids).await?;
-        Ok(Some(pb::SendAck {
+        Ok(pb::SendAck {
             client_msg_id: draft.client_msg_id.clone(),
             msg_id: ids.msg_id,
             seq: ids.seq,
             sent_at_ms: ids.sent_at_ms,
             duplicate: true,
-        }))
+        })
+    }
+
+    /// The reservation of each draft's client message id, if any: one
+    /// [`DedupStore::get_many`] per sender (a burst has one), not a lookup
+    /// per message.
+    async fn reservations(&self, drafts: &[Draft]) -> ServiceResult<Vec<Option<DedupRecord>>> {
+        let mut found = vec![None; drafts.len()];
+        let mut senders: Vec<&str> = drafts.iter().map(|d| d.sender.as_str()).collect();
+        senders.sort_unstable();
+        senders.dedup();
+        for sender in senders {
+            let (indexes, ids): (Vec<usize>, Vec<&str>) = drafts
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.sender == sender)
+                .map(|(i, d)| (i, d.client_msg_id.as_str()))
+                .unzip();
+            let records = self.backends.dedup.get_many(sender, &ids).await.map_err(ServiceError::backend)?;
+            if records.len() != ids.len() {
+                return Err(ServiceError::internal(format!(
+                    "dedup store answered {} of {} lookups",
+                    records.len(),
+                    ids.len()
+                )));
+            }
+            for (index, record) in indexes.into_iter().zip(records) {
+                found[index] = record;
+            }
+        }
+        Ok(found)
     }
 
     /// Dedup, id, then sequence + reservation + publish in the message log:
@@ -326,15 +361,18 @@ impl Dispatcher {
             guards.push(self.stripes[stripe].lock().await);
         }
 
+        // Looked up under the lock: two concurrent retries store once.
+        let reserved = match self.reservations(&drafts).await {
+            Ok(reserved) => reserved,
+            Err(e) => return vec![Err(e); drafts.len()],
+        };
         let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; drafts.len()];
         let mut messages = Vec::with_capacity(drafts.len());
         let mut owners = Vec::with_capacity(drafts.len());
-        for (index, draft) in drafts.into_iter().enumerate() {
-            // Checked under the lock: two concurrent retries store once.
-            match self.replay(&draft).await {
-                Ok(Some(ack)) => results[index] = Some(Ok(ack)),
-                Err(e) => results[index] = Some(Err(e)),
-                Ok(None) => match self.ids.next_id() {
+        for ((index, draft), reservation) in drafts.into_iter().enumerate().zip(reserved) {
+            match reservation {
+                Some(ids) => results[index] = Some(self.replay_reserved(&draft, ids).await),
+                None => match self.ids.next_id() {
                     // Clock trouble or a lost worker id: temporary, retry later.
                     Err(e) => results[index] = Some(Err(ServiceError::unavailable(e))),
                     Ok(msg_id) => {

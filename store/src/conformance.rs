@@ -271,6 +271,23 @@ pub async fn dedup_store(store: &dyn DedupStore) {
         None,
         "dedup: records are per client message id"
     );
+    let second = DedupRecord { msg_id: 44, seq: 9, sent_at_ms: now_ms() };
+    store.put(&sender, "c3", second, Duration::from_secs(600)).await.expect("put");
+    assert_eq!(
+        store.get_many(&sender, &["c3", "c2", "c1", "c3"]).await.expect("get_many"),
+        vec![Some(second), None, Some(record), Some(second)],
+        "dedup: get_many answers each id in order, repeats included"
+    );
+    assert_eq!(
+        store.get_many(&sender, &[]).await.expect("get_many"),
+        Vec::new(),
+        "dedup: get_many of no ids"
+    );
+    assert_eq!(
+        store.get_many(&unique_id("ds"), &["c1", "c3"]).await.expect("get_many"),
+        vec![None, None],
+        "dedup: get_many is per sender"
+    );
 
     let short = DedupRecord { msg_id: 43, seq: 8, sent_at_ms: now_ms() };
     store.put(&sender, "c-short", short, Duration::from_millis(500)).await.expect("put");
@@ -284,6 +301,11 @@ pub async fn dedup_store(store: &dyn DedupStore) {
         store.get(&sender, "c-short").await.expect("get"),
         None,
         "dedup: a record is gone after its ttl"
+    );
+    assert_eq!(
+        store.get_many(&sender, &["c-short", "c1"]).await.expect("get_many"),
+        vec![None, Some(record)],
+        "dedup: get_many leaves out expired records"
     );
     assert_eq!(
         store.get(&sender, "c1").await.expect("get"),

@@ -103,6 +103,18 @@ pub struct DedupRecord {
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
     async fn get(&self, sender: &str, client_msg_id: &str) -> StoreResult<Option<DedupRecord>>;
+    /// [`DedupStore::get`] for several client message ids of one sender:
+    /// one result per id, in the same order. The dispatcher looks a whole
+    /// burst of sends up at once; a backend that can answer them in one
+    /// read (one transaction, one round trip) overrides the default, which
+    /// asks one at a time.
+    async fn get_many(&self, sender: &str, client_msg_ids: &[&str]) -> StoreResult<Vec<Option<DedupRecord>>> {
+        let mut records = Vec::with_capacity(client_msg_ids.len());
+        for client_msg_id in client_msg_ids {
+            records.push(self.get(sender, client_msg_id).await?);
+        }
+        Ok(records)
+    }
     /// Remembers the record for at least `ttl`.
     async fn put(
         &self,

@@ -105,15 +105,28 @@ impl EmbeddedDedupStore {
 #[async_trait]
 impl DedupStore for EmbeddedDedupStore {
     async fn get(&self, sender: &str, client_msg_id: &str) -> StoreResult<Option<DedupRecord>> {
-        let (sender, client) = (sender.to_owned(), client_msg_id.to_owned());
+        let mut records = self.get_many(sender, &[client_msg_id]).await?;
+        Ok(records.pop().flatten())
+    }
+
+    /// One read transaction for all of them: opening it and the table costs
+    /// more than a lookup.
+    async fn get_many(&self, sender: &str, client_msg_ids: &[&str]) -> StoreResult<Vec<Option<DedupRecord>>> {
+        let sender = sender.to_owned();
+        let clients: Vec<String> = client_msg_ids.iter().map(|&c| c.to_owned()).collect();
         self.store
             .read(move |txn| {
                 let table = txn.open_table(RECORDS).map_err(db_err)?;
-                let Some(v) = table.get((sender.as_str(), client.as_str())).map_err(db_err)? else {
-                    return Ok(None);
-                };
-                let (msg_id, seq, sent_at_ms, expires_at) = v.value();
-                Ok((expires_at > now_ms()).then_some(DedupRecord { msg_id, seq, sent_at_ms }))
+                let now = now_ms();
+                let mut records = Vec::with_capacity(clients.len());
+                for client in &clients {
+                    let found = table.get((sender.as_str(), client.as_str())).map_err(db_err)?;
+                    records.push(found.and_then(|v| {
+                        let (msg_id, seq, sent_at_ms, expires_at) = v.value();
+                        (expires_at > now).then_some(DedupRecord { msg_id, seq, sent_at_ms })
+                    }));
+                }
+                Ok(records)
             })
             .await
     }

@@ -34,11 +34,22 @@ impl DedupStore for RedisDedupStore {
             .query_async(&mut self.shared.conn())
             .await
             .map_err(redis_err)?;
-        value
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("dedup record: {e}")))
-            })
-            .transpose()
+        value.as_deref().map(decode).transpose()
+    }
+
+    /// One `MGET`: the keys share the sender's hash tag, so they live in
+    /// one slot even on a Redis Cluster.
+    async fn get_many(&self, sender: &str, client_msg_ids: &[&str]) -> StoreResult<Vec<Option<DedupRecord>>> {
+        if client_msg_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mget = redis::cmd("MGET");
+        for client_msg_id in client_msg_ids {
+            mget.arg(self.key(sender, client_msg_id));
+        }
+        let values: Vec<Option<Vec<u8>>> =
+            mget.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
+        values.iter().map(|value| value.as_deref().map(decode).transpose()).collect()
     }
 
     async fn put(
@@ -59,4 +70,8 @@ impl DedupStore for RedisDedupStore {
             .await
             .map_err(redis_err)
     }
+}
+
+fn decode(bytes: &[u8]) -> StoreResult<DedupRecord> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("dedup record: {e}")))
 }
