@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{Bus, BusRecord, StoreResult};
 
@@ -10,6 +10,13 @@ use crate::{Bus, BusRecord, StoreResult};
 const BATCH: usize = 512;
 /// Pause before a failed poll or batch is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Least time between two offset commits while batches keep finishing; the
+/// batches finished meanwhile are committed together. A commit is a durable
+/// write (an `fsync` on the embedded bus, a broker round trip on Kafka) that
+/// the loop waits for before it polls again, so committing each batch on its
+/// own delayed the delivery of the next ones by a commit per batch. A crash
+/// replays up to this much more, which processing tolerates (idempotent).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Consumes `topic` in `group` until `shutdown` resolves: polls a batch,
 /// hands it to `process` — again, after a pause, until it succeeds, since
@@ -60,10 +67,13 @@ where
     let depth = depth.max(1);
     let mut consumer = bus.subscribe(topic, group).await?;
     let mut finishing: VecDeque<(Vec<BusRecord>, tokio::task::JoinHandle<()>)> = VecDeque::new();
+    // The newest finished record of each partition, not committed yet.
+    let mut finished = Vec::new();
+    let mut last_commit: Option<Instant> = None;
     tokio::pin!(shutdown);
     let mut stopping = false;
     loop {
-        // Commit what finished, oldest first; wait for the oldest when the
+        // Take what finished, oldest first; wait for the oldest when the
         // pipeline is full or the consumer is stopping.
         loop {
             let full = finishing.len() >= depth;
@@ -74,16 +84,28 @@ where
             task.await
                 .map_err(|e| crate::StoreError::Backend(format!("{group}: finishing a batch failed: {e}")))?;
             let (batch, _) = finishing.pop_front().expect("front exists");
-            if let Err(e) = consumer.commit(&batch).await {
-                tracing::warn!(%group, error = %e, "offset commit failed; the batch will be replayed");
+            newest_per_partition(&mut finished, batch);
+        }
+        let commit_due = last_commit.is_none_or(|at| at.elapsed() >= COMMIT_INTERVAL);
+        if !finished.is_empty() && (commit_due || stopping) {
+            if let Err(e) = consumer.commit(&finished).await {
+                // A later commit of the same partitions covers these;
+                // otherwise a restart replays them.
+                tracing::warn!(%group, error = %e, "offset commit failed");
             }
+            finished.clear();
+            last_commit = Some(Instant::now());
         }
         if stopping {
             return Ok(());
         }
-        // While batches are finishing, poll briefly so their commits do
-        // not wait for new records.
-        let wait = if finishing.is_empty() { Duration::from_millis(500) } else { Duration::from_millis(5) };
+        // While batches are finishing, or finished ones wait for their
+        // commit, poll briefly so those do not wait for new records.
+        let wait = if !finishing.is_empty() || !finished.is_empty() {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(500)
+        };
         let polled = tokio::select! {
             _ = &mut shutdown => {
                 stopping = true;
@@ -115,6 +137,18 @@ where
         match task {
             Some(task) => finishing.push_back((batch, task)),
             None => stopping = true,
+        }
+    }
+}
+
+/// Folds `batch` into `newest`, which keeps one record per partition: the
+/// highest offset seen. Committing those commits everything before them.
+fn newest_per_partition(newest: &mut Vec<BusRecord>, batch: Vec<BusRecord>) {
+    for record in batch {
+        match newest.iter_mut().find(|r| r.partition == record.partition) {
+            Some(kept) if kept.offset >= record.offset => {}
+            Some(kept) => *kept = record,
+            None => newest.push(record),
         }
     }
 }

@@ -28,7 +28,7 @@ mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use bus::{EmbeddedBus, EmbeddedConsumer};
+pub use bus::{EmbeddedBus, EmbeddedConsumer, TRIM_EVERY_RECORDS};
 pub use dedup::EmbeddedDedupStore;
 pub use history::EmbeddedHistoryStore;
 pub use message_log::EmbeddedMessageLog;

@@ -249,7 +249,8 @@ pub trait BusConsumer: Send + 'static {
     async fn poll(&mut self, max: usize, wait: Duration) -> StoreResult<Vec<BusRecord>>;
     /// Marks as processed, in each partition that appears in `records`,
     /// everything up to and including that partition's highest offset there.
-    /// Consumers pass the batch they just finished.
+    /// Consumers pass what they finished since their last commit (the
+    /// records themselves, or just the newest of each partition).
     async fn commit(&mut self, records: &[BusRecord]) -> StoreResult<()>;
 }
 

@@ -2,7 +2,8 @@
 //! finishing task is still running keeps every later batch uncommitted,
 //! even one that finished, so a crash replays from the oldest unfinished
 //! batch; once it finishes, everything up to the newest finished batch is
-//! committed; shutdown finishes what is under way first.
+//! committed; shutdown finishes what is under way first. On a scripted
+//! bus: batches finished together share one commit.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -126,4 +127,118 @@ async fn a_crash_replays_from_the_oldest_unfinished_batch_and_shutdown_finishes_
     release.notify_one();
     task.await.unwrap().unwrap();
     assert!(first_uncommitted(&bus).await.is_none(), "everything finished is committed at shutdown");
+}
+
+/// Each commit's (partition, offset) pairs, in commit order.
+type CommitLog = Arc<Mutex<Vec<Vec<(u32, u64)>>>>;
+
+/// A bus that hands out `records` (two partitions, one record per poll)
+/// and logs every commit.
+struct ScriptedBus {
+    records: Mutex<Vec<tern_store::BusRecord>>,
+    commits: CommitLog,
+}
+
+struct ScriptedConsumer {
+    records: Vec<tern_store::BusRecord>,
+    commits: CommitLog,
+}
+
+#[async_trait::async_trait]
+impl Bus for ScriptedBus {
+    async fn publish(&self, _topic: &str, _key: Bytes, _payload: Bytes) -> tern_store::StoreResult<()> {
+        unreachable!("the test does not publish")
+    }
+
+    async fn subscribe(
+        &self,
+        _topic: &str,
+        _group: &str,
+    ) -> tern_store::StoreResult<Box<dyn tern_store::BusConsumer>> {
+        let records = std::mem::take(&mut *self.records.lock().unwrap());
+        Ok(Box::new(ScriptedConsumer { records, commits: self.commits.clone() }))
+    }
+}
+
+#[async_trait::async_trait]
+impl tern_store::BusConsumer for ScriptedConsumer {
+    async fn poll(
+        &mut self,
+        _max: usize,
+        wait: Duration,
+    ) -> tern_store::StoreResult<Vec<tern_store::BusRecord>> {
+        if self.records.is_empty() {
+            tokio::time::sleep(wait).await;
+            return Ok(Vec::new());
+        }
+        // Records trickle in, as they do from a bus under load, and the
+        // finishing tasks get to run in between.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(vec![self.records.remove(0)])
+    }
+
+    async fn commit(&mut self, records: &[tern_store::BusRecord]) -> tern_store::StoreResult<()> {
+        let mut committed: Vec<(u32, u64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
+        committed.sort_unstable();
+        self.commits.lock().unwrap().push(committed);
+        Ok(())
+    }
+}
+
+/// Batches that finish in quick succession are committed together, at most
+/// one commit per 50 ms (each is a durable write the loop waits for), and
+/// the commits carry the newest finished offset of every partition, the
+/// last one at shutdown.
+#[tokio::test]
+async fn batches_finished_together_are_committed_together() {
+    let records: Vec<tern_store::BusRecord> = (0..40u64)
+        .map(|i| tern_store::BusRecord {
+            partition: u32::try_from(i % 2).unwrap(),
+            offset: i / 2,
+            key: Bytes::new(),
+            payload: Bytes::new(),
+        })
+        .collect();
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let bus = ScriptedBus { records: Mutex::new(records), commits: commits.clone() };
+    let processed = Arc::new(Mutex::new(0usize));
+    let counter = processed.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let consumer = tokio::spawn(async move {
+        let process = |batch: Vec<tern_store::BusRecord>| {
+            let counter = counter.clone();
+            async move {
+                *counter.lock().unwrap() += batch.len();
+                Ok(tokio::spawn(async {}))
+            }
+        };
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        consume::consume_pipelined(&bus, TOPIC, GROUP, shutdown, 8, process).await
+    });
+    eventually("every batch", || *processed.lock().unwrap() == 40).await;
+    // At most one commit per 50 ms, plus the first and the one at shutdown
+    // (a slow machine stretches the run, not the rule).
+    let allowed = usize::try_from(started.elapsed().as_millis() / 50).unwrap() + 2;
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+
+    let commits = commits.lock().unwrap();
+    assert!(
+        commits.len() <= allowed.min(39),
+        "40 batches took {} commits; at most {} expected",
+        commits.len(),
+        allowed.min(39)
+    );
+    assert_eq!(commits.last().unwrap(), &vec![(0, 19), (1, 19)], "the last commit covers every partition");
+    let mut newest = [0u64; 2];
+    for commit in commits.iter() {
+        for &(partition, offset) in commit {
+            let partition = usize::try_from(partition).unwrap();
+            assert!(offset >= newest[partition], "commits never go back: {commits:?}");
+            newest[partition] = offset;
+        }
+    }
 }

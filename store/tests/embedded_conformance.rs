@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tempfile::TempDir;
-use tern_store::embedded::{EmbeddedBackends, EmbeddedBus, EmbeddedOfflineStore};
+use tern_store::embedded::{EmbeddedBackends, EmbeddedBus, EmbeddedOfflineStore, TRIM_EVERY_RECORDS};
 use tern_store::{
     Bus, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore, OfflineEntry, OfflineStore,
     Placement, SequenceStore, SessionStore, UserRecord, conformance,
@@ -263,16 +263,38 @@ async fn bus_trims_committed_records() {
     assert_eq!(rest.first().map(|r| r.offset), Some(records[4].offset));
     assert_eq!(rest.len(), 6);
 
-    // Automatic trimming kicks in after enough commits.
-    for _ in 0..300 {
-        slow.commit(&records[9..10]).await.expect("commit");
+    // Automatic trimming kicks in once commits have moved the offsets by
+    // TRIM_EVERY_RECORDS records: not at the slow group's next commit...
+    slow.commit(&records[9..10]).await.expect("commit");
+    assert_eq!(bus.retained("t").await.expect("retained"), 6, "a few committed records are kept");
+    // ...but once both groups have committed that many more.
+    let publishes =
+        (0..TRIM_EVERY_RECORDS).map(|i| bus.publish("t", Bytes::new(), Bytes::from(i.to_string())));
+    futures::future::try_join_all(publishes).await.expect("publish");
+    let mut moved = 0;
+    while moved < TRIM_EVERY_RECORDS {
+        let batch = fast.poll(1_000, Duration::from_secs(5)).await.expect("poll");
+        moved += batch.len() as u64;
+        fast.commit(&batch).await.expect("commit");
     }
+    assert_eq!(
+        bus.retained("t").await.expect("retained"),
+        TRIM_EVERY_RECORDS,
+        "the slow group's backlog is kept"
+    );
+    let mut moved = 0;
+    while moved < TRIM_EVERY_RECORDS {
+        let batch = slow.poll(1_000, Duration::from_secs(5)).await.expect("poll");
+        moved += batch.len() as u64;
+        slow.commit(&batch).await.expect("commit");
+    }
+    // The slow group's last commit crossed the threshold.
     assert_eq!(bus.retained("t").await.expect("retained"), 0, "trimmed automatically");
     // Offsets continue after the log was emptied by a trim.
     bus.publish("t", Bytes::new(), Bytes::from_static(&[10])).await.expect("publish");
     let last = fast.poll(100, Duration::from_secs(5)).await.expect("poll");
     assert_eq!(last.len(), 1);
-    assert_eq!(last[0].offset, records[9].offset + 1);
+    assert_eq!(last[0].offset, records[9].offset + TRIM_EVERY_RECORDS + 1);
 }
 
 /// Environment variable naming the data directory of [`sigkill_child`].

@@ -14,8 +14,10 @@
 //! consumer wakes immediately instead of polling the file.
 //!
 //! Records below the smallest committed offset of every group that ever
-//! subscribed to a topic are deleted every [`TRIM_EVERY_COMMITS`] commits
-//! (or on [`EmbeddedBus::trim`]), so the log does not grow forever.
+//! subscribed to a topic are deleted once the groups' commits have moved
+//! their offsets by [`TRIM_EVERY_RECORDS`] in all (or on
+//! [`EmbeddedBus::trim`]), so the log does not grow forever and each trim
+//! deletes a bounded run of records, however often consumers commit.
 //!
 //! Unlike Kafka there are no partitions: every consumer of a group reads the
 //! whole topic from the group's committed offset, so a group should have one
@@ -44,11 +46,13 @@ type RecordValue = (&'static [u8], &'static [u8]);
 
 pub(crate) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("bus_records");
 pub(crate) const HEADS: TableDefinition<&str, u64> = TableDefinition::new("bus_heads");
+/// A trim runs once the groups' commits have moved their offsets by this
+/// many records in all (a record read by two groups counts twice): often
+/// enough to keep the log short, seldom enough that no trim is large.
+pub const TRIM_EVERY_RECORDS: u64 = 4096;
+
 pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("bus_group_offsets");
-
-/// A trim of the committed topic runs with every this many commits.
-const TRIM_EVERY_COMMITS: u64 = 256;
 
 pub(crate) struct BusTables<'t> {
     records: Table<'t, RecordKey, RecordValue>,
@@ -108,7 +112,8 @@ struct Shared {
     store: SharedMessageDb,
     /// Committed head (next offset) of each topic, for waking consumers.
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
-    commits: AtomicU64,
+    /// How far the groups' offsets moved, summed, since the last trim.
+    untrimmed: AtomicU64,
 }
 
 impl Shared {
@@ -155,12 +160,14 @@ impl EmbeddedBus {
             }
             Ok(heads)
         })?;
-        Ok(Self { shared: Arc::new(Shared { store, heads: Mutex::new(heads), commits: AtomicU64::new(0) }) })
+        Ok(Self {
+            shared: Arc::new(Shared { store, heads: Mutex::new(heads), untrimmed: AtomicU64::new(0) }),
+        })
     }
 
     /// Deletes, in every topic, the records every subscribed group has
-    /// committed. Runs on its own every few hundred commits; returns how many
-    /// records were deleted.
+    /// committed. Runs on its own as commits advance (see
+    /// [`TRIM_EVERY_RECORDS`]); returns how many records were deleted.
     pub async fn trim(&self) -> StoreResult<u64> {
         self.shared
             .store
@@ -329,9 +336,7 @@ impl BusConsumer for EmbeddedConsumer {
     async fn commit(&mut self, records: &[BusRecord]) -> StoreResult<()> {
         // One partition: the batch's highest offset is the commit point.
         let Some(offset) = records.iter().map(|r| r.offset).max() else { return Ok(()) };
-        let trim = self.shared.commits.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY_COMMITS
-            == TRIM_EVERY_COMMITS - 1;
-        let (topic, group) = (self.topic.clone(), self.group.clone());
+        let (topic, group, shared) = (self.topic.clone(), self.group.clone(), self.shared.clone());
         self.shared
             .store
             .write(move |t: &mut MessageTables<'_>| {
@@ -343,9 +348,13 @@ impl BusConsumer for EmbeddedConsumer {
                 let next = offset.saturating_add(1).min(t.head(&topic)?).max(current);
                 if next != current {
                     t.group_offsets.insert(key, next).map_err(db_err)?;
-                }
-                if trim {
-                    t.trim_topic(&topic)?;
+                    // Re-applied if the writer retries the transaction: at
+                    // worst the trim comes a little early.
+                    let moved = next - current;
+                    if shared.untrimmed.fetch_add(moved, Ordering::Relaxed) + moved >= TRIM_EVERY_RECORDS {
+                        shared.untrimmed.store(0, Ordering::Relaxed);
+                        t.trim_topic(&topic)?;
+                    }
                 }
                 Ok(())
             })
