@@ -23,7 +23,7 @@
 //! whole topic from the group's committed offset, so a group should have one
 //! live consumer per topic (standalone runs one per service).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +80,23 @@ impl<'t> BusTables<'t> {
 
     fn head(&self, topic: &str) -> StoreResult<u64> {
         Ok(self.heads.get(topic).map_err(db_err)?.map_or(0, |v| v.value()))
+    }
+
+    /// [`BusTables::trim_topic`] for every topic a group subscribed to.
+    fn trim_all(&mut self) -> StoreResult<u64> {
+        let mut topics = Vec::new();
+        for entry in self.group_offsets.iter().map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let topic = k.value().0;
+            if topics.last().is_none_or(|last: &String| last != topic) {
+                topics.push(topic.to_owned());
+            }
+        }
+        let mut removed = 0;
+        for topic in &topics {
+            removed += self.trim_topic(topic)?;
+        }
+        Ok(removed)
     }
 
     /// Deletes the records of `topic` below the smallest committed offset of
@@ -169,24 +186,7 @@ impl EmbeddedBus {
     /// committed. Runs on its own as commits advance (see
     /// [`TRIM_EVERY_RECORDS`]); returns how many records were deleted.
     pub async fn trim(&self) -> StoreResult<u64> {
-        self.shared
-            .store
-            .write(|t: &mut MessageTables<'_>| {
-                let t = &mut t.bus;
-                let mut low: BTreeMap<String, u64> = BTreeMap::new();
-                for entry in t.group_offsets.iter().map_err(db_err)? {
-                    let (k, v) = entry.map_err(db_err)?;
-                    let topic = k.value().0;
-                    let l = low.entry(topic.to_owned()).or_insert(u64::MAX);
-                    *l = (*l).min(v.value());
-                }
-                let mut removed = 0;
-                for topic in low.keys() {
-                    removed += t.trim_topic(topic)?;
-                }
-                Ok(removed)
-            })
-            .await
+        self.shared.store.write(|t: &mut MessageTables<'_>| t.bus.trim_all()).await
     }
 
     /// What wakes `topic`'s consumers: call [`HeadSignal::committed`] with
@@ -353,7 +353,7 @@ impl BusConsumer for EmbeddedConsumer {
                     let moved = next - current;
                     if shared.untrimmed.fetch_add(moved, Ordering::Relaxed) + moved >= TRIM_EVERY_RECORDS {
                         shared.untrimmed.store(0, Ordering::Relaxed);
-                        t.trim_topic(&topic)?;
+                        t.trim_all()?;
                     }
                 }
                 Ok(())
