@@ -46,13 +46,13 @@ type RecordValue = (&'static [u8], &'static [u8]);
 
 pub(crate) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("bus_records");
 pub(crate) const HEADS: TableDefinition<&str, u64> = TableDefinition::new("bus_heads");
+pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("bus_group_offsets");
+
 /// A trim runs once the groups' commits have moved their offsets by this
 /// many records in all (a record read by two groups counts twice): often
 /// enough to keep the log short, seldom enough that no trim is large.
 pub const TRIM_EVERY_RECORDS: u64 = 4096;
-
-pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
-    TableDefinition::new("bus_group_offsets");
 
 pub(crate) struct BusTables<'t> {
     records: Table<'t, RecordKey, RecordValue>,
