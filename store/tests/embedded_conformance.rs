@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tempfile::TempDir;
 use tern_store::embedded::{EmbeddedBackends, EmbeddedBus, EmbeddedOfflineStore, TRIM_EVERY_RECORDS};
 use tern_store::{
-    Bus, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore, OfflineEntry, OfflineStore,
-    Placement, SequenceStore, SessionStore, UserRecord, conformance,
+    Bus, BusConsumer, DedupRecord, DedupStore, GroupRecord, HistoryStore, MetaStore, OfflineEntry,
+    OfflineStore, Placement, SequenceStore, SessionStore, UserRecord, conformance,
 };
 
 fn backends() -> (TempDir, EmbeddedBackends) {
@@ -238,6 +238,16 @@ async fn offline_tombstones_expire() {
     );
 }
 
+/// Polls and commits, batch by batch, until `count` records went through.
+async fn read_and_commit(consumer: &mut dyn BusConsumer, count: u64) {
+    let mut moved = 0;
+    while moved < count {
+        let batch = consumer.poll(1_000, Duration::from_secs(5)).await.expect("poll");
+        moved += batch.len() as u64;
+        consumer.commit(&batch).await.expect("commit");
+    }
+}
+
 /// Records every subscribed group has committed are trimmed; records a
 /// group has not committed are kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,23 +281,13 @@ async fn bus_trims_committed_records() {
     let publishes =
         (0..TRIM_EVERY_RECORDS).map(|i| bus.publish("t", Bytes::new(), Bytes::from(i.to_string())));
     futures::future::try_join_all(publishes).await.expect("publish");
-    let mut moved = 0;
-    while moved < TRIM_EVERY_RECORDS {
-        let batch = fast.poll(1_000, Duration::from_secs(5)).await.expect("poll");
-        moved += batch.len() as u64;
-        fast.commit(&batch).await.expect("commit");
-    }
+    read_and_commit(&mut *fast, TRIM_EVERY_RECORDS).await;
     assert_eq!(
         bus.retained("t").await.expect("retained"),
         TRIM_EVERY_RECORDS,
         "the slow group's backlog is kept"
     );
-    let mut moved = 0;
-    while moved < TRIM_EVERY_RECORDS {
-        let batch = slow.poll(1_000, Duration::from_secs(5)).await.expect("poll");
-        moved += batch.len() as u64;
-        slow.commit(&batch).await.expect("commit");
-    }
+    read_and_commit(&mut *slow, TRIM_EVERY_RECORDS).await;
     // The slow group's last commit crossed the threshold.
     assert_eq!(bus.retained("t").await.expect("retained"), 0, "trimmed automatically");
     // Offsets continue after the log was emptied by a trim.
