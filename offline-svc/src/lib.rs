@@ -283,7 +283,7 @@ impl Delivery {
 /// The offline set of one device of a user. Ids never contain `/`, so the
 /// key is unambiguous.
 pub fn device_inbox(user: &str, device: &str) -> String {
-    format!("{user}/{device}")
+    [user, "/", device].concat()
 }
 
 /// The offline set of a user who has no recorded device yet (registered,
@@ -681,23 +681,32 @@ fn merged(
 }
 
 /// The batch's records as deliveries; an undecodable record is logged and
-/// skipped.
+/// skipped. The message stays as the dispatcher encoded it, a slice of the
+/// record: only its routing fields are decoded, never its content (copying
+/// and re-encoding every message was 4.5% of the server's CPU in S3).
 fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
     let mut decoded = Vec::with_capacity(batch.len());
     for record in batch {
-        match pb::BusEnvelope::decode(record.payload.clone()) {
-            Ok(pb::BusEnvelope { message: Some(message), receivers, sender_device }) => {
-                let payload = Bytes::from(message.encode_to_vec());
-                let entry = OfflineEntry { msg_id: message.msg_id, payload };
-                let group_id = if message.kind == pb::ConversationKind::Group as i32 {
-                    message.group_id
-                } else {
-                    String::new()
-                };
-                decoded.push(Delivery { receivers, sender: message.sender, sender_device, group_id, entry });
+        let view = match pb::BusEnvelopeView::decode(record.payload.clone()) {
+            Ok(view) if !view.message.is_empty() => view,
+            Ok(_) | Err(_) => {
+                tracing::error!(offset = record.offset, "undecodable bus record skipped");
+                continue;
             }
-            Ok(_) | Err(_) => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
-        }
+        };
+        let Ok(routing) = pb::MessageRouting::decode(&view.message[..]) else {
+            tracing::error!(offset = record.offset, "undecodable message in bus record skipped");
+            continue;
+        };
+        let group_id =
+            if routing.kind == pb::ConversationKind::Group as i32 { routing.group_id } else { String::new() };
+        decoded.push(Delivery {
+            receivers: view.receivers,
+            sender: routing.sender,
+            sender_device: view.sender_device,
+            group_id,
+            entry: OfflineEntry { msg_id: routing.msg_id, payload: view.message },
+        });
     }
     decoded
 }
@@ -714,4 +723,73 @@ async fn devices_of(
         .map(String::as_str)
         .collect();
     meta.devices_of_users(&users.into_iter().collect::<Vec<_>>()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: u64, payload: Vec<u8>) -> BusRecord {
+        BusRecord { partition: 0, offset, key: Bytes::from_static(b"k"), payload: Bytes::from(payload) }
+    }
+
+    fn message(kind: pb::ConversationKind, msg_id: u64) -> pb::Message {
+        pb::Message {
+            msg_id,
+            kind: kind as i32,
+            sender: "alice".into(),
+            receiver: "bob".into(),
+            group_id: "team".into(),
+            seq: 7,
+            content: b"hello".to_vec(),
+            sent_at_ms: 1_700_000_000_000,
+            client_msg_id: "c-1".into(),
+        }
+    }
+
+    fn envelope(message: Option<pb::Message>) -> Vec<u8> {
+        pb::BusEnvelope {
+            message,
+            receivers: vec!["bob".into(), "carol".into()],
+            sender_device: "phone".into(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn decode_keeps_the_message_as_encoded_and_reads_its_routing() {
+        let single = message(pb::ConversationKind::Single, 41);
+        let group = message(pb::ConversationKind::Group, 42);
+        let batch = vec![record(0, envelope(Some(single.clone()))), record(1, envelope(Some(group.clone())))];
+        let decoded = decode(&batch);
+        assert_eq!(decoded.len(), 2);
+        for (delivery, original) in decoded.iter().zip([&single, &group]) {
+            assert_eq!(delivery.entry.msg_id, original.msg_id);
+            assert_eq!(pb::Message::decode(delivery.entry.payload.clone()).unwrap(), *original);
+            assert_eq!(delivery.receivers, ["bob", "carol"]);
+            assert_eq!(delivery.sender, "alice");
+            assert_eq!(delivery.sender_device, "phone");
+        }
+        assert_eq!(decoded[0].group_id, "", "a 1:1 message has no group");
+        assert_eq!(decoded[1].group_id, "team");
+    }
+
+    #[test]
+    fn decode_skips_undecodable_records_and_keeps_the_others() {
+        let good = message(pb::ConversationKind::Single, 43);
+        let batch = vec![
+            record(0, vec![0xff, 0xff, 0xff]),
+            record(1, envelope(None)),
+            // An envelope whose message field holds bytes that are no Message.
+            record(
+                2,
+                pb::BusEnvelopeView { message: Bytes::from_static(&[0x0a, 0x05]), ..Default::default() }
+                    .encode_to_vec(),
+            ),
+            record(3, envelope(Some(good.clone()))),
+        ];
+        let decoded = decode(&batch);
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(pb::Message::decode(decoded[0].entry.payload.clone()).unwrap(), good);
+    }
 }
