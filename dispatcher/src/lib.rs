@@ -219,6 +219,56 @@ struct Draft {
     receivers: Vec<String>,
 }
 
+impl Draft {
+    /// What the message log stores for this draft, given its ids. The bus
+    /// envelope is built once from the draft's own fields (not copied per
+    /// message, as [`envelope`] does for a retry); the payload function only
+    /// sets the sequence and encodes it.
+    fn into_new_message(self, msg_id: u64, sent_at_ms: u64, config: &DispatcherConfig) -> NewMessage {
+        let Draft {
+            kind,
+            conversation,
+            sender,
+            sender_device,
+            receiver,
+            group_id,
+            client_msg_id,
+            content,
+            receivers,
+        } = self;
+        let key = Bytes::from(conversation.clone().into_bytes());
+        let (stored_sender, stored_client_msg_id) = (sender.clone(), client_msg_id.clone());
+        let message = pb::Message {
+            msg_id,
+            kind: kind as i32,
+            sender,
+            receiver,
+            group_id,
+            seq: 0,
+            content,
+            sent_at_ms,
+            client_msg_id,
+        };
+        let mut envelope = pb::BusEnvelope { message: Some(message), receivers, sender_device };
+        NewMessage {
+            conversation,
+            sender: stored_sender,
+            client_msg_id: stored_client_msg_id,
+            msg_id,
+            sent_at_ms,
+            dedup_ttl: config.dedup_ttl,
+            topic: config.bus.messages_topic.clone(),
+            key,
+            payload: Box::new(move |seq| {
+                if let Some(message) = envelope.message.as_mut() {
+                    message.seq = seq;
+                }
+                Bytes::from(envelope.encode_to_vec())
+            }),
+        }
+    }
+}
+
 impl Dispatcher {
     pub fn new(backends: DispatcherBackends, ids: Arc<Snowflake>, config: DispatcherConfig) -> Self {
         Self {
@@ -378,19 +428,7 @@ impl Dispatcher {
                     Ok(msg_id) => {
                         let sent_at_ms = now_ms();
                         owners.push((index, draft.client_msg_id.clone(), msg_id, sent_at_ms));
-                        messages.push(NewMessage {
-                            conversation: draft.conversation.clone(),
-                            sender: draft.sender.clone(),
-                            client_msg_id: draft.client_msg_id.clone(),
-                            msg_id,
-                            sent_at_ms,
-                            dedup_ttl: self.config.dedup_ttl,
-                            topic: self.config.bus.messages_topic.clone(),
-                            key: Bytes::from(draft.conversation.clone().into_bytes()),
-                            payload: Box::new(move |seq| {
-                                envelope(&draft, DedupRecord { msg_id, seq, sent_at_ms })
-                            }),
-                        });
+                        messages.push(draft.into_new_message(msg_id, sent_at_ms, &self.config));
                     }
                 },
             }

@@ -141,12 +141,15 @@ impl From<RequestType> for u32 {
 /// two user ids sorted, so both directions of a 1:1 chat share one sequence,
 /// and `g:<group id>` for groups.
 pub fn single_conversation_key(a: &str, b: &str) -> String {
-    if a <= b { format!("p:{a}:{b}") } else { format!("p:{b}:{a}") }
+    // `concat` sizes the string once; `format!` was 1% of the server's CPU
+    // in S3 (this runs for every 1:1 send).
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    ["p:", low, ":", high].concat()
 }
 
 /// See [`single_conversation_key`].
 pub fn group_conversation_key(group_id: &str) -> String {
-    format!("g:{group_id}")
+    ["g:", group_id].concat()
 }
 
 /// Whether `key` (a bus record's key: its conversation) is a group's, so a

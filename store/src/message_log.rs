@@ -16,8 +16,9 @@ use bytes::Bytes;
 
 use crate::{Bus, DedupRecord, DedupStore, SequenceStore, StoreError, StoreResult};
 
-/// Builds a message's bus payload once its sequence is known.
-pub type PayloadFn = Box<dyn Fn(u64) -> Bytes + Send + Sync>;
+/// Builds a message's bus payload once its sequence is known. `FnMut` so
+/// it can fill the sequence into an envelope it owns instead of copying one.
+pub type PayloadFn = Box<dyn FnMut(u64) -> Bytes + Send + Sync>;
 
 /// A message to store: everything but its sequence is decided by the caller.
 pub struct NewMessage {
@@ -76,7 +77,7 @@ pub struct SeparateStores {
 
 #[async_trait]
 impl MessageLog for SeparateStores {
-    async fn append(&self, message: NewMessage) -> StoreResult<DedupRecord> {
+    async fn append(&self, mut message: NewMessage) -> StoreResult<DedupRecord> {
         let seq = self.sequences.incr(&message.conversation).await?;
         let ids = DedupRecord { msg_id: message.msg_id, seq, sent_at_ms: message.sent_at_ms };
         // Reserve the ids before publishing, so a retry after any failure

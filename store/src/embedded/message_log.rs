@@ -31,7 +31,7 @@ impl MessageLog for EmbeddedMessageLog {
 
     /// One writer job for the whole batch: its messages commit together (in
     /// the writer's next group commit) or not at all.
-    async fn append_batch(&self, messages: Vec<NewMessage>) -> Vec<StoreResult<DedupRecord>> {
+    async fn append_batch(&self, mut messages: Vec<NewMessage>) -> Vec<StoreResult<DedupRecord>> {
         let count = messages.len();
         if count == 0 {
             return Vec::new();
@@ -57,7 +57,7 @@ impl MessageLog for EmbeddedMessageLog {
                 move |t: &mut MessageTables<'_>| {
                     let mut ids = Vec::with_capacity(messages.len());
                     let mut last_offsets = vec![None; topics];
-                    for ((m, &expires_at), &head) in messages.iter().zip(&expiries).zip(&head_of) {
+                    for ((m, &expires_at), &head) in messages.iter_mut().zip(&expiries).zip(&head_of) {
                         let seq = t.sequences.incr(&m.conversation)?;
                         let record = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
                         t.dedup.put(&m.sender, &m.client_msg_id, record, expires_at)?;
