@@ -853,6 +853,13 @@ pub async fn message_log(
             appended.push(((*client).to_owned(), ids));
         }
     }
+    for (conv, last) in [(&conversation, 5), (&third, 2)] {
+        assert_eq!(
+            sequences.current(conv).await.expect("current"),
+            last,
+            "message log: a batch leaves each conversation's counter at its last sequence"
+        );
+    }
     assert!(log.append_batch(Vec::new()).await.is_empty(), "message log: an empty batch stores nothing");
 
     // The bus holds one record per append, built with the sequence given.

@@ -72,10 +72,31 @@ impl<'t> BusTables<'t> {
     /// Appends a record to `topic` and returns its offset. Consumers learn
     /// of it through [`HeadSignal::committed`] once the transaction committed.
     pub(crate) fn append(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
-        let offset = self.head(topic)?;
-        self.records.insert((topic, offset), (key, payload)).map_err(db_err)?;
-        self.heads.insert(topic, offset + 1).map_err(db_err)?;
+        let offset = self.reserve(topic, 1)?;
+        self.put_record(topic, offset, key, payload)?;
         Ok(offset)
+    }
+
+    /// Moves `topic`'s head past the next `count` offsets (one read and one
+    /// write however many) and returns the first; the caller stores a
+    /// record at each with [`BusTables::put_record`] in the same
+    /// transaction.
+    pub(crate) fn reserve(&mut self, topic: &str, count: u64) -> StoreResult<u64> {
+        let offset = self.head(topic)?;
+        self.heads.insert(topic, offset + count).map_err(db_err)?;
+        Ok(offset)
+    }
+
+    /// Stores the record at `offset`, reserved by [`BusTables::reserve`].
+    pub(crate) fn put_record(
+        &mut self,
+        topic: &str,
+        offset: u64,
+        key: &[u8],
+        payload: &[u8],
+    ) -> StoreResult<()> {
+        self.records.insert((topic, offset), (key, payload)).map_err(db_err)?;
+        Ok(())
     }
 
     fn head(&self, topic: &str) -> StoreResult<u64> {

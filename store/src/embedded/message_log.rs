@@ -55,13 +55,22 @@ impl MessageLog for EmbeddedMessageLog {
             .store
             .write_then(
                 move |t: &mut MessageTables<'_>| {
+                    // One counter update per conversation and one head update
+                    // per topic for the whole batch, not one per message.
+                    let seqs = take_in_order(messages.iter().map(|m| m.conversation.as_str()), |key, n| {
+                        t.sequences.take(key, n)
+                    })?;
+                    let offsets = take_in_order(messages.iter().map(|m| m.topic.as_str()), |topic, n| {
+                        t.bus.reserve(topic, n)
+                    })?;
                     let mut ids = Vec::with_capacity(messages.len());
                     let mut last_offsets = vec![None; topics];
-                    for ((m, &expires_at), &head) in messages.iter_mut().zip(&expiries).zip(&head_of) {
-                        let seq = t.sequences.incr(&m.conversation)?;
+                    for (i, m) in messages.iter_mut().enumerate() {
+                        let (seq, offset) = (seqs[i], offsets[i]);
                         let record = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
-                        t.dedup.put(&m.sender, &m.client_msg_id, record, expires_at)?;
-                        last_offsets[head] = Some(t.bus.append(&m.topic, &m.key, &(m.payload)(seq))?);
+                        t.dedup.put(&m.sender, &m.client_msg_id, record, expiries[i])?;
+                        t.bus.put_record(&m.topic, offset, &m.key, &(m.payload)(seq))?;
+                        last_offsets[head_of[i]] = Some(offset);
                         ids.push(record);
                     }
                     Ok((ids, last_offsets))
@@ -79,5 +88,61 @@ impl MessageLog for EmbeddedMessageLog {
             Ok((ids, _)) => ids.into_iter().map(Ok).collect(),
             Err(e) => vec![Err(e); count],
         }
+    }
+}
+
+/// Numbers items that draw from per-key counters: calls `take(key, n)` once
+/// per distinct key, for the `n` items with that key, and gives the items of
+/// a key the consecutive values from the first one `take` returned, in item
+/// order.
+fn take_in_order<'k>(
+    keys: impl Iterator<Item = &'k str> + Clone,
+    mut take: impl FnMut(&str, u64) -> StoreResult<u64>,
+) -> StoreResult<Vec<u64>> {
+    // (key, how many items, the next value to give); batches have few keys.
+    let mut counters: Vec<(&str, u64, u64)> = Vec::new();
+    for key in keys.clone() {
+        match counters.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, n, _)) => *n += 1,
+            None => counters.push((key, 1, 0)),
+        }
+    }
+    for (key, n, next) in &mut counters {
+        *next = take(key, *n)?;
+    }
+    Ok(keys
+        .map(|key| {
+            let (_, _, next) = counters.iter_mut().find(|(k, _, _)| *k == key).expect("counted above");
+            *next += 1;
+            *next - 1
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_in_order_draws_once_per_key_and_numbers_items_in_order() {
+        let mut counters = std::collections::HashMap::from([("a".to_owned(), 10u64)]);
+        let mut calls = Vec::new();
+        let keys = ["a", "b", "a", "c", "a", "b"];
+        let values = take_in_order(keys.iter().copied(), |key, n| {
+            calls.push((key.to_owned(), n));
+            let counter = counters.entry(key.to_owned()).or_insert(0);
+            let first = *counter + 1;
+            *counter += n;
+            Ok(first)
+        })
+        .unwrap();
+        assert_eq!(values, [11, 1, 12, 1, 13, 2]);
+        assert_eq!(calls, [("a".to_owned(), 3), ("b".to_owned(), 2), ("c".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn take_in_order_passes_an_error_on() {
+        let failed = take_in_order(["a"].into_iter(), |_, _| Err(crate::StoreError::Backend("full".into())));
+        assert!(failed.is_err());
     }
 }

@@ -26,10 +26,15 @@ impl<'t> SequenceTables<'t> {
 
     /// Adds one to `key`'s counter and returns the new value.
     pub(crate) fn incr(&mut self, key: &str) -> StoreResult<u64> {
+        self.take(key, 1)
+    }
+
+    /// Adds `count` to `key`'s counter and returns the first of the
+    /// `count` values taken (one read and one write however many).
+    pub(crate) fn take(&mut self, key: &str, count: u64) -> StoreResult<u64> {
         let current = self.counters.get(key).map_err(db_err)?.map_or(0, |v| v.value());
-        let next = current.saturating_add(1);
-        self.counters.insert(key, next).map_err(db_err)?;
-        Ok(next)
+        self.counters.insert(key, current.saturating_add(count)).map_err(db_err)?;
+        Ok(current.saturating_add(1))
     }
 }
 
