@@ -185,28 +185,8 @@ fn check_send(sender: &str, claimed_sender: &str, client_msg_id: &str, content: 
     Ok(())
 }
 
-/// The bus payload of `draft` with the ids it was given.
-fn envelope(draft: &Draft, ids: DedupRecord) -> Bytes {
-    let message = pb::Message {
-        msg_id: ids.msg_id,
-        kind: draft.kind as i32,
-        sender: draft.sender.clone(),
-        receiver: draft.receiver.clone(),
-        group_id: draft.group_id.clone(),
-        seq: ids.seq,
-        content: draft.content.clone(),
-        sent_at_ms: ids.sent_at_ms,
-        client_msg_id: draft.client_msg_id.clone(),
-    };
-    let envelope = pb::BusEnvelope {
-        message: Some(message),
-        receivers: draft.receivers.clone(),
-        sender_device: draft.sender_device.clone(),
-    };
-    Bytes::from(envelope.encode_to_vec())
-}
-
 /// A message waiting for its id and sequence.
+#[derive(Clone)]
 struct Draft {
     kind: ConversationKind,
     conversation: String,
@@ -220,14 +200,12 @@ struct Draft {
 }
 
 impl Draft {
-    /// What the message log stores for this draft, given its ids. The bus
-    /// envelope is built once from the draft's own fields (not copied per
-    /// message, as [`envelope`] does for a retry); the payload function only
-    /// sets the sequence and encodes it.
-    fn into_new_message(self, msg_id: u64, sent_at_ms: u64, config: &DispatcherConfig) -> NewMessage {
+    /// The bus envelope of this draft with the ids it was given, made of
+    /// the draft's own fields.
+    fn into_envelope(self, ids: DedupRecord) -> pb::BusEnvelope {
         let Draft {
             kind,
-            conversation,
+            conversation: _,
             sender,
             sender_device,
             receiver,
@@ -236,24 +214,33 @@ impl Draft {
             content,
             receivers,
         } = self;
-        let key = Bytes::from(conversation.clone().into_bytes());
-        let (stored_sender, stored_client_msg_id) = (sender.clone(), client_msg_id.clone());
         let message = pb::Message {
-            msg_id,
+            msg_id: ids.msg_id,
             kind: kind as i32,
             sender,
             receiver,
             group_id,
-            seq: 0,
+            seq: ids.seq,
             content,
-            sent_at_ms,
+            sent_at_ms: ids.sent_at_ms,
             client_msg_id,
         };
-        let mut envelope = pb::BusEnvelope { message: Some(message), receivers, sender_device };
+        pb::BusEnvelope { message: Some(message), receivers, sender_device }
+    }
+
+    /// What the message log stores for this draft, given its ids. The bus
+    /// envelope is built once (a retry's [`Dispatcher::publish`] copies the
+    /// draft instead); the payload function only sets the sequence and
+    /// encodes it.
+    fn into_new_message(mut self, msg_id: u64, sent_at_ms: u64, config: &DispatcherConfig) -> NewMessage {
+        let conversation = std::mem::take(&mut self.conversation);
+        let key = Bytes::from(conversation.clone().into_bytes());
+        let (sender, client_msg_id) = (self.sender.clone(), self.client_msg_id.clone());
+        let mut envelope = self.into_envelope(DedupRecord { msg_id, seq: 0, sent_at_ms });
         NewMessage {
             conversation,
-            sender: stored_sender,
-            client_msg_id: stored_client_msg_id,
+            sender,
+            client_msg_id,
             msg_id,
             sent_at_ms,
             dedup_ttl: config.dedup_ttl,
@@ -325,7 +312,8 @@ impl Dispatcher {
     async fn publish(&self, draft: &Draft, ids: DedupRecord) -> ServiceResult<()> {
         let key = Bytes::from(draft.conversation.clone().into_bytes());
         let topic = &self.config.bus.messages_topic;
-        self.backends.bus.publish(topic, key, envelope(draft, ids)).await.map_err(|e| {
+        let payload = Bytes::from(draft.clone().into_envelope(ids).encode_to_vec());
+        self.backends.bus.publish(topic, key, payload).await.map_err(|e| {
             // The ids stay reserved: a retry publishes the same message.
             ServiceError::new(ErrorCode::Unavailable, format!("message not stored, retry: {e}"))
         })
