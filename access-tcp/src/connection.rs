@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -537,14 +538,22 @@ impl<W: Wire> Io<W> {
     }
 
     /// Reads once, if the socket has something, without waiting.
+    ///
+    /// Through tokio's `AsyncRead` rather than `try_read_buf`: a read that
+    /// leaves room in the buffer has drained the socket, and tokio then
+    /// clears the readiness itself, so the loop does not read again only to
+    /// get `WouldBlock` (one syscall saved per request). The waker is a
+    /// no-op: if this finds nothing, the loop registers its own before it
+    /// waits (`poll_ready`, `readable`).
     fn read_ready(&mut self) -> io::Result<()> {
         let buf = self.wire.read_buffer(&mut self.input);
         buf.reserve(if buf.is_empty() { FIRST_READ } else { READ_CHUNK });
-        match self.stream.try_read_buf(buf) {
-            Ok(0) => self.eof = true,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
+        let mut cx = Context::from_waker(Waker::noop());
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), &mut cx, buf) {
+            Poll::Ready(Ok(0)) => self.eof = true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return Ok(()),
+            Poll::Ready(Err(e)) => return Err(e),
         }
         if self.held.is_empty() {
             self.wire.received(&mut self.input, &mut self.output)?;
@@ -1370,6 +1379,37 @@ mod tests {
             server: &ServerName<'static>,
         ) -> Option<rustls::client::Tls13ClientSessionValue> {
             self.inner.take_tls13_ticket(server)
+        }
+    }
+
+    /// A read that leaves room in the buffer drained the socket: the
+    /// connection does not read again (to get `WouldBlock`) until more
+    /// arrives, and what arrives later is still seen.
+    #[tokio::test]
+    async fn a_request_costs_one_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut io = Io::new(stream, Plain);
+        let mut codec = FrameCodec::new(1_000);
+        for sequence in 1..=3 {
+            let mut bytes = BytesMut::new();
+            put_frame(&mut bytes, &frame(sequence, 30));
+            client.write_all(&bytes).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    poll_fn(|cx| io.poll_ready(cx, true, false)).await.unwrap();
+                    io.read_ready().unwrap();
+                    if let Some(frame) = codec.decode(&mut io.input).unwrap() {
+                        break frame;
+                    }
+                }
+            })
+            .await
+            .expect("the request is read");
+            assert_eq!(got, frame(sequence, 30));
+            let still_ready = poll_fn(|cx| Poll::Ready(io.poll_ready(cx, true, false).is_ready())).await;
+            assert!(!still_ready, "request {sequence}: the socket is not read again before more arrives");
         }
     }
 
