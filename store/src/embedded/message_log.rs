@@ -67,12 +67,15 @@ impl MessageLog for EmbeddedMessageLog {
                     let mut last_offsets = vec![None; topics];
                     for (i, m) in messages.iter_mut().enumerate() {
                         let (seq, offset) = (seqs[i], offsets[i]);
-                        let record = DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms };
-                        t.dedup.put(&m.sender, &m.client_msg_id, record, expiries[i])?;
                         t.bus.put_record(&m.topic, offset, &m.key, &(m.payload)(seq))?;
                         last_offsets[head_of[i]] = Some(offset);
-                        ids.push(record);
+                        ids.push(DedupRecord { msg_id: m.msg_id, seq, sent_at_ms: m.sent_at_ms });
                     }
+                    t.dedup.put_all(messages.iter().zip(&ids).zip(&expiries).map(
+                        |((m, &record), &expires_at)| {
+                            (m.sender.as_str(), m.client_msg_id.as_str(), record, expires_at)
+                        },
+                    ))?;
                     Ok((ids, last_offsets))
                 },
                 move |(_, last_offsets): &(Vec<DedupRecord>, Vec<Option<u64>>)| {
