@@ -1063,7 +1063,13 @@ impl Connection {
                     Ok(pb::Empty {})
                 }
                 .await;
-                self.reply(frame, kind, result)
+                // An ACK with sequence 0 asks for no answer (PROTOCOL §5.3):
+                // a receiver ACKs every burst of pushes, and the answer was a
+                // send of its own for most of them.
+                match result {
+                    Ok(_) if frame.sequence == 0 => Reply { frame: None, close: false },
+                    result => self.reply(frame, kind, result),
+                }
             }
             RequestType::PullOffline => {
                 let result = async {

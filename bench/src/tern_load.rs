@@ -494,9 +494,10 @@ async fn receive(
             }
         }
         for chunk in ids.chunks(1000) {
+            // Sequence 0: an ACK the server does not answer (as the SDK's).
             let ack = wire::encode(
                 RequestType::AckMessages,
-                next_seq(&mut seq),
+                0,
                 &pb::AckMessagesRequest { msg_ids: chunk.to_vec() },
             );
             if tx.send(ack).await.is_err() {

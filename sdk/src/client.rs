@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_proto::pb::{self, NoticeKind};
-use tern_proto::{ErrorCode, RequestType, ServiceError};
+use tern_proto::{ErrorCode, Frame, RequestType, ServiceError};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -716,11 +716,14 @@ impl Shared {
 }
 
 /// ACKs `msg_ids` in as many requests as the server's per-request limit
-/// needs (a batch of pushes can be larger).
+/// needs (a batch of pushes can be larger). With sequence 0, which the
+/// server answers only if the ACK fails (PROTOCOL §5.3): nothing waits for
+/// the answer, and an ACK that does not arrive only means the messages come
+/// back at the next sync.
 async fn ack_all(conn: &Connection, msg_ids: &[u64]) -> Result<(), ClientError> {
     for chunk in msg_ids.chunks(MAX_ACK_IDS) {
         let ack = pb::AckMessagesRequest { msg_ids: chunk.to_vec() };
-        let _: pb::Empty = conn.request(RequestType::AckMessages, &ack).await?;
+        conn.send_frame(Frame::new(RequestType::AckMessages, 0, &ack)).await?;
     }
     Ok(())
 }

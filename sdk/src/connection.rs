@@ -227,7 +227,8 @@ impl Connection {
         self.tls_resumed
     }
 
-    /// Sends a raw frame (tests use this to send malformed input).
+    /// Sends a frame without waiting for an answer: an ACK with sequence 0,
+    /// or (in tests) malformed input.
     pub async fn send_frame(&self, frame: Frame) -> Result<(), ClientError> {
         let send = async {
             let mut sink = self.sink.lock().await;

@@ -649,6 +649,37 @@ async fn empty_client_msg_id_is_invalid_argument() {
     bystanders.still_served().await;
 }
 
+/// An ACK with sequence 0 is not answered when it succeeds (a receiver ACKs
+/// every burst of pushes, PROTOCOL §5.3); one that fails still gets its
+/// ERROR, with sequence 0, and the connection stays open.
+#[tokio::test]
+async fn an_ack_with_sequence_0_is_answered_only_if_it_fails() {
+    let (server, _dir) = Server::start();
+    let mut raw = Raw::logged_in(&server, "dave").await;
+    let (alice, _alice_events) = client(&server, "alice").await;
+    let sent = alice.send_single("dave", "ack me quietly").await.expect("alice's send");
+    let push = raw.next_frame().await.expect("the push");
+    assert_eq!((push.request_type, push.sequence), (RequestType::PushMessage as u32, 0));
+    assert_eq!(push.decode::<pb::Message>().expect("Message").msg_id, sent.msg_id);
+
+    raw.send(Frame::new(RequestType::AckMessages, 0, &pb::AckMessagesRequest { msg_ids: vec![sent.msg_id] }))
+        .await;
+    // The next frame answers the heartbeat sent after the ACK: nothing
+    // answered the ACK.
+    raw.expect_open(3).await;
+    let page = raw
+        .call(Frame::new(RequestType::PullOffline, 4, &pb::PullOfflineRequest { after_msg_id: 0, limit: 10 }))
+        .await;
+    assert_eq!(page.sequence, 4, "expected the page, got {page:?}");
+    let page: pb::PullOfflineResponse = page.decode().expect("PullOfflineResponse");
+    assert!(page.messages.is_empty(), "the quiet ACK took effect: {:?}", page.messages);
+
+    let too_many = pb::AckMessagesRequest { msg_ids: (1..=1_001).collect() };
+    raw.call_expecting(Frame::new(RequestType::AckMessages, 0, &too_many), ErrorCode::InvalidArgument).await;
+    raw.expect_open(5).await;
+    alice.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // A receiver that stops reading (DELIVERY R8).
 // ---------------------------------------------------------------------------
