@@ -371,11 +371,20 @@ fn sync_reason(groups: &BTreeMap<&str, usize>) -> String {
 
 /// The placements of everyone the batch is pushed to after its writes,
 /// retried until every lookup succeeds: a connection missed here may have
-/// pulled before those writes, and nothing else would tell it.
+/// pulled before those writes, and nothing else would tell it. `None`, with
+/// no lookup, when the session store's placements epoch is still `seen`
+/// (the epoch read before the placements compared with were looked up): no
+/// login has placed a connection since, so nobody can have appeared. Also
+/// returns the epoch read before looking, for the next comparison.
 async fn placements_after_writes(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
-) -> HashMap<String, Vec<Placement>> {
+    seen: Option<u64>,
+) -> (Option<HashMap<String, Vec<Placement>>>, Option<u64>) {
+    let epoch = sessions.placements_epoch();
+    if epoch.is_some() && epoch == seen {
+        return (None, epoch);
+    }
     loop {
         let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
         let lookups = users.into_iter().map(|user| {
@@ -383,7 +392,7 @@ async fn placements_after_writes(
             async move { Ok::<_, tern_store::StoreError>((user.clone(), sessions.get(user).await?)) }
         });
         match futures::future::try_join_all(lookups).await {
-            Ok(found) => return found.into_iter().collect(),
+            Ok(found) => return (Some(found.into_iter().collect()), epoch),
             Err(e) => {
                 tracing::warn!(error = %e, "placement lookup after the offline write failed; retrying");
                 tokio::time::sleep(HELD_WRITE_RETRY).await;
@@ -506,6 +515,9 @@ pub async fn run_consumer(
             let decoded = Arc::new(decode(&batch));
             let devices = devices_of(&backends.meta, &decoded).await?;
             let number = pushes.batch_started();
+            // Read before the lookups, so any login it does not count
+            // placed its connection after it (see placements_after_writes).
+            let epoch = backends.sessions.placements_epoch();
             let before = placements_of(&backends.sessions, &decoded).await;
             let early = plan(&decoded, &before, &config);
             // The copies of the devices pushed now are held back before the
@@ -556,11 +568,16 @@ pub async fn run_consumer(
                 tracing::debug!(user = %placement.user_id, %reason, "large-group burst: SYNC notice instead of pushes");
                 pushes.sync_notice(placement, reason);
             }
-            let after = placements_after_writes(&backends.sessions, &decoded).await;
-            push_to_newcomers(&*pushes, &decoded, &after, &before, &config);
-            let before = merged(before, after);
+            let (after, epoch) = placements_after_writes(&backends.sessions, &decoded, epoch).await;
+            let placements = match after {
+                Some(after) => {
+                    push_to_newcomers(&*pushes, &decoded, &after, &before, &config);
+                    merged(before, after)
+                }
+                None => before,
+            };
             let held = Held { number, hold, holding, deadline };
-            let finish = finish_held(backends, pushes, config, decoded, before, held);
+            let finish = finish_held(backends, pushes, config, decoded, Seen { placements, epoch }, held);
             Ok(tokio::spawn(finish))
         }
     };
@@ -575,6 +592,13 @@ pub async fn run_consumer(
     .await
 }
 
+/// The connections a batch was pushed to, and the session store's
+/// placements epoch read before they were looked up.
+struct Seen {
+    placements: HashMap<String, Vec<Placement>>,
+    epoch: Option<u64>,
+}
+
 /// The rest of a batch, while later batches go on: waits until every held
 /// copy is ACKed or `ack_wait` has passed, writes the copies still unACKed
 /// (retrying until the store takes them: the batch's offset is not
@@ -585,7 +609,7 @@ async fn finish_held(
     pushes: Arc<dyn PushGateway>,
     config: Arc<OfflineConfig>,
     decoded: Arc<Vec<Delivery>>,
-    seen: HashMap<String, Vec<Placement>>,
+    seen: Seen,
     held: Held,
 ) {
     let Held { number, hold, holding, deadline } = held;
@@ -612,8 +636,10 @@ async fn finish_held(
                     }
                 }
             }
-            let now = placements_after_writes(&backends.sessions, &decoded).await;
-            push_to_newcomers(&*pushes, &decoded, &now, &seen, &config);
+            let (now, _) = placements_after_writes(&backends.sessions, &decoded, seen.epoch).await;
+            if let Some(now) = now {
+                push_to_newcomers(&*pushes, &decoded, &now, &seen.placements, &config);
+            }
         }
     }
     pushes.batch_stored(number);

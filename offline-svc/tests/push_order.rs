@@ -4,9 +4,11 @@
 //! between the first placement lookup and the write is pushed after the
 //! write (its login-time pull may have missed the entry); the SYNC notice
 //! of a large-group burst goes out only after the write; the gateway hears
-//! that the pushed messages are stored only after the write.
+//! that the pushed messages are stored only after the write. With a
+//! session store that keeps a placements epoch, the lookup after the write
+//! is made only if a login happened since the first one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,12 +76,22 @@ impl OfflineStore for LoggedStore {
     }
 }
 
-/// The embedded session store, where `late` logs in right after the first
-/// lookup of its placements (so the consumer's first lookup misses it).
+/// The embedded session store, where `late` (if any) logs in right after
+/// the first lookup of its placements (so the consumer's first lookup
+/// misses it). Counts lookups; `epoch` says whether it passes the embedded
+/// store's placements epoch on or, like the Redis store, has none.
 struct LoginAfterFirstLookup {
     inner: Arc<dyn SessionStore>,
-    late: Placement,
+    late: Option<Placement>,
     logged_in: AtomicBool,
+    epoch: bool,
+    lookups: AtomicUsize,
+}
+
+impl LoginAfterFirstLookup {
+    fn new(inner: Arc<dyn SessionStore>, late: Option<Placement>, epoch: bool) -> Self {
+        Self { inner, late, logged_in: AtomicBool::new(false), epoch, lookups: AtomicUsize::new(0) }
+    }
 }
 
 #[async_trait]
@@ -93,9 +105,12 @@ impl SessionStore for LoginAfterFirstLookup {
     }
 
     async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         let found = self.inner.get(user_id).await?;
-        if user_id == self.late.user_id && !self.logged_in.swap(true, Ordering::SeqCst) {
-            self.inner.put(&self.late).await?;
+        if let Some(late) = self.late.as_ref().filter(|late| late.user_id == user_id)
+            && !self.logged_in.swap(true, Ordering::SeqCst)
+        {
+            self.inner.put(late).await?;
         }
         Ok(found)
     }
@@ -107,6 +122,10 @@ impl SessionStore for LoginAfterFirstLookup {
     async fn online_users(&self, limit: usize) -> StoreResult<Vec<String>> {
         self.inner.online_users(limit).await
     }
+
+    fn placements_epoch(&self) -> Option<u64> {
+        self.epoch.then(|| self.inner.placements_epoch()).flatten()
+    }
 }
 
 const BOB: u64 = 1;
@@ -115,6 +134,15 @@ const DAVE: u64 = 3;
 
 #[tokio::test]
 async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
+    pushes_around_the_write(true).await;
+}
+
+#[tokio::test]
+async fn without_a_placements_epoch_newcomers_are_pushed_after_the_write() {
+    pushes_around_the_write(false).await;
+}
+
+async fn pushes_around_the_write(epoch: bool) {
     let dir = tempfile::tempdir().unwrap();
     let backends = EmbeddedBackends::open(dir.path()).unwrap();
     for (user, device) in [("bob", "phone"), ("carol", "desk"), ("dave", "tab")] {
@@ -124,11 +152,11 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
     // batch is being written.
     backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
     backends.sessions.put(&placement("dave", "tab", DAVE)).await.unwrap();
-    let sessions = Arc::new(LoginAfterFirstLookup {
-        inner: backends.sessions.clone(),
-        late: placement("carol", "desk", CAROL),
-        logged_in: AtomicBool::new(false),
-    });
+    let sessions = Arc::new(LoginAfterFirstLookup::new(
+        backends.sessions.clone(),
+        Some(placement("carol", "desk", CAROL)),
+        epoch,
+    ));
     let log: Log = Arc::default();
     let store = Arc::new(LoggedStore { inner: backends.offline.clone(), log: log.clone() });
     // Groups of 4 are large; more than 1 of their messages in a batch make
@@ -202,4 +230,55 @@ async fn online_receivers_are_pushed_before_the_write_and_newcomers_after_it() {
         "stored is reported once everything of the batch was written and pushed: {events:?}"
     );
     assert_eq!(events.len(), 8, "nothing twice: {events:?}");
+}
+
+/// With no login during the batch, a store with a placements epoch is
+/// asked for each pushed user's placements once per batch, not twice.
+#[tokio::test]
+async fn no_second_lookup_when_nobody_logged_in_meanwhile() {
+    for (epoch, rounds) in [(true, 1), (false, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let backends = EmbeddedBackends::open(dir.path()).unwrap();
+        backends.meta.add_device("bob", "phone").await.unwrap();
+        backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+        let sessions = Arc::new(LoginAfterFirstLookup::new(backends.sessions.clone(), None, epoch));
+        let log: Log = Arc::default();
+        let names = BusNames::default();
+        backends
+            .bus
+            .publish(&names.messages_topic, Bytes::from_static(b"k"), envelope(1, "", "alice", &["bob"]))
+            .await
+            .unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+            backends.bus.clone(),
+            names,
+            ConsumerBackends {
+                meta: backends.meta.clone(),
+                store: Arc::new(LoggedStore { inner: backends.offline.clone(), log: log.clone() }),
+                sessions: sessions.clone(),
+                held: Arc::default(),
+                holding: Holding::Always,
+            },
+            Arc::new(Recorder(log.clone())),
+            OfflineConfig { ack_wait: Duration::ZERO, ..OfflineConfig::default() },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().contains(&Event::Stored) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop_tx.send(());
+        consumer.await.unwrap().unwrap();
+        let events = log.lock().unwrap().clone();
+        assert!(events.contains(&Event::Push { connection: BOB, msg_id: 1 }), "bob was pushed: {events:?}");
+        // bob, and alice for her other devices.
+        assert_eq!(
+            sessions.lookups.load(Ordering::SeqCst),
+            2 * rounds,
+            "placement lookups of the batch with epoch: {epoch}"
+        );
+    }
 }

@@ -86,7 +86,13 @@ pub async fn session_store(store: &dyn SessionStore) {
 
     let phone = place(&user, "phone", &node_a, 1);
     let laptop = place(&user, "laptop", &node_a, 2);
+    let epoch = store.placements_epoch();
     assert_eq!(store.put(&phone).await.expect("put"), None, "session: a first login replaces nothing");
+    if let Some(before) = epoch {
+        let after =
+            store.placements_epoch().expect("session: a store with a placements epoch always has one");
+        assert!(after > before, "session: a put that returned grows the placements epoch");
+    }
     assert_eq!(store.put(&laptop).await.expect("put"), None, "session: another device replaces nothing");
     assert_eq!(
         sorted(store.get(&user).await.expect("get")),

@@ -75,6 +75,15 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn remove_node(&self, node_id: &str) -> StoreResult<usize>;
     /// Up to `limit` online user ids, sorted.
     async fn online_users(&self, limit: usize) -> StoreResult<Vec<String>>;
+    /// A number that grows with every [`SessionStore::put`] that has
+    /// returned, if the store can tell without a round trip; `None` if it
+    /// cannot. Read before looking placements up, it lets the caller skip
+    /// looking again later when it has not changed: no login placed a
+    /// connection in between (the offline consumer looks for connections
+    /// that appeared during its write).
+    fn placements_epoch(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Per-conversation counters (Redis INCR in cluster mode).

@@ -8,10 +8,11 @@
 //!
 //! Two ordered maps under one lock: `placements` (user, device) → (node,
 //! connection), and `by_node` (node, user, device) so draining a node does
-//! not scan every session.
+//! not scan every session; and a counter of puts, the placements epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
@@ -29,6 +30,8 @@ struct Maps {
 #[derive(Default)]
 pub struct EmbeddedSessionStore {
     maps: Mutex<Maps>,
+    /// Puts so far: see [`SessionStore::placements_epoch`].
+    epoch: AtomicU64,
 }
 
 impl EmbeddedSessionStore {
@@ -53,6 +56,9 @@ impl SessionStore for EmbeddedSessionStore {
             maps.by_node.remove(&(old_node.clone(), p.user_id.clone(), p.device_id.clone()));
         }
         maps.by_node.insert((p.node_id.clone(), p.user_id.clone(), p.device_id.clone()));
+        // Before the put returns, so whoever reads the old epoch read it
+        // before this login could act on its placement (its first pull).
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         Ok(replaced.map(|(node_id, connection_id)| Placement {
             user_id: p.user_id.clone(),
             device_id: p.device_id.clone(),
@@ -120,5 +126,9 @@ impl SessionStore for EmbeddedSessionStore {
             out.push(user.clone());
         }
         Ok(out)
+    }
+
+    fn placements_epoch(&self) -> Option<u64> {
+        Some(self.epoch.load(Ordering::SeqCst))
     }
 }
