@@ -426,7 +426,19 @@ fn versions(o: &SuiteOptions) -> Vec<(String, String)> {
         ("mosquitto".into(), servers::version_of("mosquitto", &["-h"])),
         ("nats-server".into(), servers::version_of("nats-server", &["--version"])),
         ("rustc".into(), servers::version_of("rustc", &["--version"])),
+        ("source".into(), source_commit()),
     ]
+}
+
+/// The commit of the working tree the suite runs in, marked if it has
+/// uncommitted changes, so a report names the code it measured.
+fn source_commit() -> String {
+    let commit = servers::version_of("git", &["log", "-1", "--format=%h %s"]);
+    let changed = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|out| !out.stdout.is_empty());
+    if changed { format!("{commit} (with uncommitted changes)") } else { commit }
 }
 
 /// Records a scenario's failure instead of ending the suite.
