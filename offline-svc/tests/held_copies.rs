@@ -18,7 +18,7 @@ use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
 use tokio::time::Instant;
 
 mod common;
-use common::{envelope, placement};
+use common::{envelope, placement, start_consumer};
 
 /// Records pushes (connection, message) and counts stored batches.
 #[derive(Default)]
@@ -87,24 +87,14 @@ fn consumer(
     gateway: Arc<Recorder>,
     config: OfflineConfig,
 ) -> (tokio::task::JoinHandle<Result<(), tern_store::StoreError>>, tokio::sync::oneshot::Sender<()>) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tern_offline_svc::run_consumer(
-        backends.bus.clone(),
-        BusNames::default(),
-        ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: backends.sessions.clone(),
-            held,
-            holding,
-        },
-        gateway,
-        config,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    (task, stop_tx)
+    let backends_of_consumer = ConsumerBackends {
+        meta: backends.meta.clone(),
+        store: backends.offline.clone(),
+        sessions: backends.sessions.clone(),
+        held,
+        holding,
+    };
+    start_consumer(backends.bus.clone(), backends_of_consumer, gateway, config)
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, Placement, SessionStore};
 
 mod common;
-use common::{envelope, placement};
+use common::{envelope, placement, start_consumer};
 
 /// What the consumer handed to the gateway, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,10 +89,8 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
     }
 
     let recorder = Arc::new(Recorder::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+    let (consumer, stop_tx) = start_consumer(
         backends.bus.clone(),
-        names,
         ConsumerBackends {
             meta: backends.meta.clone(),
             store: backends.offline.clone(),
@@ -102,10 +100,7 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
         },
         recorder.clone(),
         config.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    );
     // bob: 2 small + 1 single pushed, 1 notice; carol: 1 notice; erin: 3 pushes.
     let expected_events = 3 + 1 + 1 + 3;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

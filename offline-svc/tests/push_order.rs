@@ -20,7 +20,7 @@ use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore, StoreResult};
 
 mod common;
-use common::{envelope, placement};
+use common::{envelope, placement, start_consumer};
 
 /// Everything the consumer did, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,10 +181,8 @@ async fn pushes_around_the_write(epoch: bool) {
     for record in records {
         backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
     }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+    let (consumer, stop_tx) = start_consumer(
         backends.bus.clone(),
-        names,
         ConsumerBackends {
             meta: backends.meta.clone(),
             store,
@@ -194,10 +192,7 @@ async fn pushes_around_the_write(epoch: bool) {
         },
         Arc::new(Recorder(log.clone())),
         config,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    );
     // 4 inserts, bob's and carol's pushes, dave's notice, the stored report.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while log.lock().unwrap().len() < 8 && tokio::time::Instant::now() < deadline {
@@ -249,10 +244,8 @@ async fn no_second_lookup_when_nobody_logged_in_meanwhile() {
             .publish(&names.messages_topic, Bytes::from_static(b"k"), envelope(1, "", "alice", &["bob"]))
             .await
             .unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let consumer = tokio::spawn(tern_offline_svc::run_consumer(
+        let (consumer, stop_tx) = start_consumer(
             backends.bus.clone(),
-            names,
             ConsumerBackends {
                 meta: backends.meta.clone(),
                 store: Arc::new(LoggedStore { inner: backends.offline.clone(), log: log.clone() }),
@@ -262,10 +255,7 @@ async fn no_second_lookup_when_nobody_logged_in_meanwhile() {
             },
             Arc::new(Recorder(log.clone())),
             OfflineConfig { ack_wait: Duration::ZERO, ..OfflineConfig::default() },
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !log.lock().unwrap().contains(&Event::Stored) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,10 +1,16 @@
 //! Helpers shared by the consumer tests: bus envelopes as the dispatcher
-//! publishes them, and placements on one access node.
+//! publishes them, placements on one access node, and a consumer started
+//! on the default topic.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tern_proto::pb;
-use tern_store::Placement;
+use tern_offline_svc::{ConsumerBackends, OfflineConfig, PushGateway};
+use tern_proto::{BusNames, pb};
+use tern_store::{Bus, Placement, StoreError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// A message as the dispatcher publishes it: `receivers` are the members
 /// other than the sender.
@@ -31,4 +37,26 @@ pub fn envelope(msg_id: u64, group: &str, sender: &str, receivers: &[&str]) -> B
 
 pub fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
     Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
+}
+
+/// `run_consumer` on the messages topic of the default bus names, as a
+/// task, and the sender that stops it.
+pub fn start_consumer(
+    bus: Arc<dyn Bus>,
+    backends: ConsumerBackends,
+    gateway: Arc<dyn PushGateway>,
+    config: OfflineConfig,
+) -> (JoinHandle<Result<(), StoreError>>, oneshot::Sender<()>) {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(tern_offline_svc::run_consumer(
+        bus,
+        BusNames::default(),
+        backends,
+        gateway,
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (task, stop_tx)
 }
