@@ -20,7 +20,7 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
 use super::bus::BusTables;
-use super::dedup::DedupTables;
+use super::dedup::{DedupIndex, DedupTables, IndexChange};
 use super::history::HistoryTables;
 use super::offline::OfflineTables;
 use super::sequences::SequenceTables;
@@ -41,12 +41,28 @@ pub(crate) struct MessageTables<'t> {
 
 impl Schema for MessageDb {
     const NAME: &'static str = "messages";
+    type State = DedupIndex;
+    type Staged = Vec<IndexChange>;
     type Tables<'t> = MessageTables<'t>;
 
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<MessageTables<'_>> {
+    fn recover(txn: &WriteTransaction) -> StoreResult<DedupIndex> {
+        let index = super::dedup::recover(txn)?;
+        drop(Self::open_tables(txn, &index)?);
+        Ok(index)
+    }
+
+    fn staged(tables: MessageTables<'_>) -> Vec<IndexChange> {
+        tables.dedup.into_staged()
+    }
+
+    fn publish(index: &DedupIndex, staged: Vec<IndexChange>) {
+        index.publish(staged);
+    }
+
+    fn open_tables<'t>(txn: &'t WriteTransaction, index: &'t DedupIndex) -> StoreResult<MessageTables<'t>> {
         Ok(MessageTables {
             sequences: SequenceTables::open(txn)?,
-            dedup: DedupTables::open(txn)?,
+            dedup: DedupTables::open(txn, index)?,
             bus: BusTables::open(txn)?,
             offline: OfflineTables::open(txn)?,
             history: HistoryTables::open(txn)?,

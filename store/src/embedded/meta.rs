@@ -35,9 +35,20 @@ pub(crate) struct MetaTables<'t> {
 
 impl Schema for Meta {
     const NAME: &'static str = "meta";
+    type State = ();
+    type Staged = ();
     type Tables<'t> = MetaTables<'t>;
 
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<MetaTables<'_>> {
+    fn recover(txn: &WriteTransaction) -> StoreResult<()> {
+        drop(Self::open_tables(txn, &())?);
+        Ok(())
+    }
+
+    fn staged(_tables: MetaTables<'_>) {}
+
+    fn publish(_state: &(), _staged: ()) {}
+
+    fn open_tables<'t>(txn: &'t WriteTransaction, _state: &'t ()) -> StoreResult<MetaTables<'t>> {
         Ok(MetaTables {
             users: txn.open_table(USERS).map_err(db_err)?,
             groups: txn.open_table(GROUPS).map_err(db_err)?,

@@ -58,10 +58,26 @@ pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
 pub(crate) trait Schema: Send + 'static {
     /// Name used for the writer thread and in logs.
     const NAME: &'static str;
+    /// What the database keeps in memory beside its tables (an index of
+    /// some rows), built when it opens and changed only by transactions
+    /// that committed.
+    type State: Send + Sync + 'static;
+    /// The changes a transaction's operations make to the [`Self::State`],
+    /// collected while they apply and published once the commit succeeded
+    /// (so a reader of the state never sees a row that was rolled back).
+    type Staged: Send;
     /// The open tables of one write transaction.
     type Tables<'t>;
-    /// Opens (creating them if needed) every table of the database.
-    fn open_tables(txn: &WriteTransaction) -> StoreResult<Self::Tables<'_>>;
+    /// Creates every table of a database just opened, upgrades the layout
+    /// of earlier versions, and builds the state from the rows (in the
+    /// first write transaction, before any operation).
+    fn recover(txn: &WriteTransaction) -> StoreResult<Self::State>;
+    /// Opens every table of the database.
+    fn open_tables<'t>(txn: &'t WriteTransaction, state: &'t Self::State) -> StoreResult<Self::Tables<'t>>;
+    /// Ends a transaction's use of its tables, returning its staged changes.
+    fn staged(tables: Self::Tables<'_>) -> Self::Staged;
+    /// Applies a committed transaction's changes to the state.
+    fn publish(state: &Self::State, staged: Self::Staged);
     /// Housekeeping run inside a write transaction about once per
     /// [`MAINTENANCE_INTERVAL`] while writes arrive (expiry of old records).
     /// Should do a bounded amount of work and return whether more is left.
@@ -151,6 +167,7 @@ type BoxJob<S> = Box<dyn Job<S>>;
 /// can be reopened as soon as the last handle is gone.
 pub(crate) struct Store<S: Schema> {
     db: Arc<Database>,
+    state: Arc<S::State>,
     queue: Option<mpsc::Sender<BoxJob<S>>>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -171,17 +188,22 @@ impl<S: Schema> Store<S> {
             .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
         // Create every table now so read transactions can always open them.
         let txn = db.begin_write().map_err(db_err)?;
-        drop(S::open_tables(&txn)?);
+        let state = Arc::new(S::recover(&txn)?);
         txn.commit().map_err(db_err)?;
 
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writer_db = db.clone();
+        let (writer_db, writer_state) = (db.clone(), state.clone());
         let thread = std::thread::Builder::new()
             .name(format!("redb-{}", S::NAME))
-            .spawn(move || writer_loop::<S>(&writer_db, rx))
+            .spawn(move || writer_loop::<S>(&writer_db, &writer_state, rx))
             .map_err(|e| StoreError::Unavailable(format!("spawning writer thread: {e}")))?;
-        Ok(Self { db, queue: Some(tx), thread: Some(thread), path: path.to_owned() })
+        Ok(Self { db, state, queue: Some(tx), thread: Some(thread), path: path.to_owned() })
+    }
+
+    /// The in-memory state beside the tables (see [`Schema::State`]).
+    pub(crate) fn state(&self) -> &S::State {
+        &self.state
     }
 
     /// Runs `op` in the next group-committed write transaction and returns its
@@ -252,7 +274,7 @@ impl<S: Schema> Drop for Store<S> {
     }
 }
 
-fn writer_loop<S: Schema>(db: &Database, mut rx: mpsc::Receiver<BoxJob<S>>) {
+fn writer_loop<S: Schema>(db: &Database, state: &S::State, mut rx: mpsc::Receiver<BoxJob<S>>) {
     let mut last_maintenance = Instant::now();
     let backlog = Arc::new(AtomicBool::new(false));
     let mut batch: Vec<BoxJob<S>> = Vec::new();
@@ -271,7 +293,7 @@ fn writer_loop<S: Schema>(db: &Database, mut rx: mpsc::Receiver<BoxJob<S>>) {
                 Err(_) => break,
             }
         }
-        commit_batch::<S>(db, std::mem::take(&mut batch));
+        commit_batch::<S>(db, state, std::mem::take(&mut batch));
     }
 }
 
@@ -279,27 +301,42 @@ fn writer_loop<S: Schema>(db: &Database, mut rx: mpsc::Receiver<BoxJob<S>>) {
 /// transaction is rolled back, that job gets its error, and the others are
 /// applied again in a new transaction, so one bad operation never commits a
 /// partial change nor fails its neighbours.
-fn commit_batch<S: Schema>(db: &Database, mut jobs: Vec<BoxJob<S>>) {
+fn commit_batch<S: Schema>(db: &Database, state: &S::State, mut jobs: Vec<BoxJob<S>>) {
     while !jobs.is_empty() {
         let txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => return fail_all(jobs, &db_err(e)),
         };
-        let failed = match S::open_tables(&txn) {
+        let applied = match S::open_tables(&txn, state) {
             Ok(mut tables) => {
-                jobs.iter_mut().enumerate().find_map(|(i, job)| job.apply(&mut tables).err().map(|e| (i, e)))
+                match jobs
+                    .iter_mut()
+                    .enumerate()
+                    .find_map(|(i, job)| job.apply(&mut tables).err().map(|e| (i, e)))
+                {
+                    Some(failed) => Err(failed),
+                    None => Ok(S::staged(tables)),
+                }
             }
             Err(e) => return fail_all(jobs, &e),
         };
-        if let Some((index, error)) = failed {
-            if let Err(e) = txn.abort() {
-                return fail_all(jobs, &db_err(e));
+        let staged = match applied {
+            Ok(staged) => staged,
+            Err((index, error)) => {
+                if let Err(e) = txn.abort() {
+                    return fail_all(jobs, &db_err(e));
+                }
+                jobs.remove(index).fail(error);
+                continue;
             }
-            jobs.remove(index).fail(error);
-            continue;
-        }
+        };
         match txn.commit() {
-            Ok(()) => jobs.into_iter().for_each(|job| job.finish(Ok(()))),
+            Ok(()) => {
+                // Before any answer: a caller that got its `Ok` finds its
+                // rows through the state too.
+                S::publish(state, staged);
+                jobs.into_iter().for_each(|job| job.finish(Ok(())));
+            }
             Err(e) => fail_all(jobs, &db_err(e)),
         }
         return;
