@@ -177,8 +177,9 @@ impl ZkRegistry {
         let mut last_error = None;
         // The server moves a session to its newest connection, and our own
         // client reconnects at once when its connection is taken: the twin
-        // can lose that race, so it gets a few tries.
-        for _ in 0..5 {
+        // can lose that race, so it gets several tries (five were once all
+        // lost, in a test run right after ZooKeeper started).
+        for _ in 0..12 {
             if states.peek_state().is_terminated() {
                 return Ok(());
             }
