@@ -44,7 +44,7 @@ use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableHandle, WriteTransaction};
 
 use super::messages::{self, MessageTables, SharedMessageDb};
 use super::writer::{db_err, expiry_ms, now_ms};
@@ -214,7 +214,7 @@ impl DedupIndex {
     }
 
     /// The positions that may hold each id's record, newest first.
-    fn candidates(&self, sender: &str, client_msg_ids: &[String]) -> Vec<Vec<u64>> {
+    fn candidates(&self, sender: &str, client_msg_ids: &[&str]) -> Vec<Vec<u64>> {
         client_msg_ids
             .iter()
             .map(|id| {
@@ -238,28 +238,27 @@ pub(crate) fn recover(txn: &WriteTransaction) -> StoreResult<DedupIndex> {
     let mut log = txn.open_table(LOG).map_err(db_err)?;
     let mut next_position = log.last().map_err(db_err)?.map_or(0, |(k, _)| k.value() + 1);
     let now = now_ms();
-    match txn.open_table(RECORDS) {
-        Ok(records) => {
-            let mut live = Vec::new();
-            for entry in records.iter().map_err(db_err)? {
-                let (k, v) = entry.map_err(db_err)?;
-                let ((sender, client), (msg_id, seq, sent_at_ms, expires_at)) = (k.value(), v.value());
-                if expires_at > now {
-                    live.push((expires_at, msg_id, seq, sent_at_ms, sender.to_owned(), client.to_owned()));
-                }
-            }
-            live.sort_unstable();
-            for (expires_at, msg_id, seq, sent_at_ms, sender, client) in &live {
-                let row = (*expires_at, *msg_id, *seq, *sent_at_ms, sender.as_str(), client.as_str());
-                log.insert(next_position, row).map_err(db_err)?;
-                next_position += 1;
-            }
-            if records.len().map_err(db_err)? > 0 {
-                tracing::info!(records = live.len(), "moved the dedup records into the dedup log");
+    // Looked for by name: opening a table in a write transaction creates it.
+    let has_records = txn.list_tables().map_err(db_err)?.any(|table| table.name() == RECORDS.name());
+    if has_records {
+        let records = txn.open_table(RECORDS).map_err(db_err)?;
+        let mut live = Vec::new();
+        for entry in records.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let ((sender, client), (msg_id, seq, sent_at_ms, expires_at)) = (k.value(), v.value());
+            if expires_at > now {
+                live.push((expires_at, msg_id, seq, sent_at_ms, sender.to_owned(), client.to_owned()));
             }
         }
-        Err(TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(db_err(e)),
+        live.sort_unstable();
+        for (expires_at, msg_id, seq, sent_at_ms, sender, client) in &live {
+            let row = (*expires_at, *msg_id, *seq, *sent_at_ms, sender.as_str(), client.as_str());
+            log.insert(next_position, row).map_err(db_err)?;
+            next_position += 1;
+        }
+        if records.len().map_err(db_err)? > 0 {
+            tracing::info!(records = live.len(), "moved the dedup records into the dedup log");
+        }
     }
     txn.delete_table(RECORDS).map_err(db_err)?;
     txn.delete_table(EXPIRY).map_err(db_err)?;
@@ -353,11 +352,12 @@ impl DedupStore for EmbeddedDedupStore {
     /// Asks the index; reads the log (one read transaction for all of them)
     /// only for ids whose fingerprint it holds.
     async fn get_many(&self, sender: &str, client_msg_ids: &[&str]) -> StoreResult<Vec<Option<DedupRecord>>> {
-        let clients: Vec<String> = client_msg_ids.iter().map(|&c| c.to_owned()).collect();
-        let candidates = self.store.state().candidates(sender, &clients);
+        let candidates = self.store.state().candidates(sender, client_msg_ids);
         if candidates.iter().all(Vec::is_empty) {
-            return Ok(vec![None; clients.len()]);
+            return Ok(vec![None; client_msg_ids.len()]);
         }
+        // Owned only now: most bursts (all new ids) never get here.
+        let clients: Vec<String> = client_msg_ids.iter().map(|&c| c.to_owned()).collect();
         let sender = sender.to_owned();
         self.store
             .read(move |txn| {
@@ -445,7 +445,7 @@ mod tests {
         client: &str,
         now: u64,
     ) -> Option<DedupRecord> {
-        let candidates = index.candidates(sender, &[client.to_owned()]).pop().expect("one");
+        let candidates = index.candidates(sender, &[client]).pop().expect("one");
         let txn = db.begin_read().expect("read");
         let log = txn.open_table(LOG).expect("log");
         candidates.into_iter().find_map(|position| {
