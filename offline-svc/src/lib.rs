@@ -195,19 +195,21 @@ impl OfflineApi for OfflineService {
         // Copies held back for this device are settled here; the rest are
         // in the store, or not written yet (the ACK leaves a tombstone).
         let stored = self.held.settle(&own_key, msg_ids);
-        let own = async {
-            if !stored.is_empty() {
-                self.store.ack(&own_key, &stored, ttl).await?;
-            }
-            Ok::<_, tern_store::StoreError>(())
-        };
+        if stored.is_empty() {
+            // Every id was a held copy (the usual ACK of a push): nothing
+            // of them is in the store. Nor in the shared set: a copy is
+            // held only for a device recorded when its batch was read, and
+            // then the user's copies went to device sets.
+            return Ok(());
+        }
+        let own = self.store.ack(&own_key, &stored, ttl);
         // The shared set only has entries from before the user's first
         // device was recorded; most users have none, and an ACK there
         // leaves no tombstone (a late write to it, possible only around a
         // first login, comes back once and is dropped as a duplicate).
         let shared = async {
             if self.store.count(&shared_key).await? > 0 {
-                self.store.ack(&shared_key, msg_ids, Duration::ZERO).await?;
+                self.store.ack(&shared_key, &stored, Duration::ZERO).await?;
             }
             Ok::<_, tern_store::StoreError>(())
         };

@@ -234,3 +234,94 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
     drop(stop);
     task.abort();
 }
+
+/// An offline store that counts the calls made to it.
+struct CountingStore {
+    inner: Arc<dyn OfflineStore>,
+    calls: AtomicU64,
+}
+
+impl CountingStore {
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn called(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl OfflineStore for CountingStore {
+    async fn insert(
+        &self,
+        receivers: &[String],
+        entry: &tern_store::OfflineEntry,
+    ) -> tern_store::StoreResult<()> {
+        self.called();
+        self.inner.insert(receivers, entry).await
+    }
+
+    async fn pull(
+        &self,
+        receiver: &str,
+        after: u64,
+        limit: usize,
+    ) -> tern_store::StoreResult<Vec<tern_store::OfflineEntry>> {
+        self.called();
+        self.inner.pull(receiver, after, limit).await
+    }
+
+    async fn ack(
+        &self,
+        receiver: &str,
+        msg_ids: &[u64],
+        tombstone_ttl: Duration,
+    ) -> tern_store::StoreResult<()> {
+        self.called();
+        self.inner.ack(receiver, msg_ids, tombstone_ttl).await
+    }
+
+    async fn count(&self, receiver: &str) -> tern_store::StoreResult<u64> {
+        self.called();
+        self.inner.count(receiver).await
+    }
+}
+
+/// The ACK of a push whose copy is held (the usual ACK) settles it in
+/// memory and asks the store nothing, not even whether the user's shared
+/// set has entries; an ACK of anything else still reaches the store, the
+/// shared set included.
+#[tokio::test]
+async fn an_ack_of_held_copies_asks_the_store_nothing() {
+    // bob is online; dave has never logged in, so his copy goes to his
+    // shared set, until his tablet logs in and pulls it.
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
+    publish(&backends, 1, "bob").await;
+    publish(&backends, 2, "dave").await;
+    let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+    let counting = Arc::new(CountingStore { inner: backends.offline.clone(), calls: AtomicU64::new(0) });
+    let offline = OfflineService::new(counting.clone(), config.clone());
+    let gateway = Arc::new(Recorder::default());
+    let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
+    eventually("the push to bob", || gateway.pushed(BOB, 1)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backends.offline.count("dave/").await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "dave's copy was not written to his shared set");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    offline.ack("bob", "phone", &[1]).await.unwrap();
+    assert_eq!(counting.calls(), 0, "a held copy's ACK is settled in memory");
+    eventually("the batch to be stored once bob ACKed", || gateway.stored() == 1).await;
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for an ACKed copy");
+
+    backends.meta.add_device("dave", "tab").await.unwrap();
+    let (pulled, _) = offline.pull("dave", "tab", 0, 10).await.unwrap();
+    assert_eq!(pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [2], "from the shared set");
+    offline.ack("dave", "tab", &[2]).await.unwrap();
+    assert!(counting.calls() > 0);
+    assert_eq!(backends.offline.count("dave/").await.unwrap(), 0, "the ACK emptied the shared set");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
