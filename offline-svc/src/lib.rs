@@ -263,20 +263,33 @@ impl Delivery {
         !sending_device || self.receivers.contains(&self.sender)
     }
 
-    /// The offline sets this message goes to: each receiver's recorded
-    /// devices (or the shared set of a receiver with none yet), and the
-    /// sender's devices other than the one it was sent from.
-    fn inboxes(&self, devices: &HashMap<String, Vec<String>>) -> Vec<String> {
+    /// The offline sets this message is written to: each receiver's
+    /// recorded devices (or the shared set of a receiver with none yet),
+    /// and the sender's devices other than the one it was sent from; but
+    /// not the sets of devices whose copy is `held(user, device)`. (Checked
+    /// before the key is built: in a fan-out to online members nearly every
+    /// copy is held, and a key per member per message was built for
+    /// nothing.)
+    fn inboxes(
+        &self,
+        devices: &HashMap<String, Vec<String>>,
+        held: impl Fn(&str, &str) -> bool,
+    ) -> Vec<String> {
         let mut keys = Vec::new();
         for receiver in &self.receivers {
             match devices.get(receiver).filter(|d| !d.is_empty()) {
-                Some(list) => keys.extend(list.iter().map(|d| device_inbox(receiver, d))),
+                Some(list) => {
+                    keys.extend(list.iter().filter(|d| !held(receiver, d)).map(|d| device_inbox(receiver, d)))
+                }
                 None => keys.push(user_inbox(receiver)),
             }
         }
         if !self.sender_device.is_empty() && !self.receivers.contains(&self.sender) {
             let own = devices.get(&self.sender).into_iter().flatten();
-            keys.extend(own.filter(|d| **d != self.sender_device).map(|d| device_inbox(&self.sender, d)));
+            keys.extend(
+                own.filter(|d| **d != self.sender_device && !held(&self.sender, d))
+                    .map(|d| device_inbox(&self.sender, d)),
+            );
         }
         keys
     }
@@ -324,8 +337,14 @@ fn plan<'a>(
     // Per connection, keyed by (node, connection id): its large-group
     // messages by group.
     let mut large: BTreeMap<(&str, u64), Owed> = BTreeMap::new();
+    // A connection is pushed a message at most once, so no connection can
+    // pass the threshold unless the batch itself holds more large-group
+    // messages than that: then nothing needs counting (the usual case;
+    // counting was a map update per delivery).
+    let large_messages = decoded.iter().filter(|d| d.large_group(config).is_some()).count();
+    let count_large = large_messages > config.pull_notice_threshold;
     for d in decoded {
-        let group = d.large_group(config);
+        let group = d.large_group(config).filter(|_| count_large);
         for user in d.push_targets() {
             for placement in placements.get(user).into_iter().flatten() {
                 if !d.pushed_to(user, placement) {
@@ -526,11 +545,21 @@ pub async fn run_consumer(
             // pushes go out, so that no ACK can come first.
             let hold = Arc::new(BatchHold::default());
             let deadline = tokio::time::Instant::now() + config.ack_wait;
-            let (holding, held_elsewhere) = if config.ack_wait.is_zero() || !backends.holding.allowed() {
-                (Vec::new(), Vec::new())
-            } else {
-                backends.held.hold(&hold, held_copies(&early.pushes, &devices))
-            };
+            let holds = !config.ack_wait.is_zero() && backends.holding.allowed();
+            let copies = if holds { held_copies(&early.pushes, &devices) } else { Vec::new() };
+            // Every copy in `copies` is held, by this batch or by one that
+            // holds the same message already (within the wait).
+            let held_now: HashSet<(&str, &str, u64)> = copies
+                .iter()
+                .map(|&(d, p)| (p.user_id.as_str(), p.device_id.as_str(), d.entry.msg_id))
+                .collect();
+            let (holding, _held_elsewhere) = backends.held.hold(
+                &hold,
+                copies
+                    .iter()
+                    .map(|(d, p)| (device_inbox(&p.user_id, &p.device_id), d.entry.clone()))
+                    .collect(),
+            );
             // Pushes go out before the offline write, so a receiver online
             // now does not wait for that commit. A push that overtakes a
             // write is harmless: the device's ACK leaves a tombstone that
@@ -544,13 +573,9 @@ pub async fn run_consumer(
             // ACKed and deleted independently; held copies wait (and those
             // another batch holds, the same message again within the wait,
             // are that batch's to write).
-            let held_now: HashSet<(&str, u64)> =
-                holding.iter().chain(&held_elsewhere).map(|(inbox, id)| (inbox.as_str(), *id)).collect();
             let writes = decoded.iter().map(|d| {
-                let mut keys = d.inboxes(&devices);
-                if !held_now.is_empty() {
-                    keys.retain(|k| !held_now.contains(&(k.as_str(), d.entry.msg_id)));
-                }
+                let msg_id = d.entry.msg_id;
+                let keys = d.inboxes(&devices, |user, device| held_now.contains(&(user, device, msg_id)));
                 let store = backends.store.clone();
                 async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
             });
@@ -657,16 +682,16 @@ struct Held {
     deadline: tokio::time::Instant,
 }
 
-/// The copies to hold back: those of the devices pushed the message now
+/// The pushes whose device's copy is held back: those to recorded devices
 /// (never a user's shared set: a user online has a recorded device).
-fn held_copies(
-    pushes: &[(&Delivery, &Placement)],
+fn held_copies<'a>(
+    pushes: &[(&'a Delivery, &'a Placement)],
     devices: &HashMap<String, Vec<String>>,
-) -> Vec<(String, OfflineEntry)> {
+) -> Vec<(&'a Delivery, &'a Placement)> {
     pushes
         .iter()
         .filter(|(_, p)| devices.get(&p.user_id).is_some_and(|list| list.contains(&p.device_id)))
-        .map(|(d, p)| (device_inbox(&p.user_id, &p.device_id), d.entry.clone()))
+        .copied()
         .collect()
 }
 
@@ -782,6 +807,46 @@ mod tests {
             sender_device: "phone".into(),
         }
         .encode_to_vec()
+    }
+
+    /// Batches of large-group messages to bob (on one connection) and a
+    /// 1:1 message to carol, planned with a threshold of two.
+    fn planned(large_messages: u64) -> (usize, Vec<String>) {
+        let config =
+            OfflineConfig { large_group_members: 3, pull_notice_threshold: 2, ..OfflineConfig::default() };
+        let delivery = |msg_id, receivers: &[&str], group_id: &str| Delivery {
+            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
+            sender: "alice".into(),
+            sender_device: String::new(),
+            group_id: group_id.into(),
+            entry: OfflineEntry { msg_id, payload: Bytes::new() },
+        };
+        let mut batch: Vec<Delivery> =
+            (1..=large_messages).map(|id| delivery(id, &["bob", "dave"], "g")).collect();
+        batch.push(delivery(100, &["carol"], ""));
+        let placement = |user: &str, connection_id| Placement {
+            user_id: user.into(),
+            device_id: "phone".into(),
+            node_id: "n1".into(),
+            connection_id,
+        };
+        let placements = HashMap::from([
+            ("bob".to_owned(), vec![placement("bob", 1)]),
+            ("carol".to_owned(), vec![placement("carol", 2)]),
+        ]);
+        let plan = plan(&batch, &placements, &config);
+        let notified = plan.notices.iter().map(|(p, reason)| format!("{}: {reason}", p.user_id)).collect();
+        (plan.pushes.len(), notified)
+    }
+
+    #[test]
+    fn a_connection_is_told_to_pull_only_past_the_threshold() {
+        assert_eq!(planned(2), (3, vec![]), "two large-group messages and carol's: all pushed");
+        assert_eq!(
+            planned(3),
+            (1, vec!["bob: 3 new messages in group g; pull".to_owned()]),
+            "three: bob pulls them, carol's 1:1 message is still pushed"
+        );
     }
 
     #[test]
