@@ -422,27 +422,23 @@ async fn placements_after_writes(
     }
 }
 
-/// The placements of everyone the batch is pushed to, one lookup per user,
-/// all at once. A failed lookup counts as offline: the entry is stored and
-/// the device pulls it at its next sync.
+/// The placements of everyone the batch is pushed to, in one
+/// [`SessionStore::get_many`]. A failed lookup counts as offline: the
+/// entries are stored and the devices pull them at their next sync.
 async fn placements_of(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
 ) -> HashMap<String, Vec<Placement>> {
     let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
-    let lookups = users.into_iter().map(|user| {
-        let sessions = sessions.clone();
-        async move {
-            match sessions.get(user).await {
-                Ok(placements) => (user.clone(), placements),
-                Err(e) => {
-                    tracing::warn!(error = %e, "placement lookup failed; push skipped");
-                    (user.clone(), Vec::new())
-                }
-            }
+    let users: Vec<&str> = users.into_iter().map(String::as_str).collect();
+    match sessions.get_many(&users).await {
+        Ok(found) => users.into_iter().map(str::to_owned).zip(found).collect(),
+        Err(e) => {
+            // Nobody is pushed; every copy is written, and pulled later.
+            tracing::warn!(error = %e, users = users.len(), "placement lookup failed; pushes skipped");
+            HashMap::new()
         }
-    });
-    futures::future::join_all(lookups).await.into_iter().collect()
+    }
 }
 
 /// The connections of `now` that `before` did not have (a connection is

@@ -141,6 +141,18 @@ pub async fn session_store(store: &dyn SessionStore) {
         "session: remove deletes only that device"
     );
 
+    // get_many answers each user as get does, in the order asked.
+    let other_phone = place(&other, "phone", &node_b, 4);
+    store.put(&other_phone).await.expect("put");
+    let nobody = unique_id("su");
+    assert_eq!(
+        store.get_many(&[&other, &nobody, &user, &other]).await.expect("get_many"),
+        vec![vec![other_phone.clone()], vec![], vec![laptop.clone()], vec![other_phone.clone()]],
+        "session: get_many answers each user as get does, in order, repeats included"
+    );
+    assert!(store.get_many(&[]).await.expect("get_many").is_empty(), "session: get_many of nobody");
+    assert!(store.remove(&other_phone).await.expect("remove"));
+
     // Logins of one device racing: each replaces exactly one other (or
     // none, for the first), so every login but the last one is returned
     // once, to be closed, and none is left open unplaced.

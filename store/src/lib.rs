@@ -70,6 +70,13 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn remove(&self, placement: &Placement) -> StoreResult<bool>;
     /// All devices of a user.
     async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>>;
+    /// [`SessionStore::get`] of each user, in order. The default asks for
+    /// each concurrently; Redis sends them in one pipeline (the offline
+    /// consumer asks for every member of a group at once, and a round trip
+    /// each was a tenth of its work in a fan-out to 1000 members).
+    async fn get_many(&self, user_ids: &[&str]) -> StoreResult<Vec<Vec<Placement>>> {
+        futures::future::try_join_all(user_ids.iter().map(|&user| self.get(user))).await
+    }
     /// Removes every placement on an access node (drain or crash recovery).
     /// Returns how many were removed.
     async fn remove_node(&self, node_id: &str) -> StoreResult<usize>;
@@ -217,7 +224,7 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>>;
     /// [`MetaStore::devices`] of each of `user_ids`, by user. The default
     /// looks them up concurrently; the embedded store reads them all in one
-    /// read transaction (a consumer batch of a 1000-member group's messages
+    /// read transaction, Redis in one pipeline (a consumer batch of a 1000-member group's messages
     /// asks for 1000 users at once).
     async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
         let lookups =

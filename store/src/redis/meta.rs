@@ -17,7 +17,7 @@
 //! A user's devices are a lexicographic sorted set `P:devices:{user}`
 //! (score 0), so `ZADD` is idempotent and `ZRANGE` returns them sorted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -308,4 +308,26 @@ impl MetaStore for RedisMetaStore {
         // Members of equal score are in byte order, the order of `String`.
         devices.into_iter().map(|d| utf8(d, "device id")).collect()
     }
+
+    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
+        let mut found = HashMap::with_capacity(user_ids.len());
+        // One pipeline (one round trip) per chunk instead of one per user.
+        for chunk in user_ids.chunks(DEVICES_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("ZRANGE").arg(self.shared.key("devices", user)).arg(0).arg(-1);
+            }
+            let lists: Vec<Vec<Vec<u8>>> =
+                pipe.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
+            for (&user, devices) in chunk.iter().zip(lists) {
+                let devices =
+                    devices.into_iter().map(|d| utf8(d, "device id")).collect::<StoreResult<_>>()?;
+                found.insert(user.to_owned(), devices);
+            }
+        }
+        Ok(found)
+    }
 }
+
+/// Users whose devices `devices_of_users` asks for in one pipeline.
+const DEVICES_CHUNK: usize = 1_000;

@@ -82,6 +82,30 @@ fn encode_value(p: &Placement) -> String {
     format!("{} {}", p.connection_id, p.node_id)
 }
 
+/// A user's hash: device id → encoded placement.
+type UserHash = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Users looked up per pipeline by `get_many`.
+const GET_MANY_CHUNK: usize = 1_000;
+
+/// The placements in a user's hash, by device id.
+fn placements_of(user_id: &str, fields: UserHash) -> StoreResult<Vec<Placement>> {
+    let mut out = Vec::with_capacity(fields.len());
+    for (device, value) in fields {
+        let device_id = utf8(device, "session device id")?;
+        let value = utf8(value, "session placement")?;
+        let (node_id, connection_id) = decode_value(&value)?;
+        out.push(Placement {
+            user_id: user_id.to_owned(),
+            device_id,
+            node_id: node_id.to_owned(),
+            connection_id,
+        });
+    }
+    out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(out)
+}
+
 /// `(node_id, connection_id)` of a stored value.
 fn decode_value(value: &str) -> StoreResult<(&str, u64)> {
     value
@@ -269,24 +293,27 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>> {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+        let fields: UserHash = redis::cmd("HGETALL")
             .arg(self.user_key(user_id))
             .query_async(&mut self.shared.conn())
             .await
             .map_err(redis_err)?;
-        let mut out = Vec::with_capacity(fields.len());
-        for (device, value) in fields {
-            let device_id = utf8(device, "session device id")?;
-            let value = utf8(value, "session placement")?;
-            let (node_id, connection_id) = decode_value(&value)?;
-            out.push(Placement {
-                user_id: user_id.to_owned(),
-                device_id,
-                node_id: node_id.to_owned(),
-                connection_id,
-            });
+        placements_of(user_id, fields)
+    }
+
+    async fn get_many(&self, user_ids: &[&str]) -> StoreResult<Vec<Vec<Placement>>> {
+        let mut out = Vec::with_capacity(user_ids.len());
+        // One pipeline per chunk: one round trip, replies of bounded size.
+        for chunk in user_ids.chunks(GET_MANY_CHUNK) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("HGETALL").arg(self.user_key(user));
+            }
+            let hashes: Vec<UserHash> = pipe.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
+            for (user, fields) in chunk.iter().zip(hashes) {
+                out.push(placements_of(user, fields)?);
+            }
         }
-        out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         Ok(out)
     }
 
