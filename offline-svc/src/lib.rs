@@ -41,7 +41,9 @@ use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
-use tern_store::{Bus, BusRecord, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore};
+use tern_store::{
+    Bus, BusRecord, MetaStore, OfflineEntry, OfflineStore, Placement, SessionStore, StoreResult,
+};
 
 /// Delivers a pushed message to the connection a placement names. Pushes are
 /// best effort: the offline set keeps the message until it is ACKed.
@@ -197,9 +199,14 @@ impl OfflineApi for OfflineService {
         let stored = self.held.settle(&own_key, msg_ids);
         if stored.is_empty() {
             // Every id was a held copy (the usual ACK of a push): nothing
-            // of them is in the store. Nor in the shared set: a copy is
-            // held only for a device recorded when its batch was read, and
-            // then the user's copies went to device sets.
+            // of them is in the device's set. Nor, as a rule, in the shared
+            // set: a copy is held only for a device recorded when its batch
+            // was read, and then the user's copies went to device sets. The
+            // exception is a message first handled before the user's first
+            // device was recorded and replayed after it (a crash or retry
+            // before the batch's commit): its shared-set entry stays until a
+            // pull brings it back once, the client drops it by id, and the
+            // ACK of that pull removes it.
             return Ok(());
         }
         let own = self.store.ack(&own_key, &stored, ttl);
@@ -406,14 +413,11 @@ async fn placements_after_writes(
     if epoch.is_some() && epoch == seen {
         return (None, epoch);
     }
+    let users = push_targets(decoded);
     loop {
-        let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
-        let lookups = users.into_iter().map(|user| {
-            let sessions = sessions.clone();
-            async move { Ok::<_, tern_store::StoreError>((user.clone(), sessions.get(user).await?)) }
-        });
-        match futures::future::try_join_all(lookups).await {
-            Ok(found) => return (Some(found.into_iter().collect()), epoch),
+        let found: StoreResult<Vec<Vec<Placement>>> = look_up(sessions, &users).await.into_iter().collect();
+        match found {
+            Ok(found) => return (Some(users.iter().map(|&u| u.to_owned()).zip(found).collect()), epoch),
             Err(e) => {
                 tracing::warn!(error = %e, "placement lookup after the offline write failed; retrying");
                 tokio::time::sleep(HELD_WRITE_RETRY).await;
@@ -422,23 +426,45 @@ async fn placements_after_writes(
     }
 }
 
-/// The placements of everyone the batch is pushed to, in one
-/// [`SessionStore::get_many`]. A failed lookup counts as offline: the
-/// entries are stored and the devices pull them at their next sync.
+/// Everyone a batch is pushed to, once each.
+fn push_targets(decoded: &[Delivery]) -> Vec<&str> {
+    let users: HashSet<&str> = decoded.iter().flat_map(Delivery::push_targets).map(String::as_str).collect();
+    users.into_iter().collect()
+}
+
+/// Each user's placements, in order: one [`SessionStore::get_many`], or if
+/// that fails, one lookup per user, so that one user's trouble (a timeout,
+/// a bad stored value) is that user's alone.
+async fn look_up(sessions: &Arc<dyn SessionStore>, users: &[&str]) -> Vec<StoreResult<Vec<Placement>>> {
+    match sessions.get_many(users).await {
+        Ok(found) => found.into_iter().map(Ok).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, users = users.len(), "placement lookup of a batch failed; looking users up one by one");
+            futures::future::join_all(users.iter().map(|&user| sessions.get(user))).await
+        }
+    }
+}
+
+/// The placements of everyone the batch is pushed to ([`look_up`]). A
+/// failed lookup counts as offline: the entries are stored and the devices
+/// pull them at their next sync.
 async fn placements_of(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
 ) -> HashMap<String, Vec<Placement>> {
-    let users: HashSet<&String> = decoded.iter().flat_map(Delivery::push_targets).collect();
-    let users: Vec<&str> = users.into_iter().map(String::as_str).collect();
-    match sessions.get_many(&users).await {
-        Ok(found) => users.into_iter().map(str::to_owned).zip(found).collect(),
-        Err(e) => {
-            // Nobody is pushed; every copy is written, and pulled later.
-            tracing::warn!(error = %e, users = users.len(), "placement lookup failed; pushes skipped");
-            HashMap::new()
-        }
-    }
+    let users = push_targets(decoded);
+    let found = look_up(sessions, &users).await;
+    users
+        .into_iter()
+        .zip(found)
+        .map(|(user, placements)| {
+            let placements = placements.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, user, "placement lookup failed; push skipped");
+                Vec::new()
+            });
+            (user.to_owned(), placements)
+        })
+        .collect()
 }
 
 /// The connections of `now` that `before` did not have (a connection is

@@ -297,23 +297,25 @@ async fn an_ack_of_held_copies_asks_the_store_nothing() {
     // bob is online; dave has never logged in, so his copy goes to his
     // shared set, until his tablet logs in and pulls it.
     let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
-    publish(&backends, 1, "bob").await;
-    publish(&backends, 2, "dave").await;
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let counting = Arc::new(CountingStore { inner: backends.offline.clone(), calls: AtomicU64::new(0) });
     let offline = OfflineService::new(counting.clone(), config.clone());
     let gateway = Arc::new(Recorder::default());
     let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
-    eventually("the push to bob", || gateway.pushed(BOB, 1)).await;
+    // dave's message first, in a batch of its own (stored once written).
+    publish(&backends, 2, "dave").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while backends.offline.count("dave/").await.unwrap() == 0 {
         assert!(Instant::now() < deadline, "dave's copy was not written to his shared set");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    eventually("dave's batch to be stored", || gateway.stored() == 1).await;
+    publish(&backends, 1, "bob").await;
+    eventually("the push to bob", || gateway.pushed(BOB, 1)).await;
 
     offline.ack("bob", "phone", &[1]).await.unwrap();
     assert_eq!(counting.calls(), 0, "a held copy's ACK is settled in memory");
-    eventually("the batch to be stored once bob ACKed", || gateway.stored() == 1).await;
+    eventually("bob's batch to be stored once he ACKed", || gateway.stored() == 2).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for an ACKed copy");
 
     backends.meta.add_device("dave", "tab").await.unwrap();
@@ -322,6 +324,90 @@ async fn an_ack_of_held_copies_asks_the_store_nothing() {
     offline.ack("dave", "tab", &[2]).await.unwrap();
     assert!(counting.calls() > 0);
     assert_eq!(backends.offline.count("dave/").await.unwrap(), 0, "the ACK emptied the shared set");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// A session store whose batch lookup always fails, and whose lookup of
+/// `broken` fails the first time.
+struct FlakySessions {
+    inner: Arc<dyn SessionStore>,
+    broken: &'static str,
+    failed_once: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for FlakySessions {
+    async fn put(&self, placement: &Placement) -> tern_store::StoreResult<Option<Placement>> {
+        self.inner.put(placement).await
+    }
+
+    async fn remove(&self, placement: &Placement) -> tern_store::StoreResult<bool> {
+        self.inner.remove(placement).await
+    }
+
+    async fn get(&self, user_id: &str) -> tern_store::StoreResult<Vec<Placement>> {
+        if user_id == self.broken && !self.failed_once.swap(true, Ordering::SeqCst) {
+            return Err(tern_store::StoreError::Backend(format!("{user_id}: unreadable placement")));
+        }
+        self.inner.get(user_id).await
+    }
+
+    async fn get_many(&self, _user_ids: &[&str]) -> tern_store::StoreResult<Vec<Vec<Placement>>> {
+        Err(tern_store::StoreError::Backend("pipeline timed out".into()))
+    }
+
+    async fn remove_node(&self, node_id: &str) -> tern_store::StoreResult<usize> {
+        self.inner.remove_node(node_id).await
+    }
+
+    async fn online_users(&self, limit: usize) -> tern_store::StoreResult<Vec<String>> {
+        self.inner.online_users(limit).await
+    }
+}
+
+/// When the batch's placement lookup fails, users are looked up one by
+/// one: a user whose own lookup fails too goes without the early push, the
+/// others are pushed (and their copies held) as usual.
+#[tokio::test]
+async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
+    let (_dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk")], 2).await;
+    // One record, so one batch: a group message to bob and carol.
+    let topic = BusNames::default().messages_topic;
+    let message = envelope(1, "g", "alice", &["bob", "carol"]);
+    backends.bus.publish(&topic, Bytes::from_static(b"k"), message).await.unwrap();
+    let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+    let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let sessions = Arc::new(FlakySessions {
+        inner: backends.sessions.clone(),
+        broken: "carol",
+        failed_once: Default::default(),
+    });
+    let consumer_backends = ConsumerBackends {
+        meta: backends.meta.clone(),
+        store: backends.offline.clone(),
+        sessions,
+        held: offline.held_writes(),
+        holding: Holding::Always,
+    };
+    let gateway = Arc::new(Recorder::default());
+    let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
+    // The message's copies are written in one insert: once carol's is
+    // there, bob's was written with it or held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backends.offline.count("carol/desk").await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "carol's copy was not written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gateway.pushed(BOB, 1), "bob's lookup worked: pushed");
+    assert_eq!(
+        backends.offline.count("bob/phone").await.unwrap(),
+        0,
+        "bob was pushed before the write: his copy is held, not written"
+    );
+    // The consumer stops once its batches are done: bob's held copy with
+    // his ACK.
+    offline.ack("bob", "phone", &[1]).await.unwrap();
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
