@@ -413,7 +413,7 @@ async fn placements_after_writes(
     if epoch.is_some() && epoch == seen {
         return (None, epoch);
     }
-    let users = push_targets(decoded);
+    let users = batch_push_targets(decoded);
     loop {
         let found: StoreResult<Vec<Vec<Placement>>> = look_up(sessions, &users).await.into_iter().collect();
         match found {
@@ -427,7 +427,7 @@ async fn placements_after_writes(
 }
 
 /// Everyone a batch is pushed to, once each.
-fn push_targets(decoded: &[Delivery]) -> Vec<&str> {
+fn batch_push_targets(decoded: &[Delivery]) -> Vec<&str> {
     let users: HashSet<&str> = decoded.iter().flat_map(Delivery::push_targets).map(String::as_str).collect();
     users.into_iter().collect()
 }
@@ -452,7 +452,7 @@ async fn placements_of(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
 ) -> HashMap<String, Vec<Placement>> {
-    let users = push_targets(decoded);
+    let users = batch_push_targets(decoded);
     let found = look_up(sessions, &users).await;
     users
         .into_iter()

@@ -224,8 +224,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>>;
     /// [`MetaStore::devices`] of each of `user_ids`, by user. The default
     /// looks them up concurrently; the embedded store reads them all in one
-    /// read transaction, Redis in one pipeline (a consumer batch of a 1000-member group's messages
-    /// asks for 1000 users at once).
+    /// read transaction, Redis in one pipeline (a consumer batch of a
+    /// 1000-member group's messages asks for 1000 users at once).
     async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
         let lookups =
             user_ids.iter().map(|&user| async move { Ok((user.to_owned(), self.devices(user).await?)) });

@@ -310,24 +310,20 @@ impl MetaStore for RedisMetaStore {
     }
 
     async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
-        let mut found = HashMap::with_capacity(user_ids.len());
-        // One pipeline (one round trip) per chunk instead of one per user.
-        for chunk in user_ids.chunks(DEVICES_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
+        let lists: Vec<Vec<Vec<u8>>> = self
+            .shared
+            .per_id(user_ids, |pipe, user| {
                 pipe.cmd("ZRANGE").arg(self.shared.key("devices", user)).arg(0).arg(-1);
-            }
-            let lists: Vec<Vec<Vec<u8>>> =
-                pipe.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
-            for (&user, devices) in chunk.iter().zip(lists) {
+            })
+            .await?;
+        user_ids
+            .iter()
+            .zip(lists)
+            .map(|(&user, devices)| {
                 let devices =
                     devices.into_iter().map(|d| utf8(d, "device id")).collect::<StoreResult<_>>()?;
-                found.insert(user.to_owned(), devices);
-            }
-        }
-        Ok(found)
+                Ok((user.to_owned(), devices))
+            })
+            .collect()
     }
 }
-
-/// Users whose devices `devices_of_users` asks for in one pipeline.
-const DEVICES_CHUNK: usize = 1_000;

@@ -215,7 +215,30 @@ impl Shared {
     fn global_key(&self, kind: &str) -> String {
         format!("{}:{kind}", self.prefix)
     }
+
+    /// One command per id, sent in pipelines of up to [`PIPELINE_IDS`]
+    /// commands (a round trip each, replies of bounded size); the replies in
+    /// the order of `ids`. `command` adds one id's command to the pipeline.
+    async fn per_id<T: redis::FromRedisValue>(
+        &self,
+        ids: &[&str],
+        command: impl Fn(&mut redis::Pipeline, &str),
+    ) -> StoreResult<Vec<T>> {
+        let mut replies = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(PIPELINE_IDS) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                command(&mut pipe, id);
+            }
+            let chunk_replies: Vec<T> = pipe.query_async(&mut self.conn()).await.map_err(redis_err)?;
+            replies.extend(chunk_replies);
+        }
+        Ok(replies)
+    }
 }
+
+/// Most commands [`Shared::per_id`] sends in one pipeline.
+const PIPELINE_IDS: usize = 1_000;
 
 /// Maps a client error: connection trouble (the request may succeed when
 /// retried) is [`StoreError::Unavailable`], a value of the wrong type under

@@ -85,9 +85,6 @@ fn encode_value(p: &Placement) -> String {
 /// A user's hash: device id → encoded placement.
 type UserHash = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Users looked up per pipeline by `get_many`.
-const GET_MANY_CHUNK: usize = 1_000;
-
 /// The placements in a user's hash, by device id.
 fn placements_of(user_id: &str, fields: UserHash) -> StoreResult<Vec<Placement>> {
     let mut out = Vec::with_capacity(fields.len());
@@ -302,19 +299,13 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn get_many(&self, user_ids: &[&str]) -> StoreResult<Vec<Vec<Placement>>> {
-        let mut out = Vec::with_capacity(user_ids.len());
-        // One pipeline per chunk: one round trip, replies of bounded size.
-        for chunk in user_ids.chunks(GET_MANY_CHUNK) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
+        let hashes: Vec<UserHash> = self
+            .shared
+            .per_id(user_ids, |pipe, user| {
                 pipe.cmd("HGETALL").arg(self.user_key(user));
-            }
-            let hashes: Vec<UserHash> = pipe.query_async(&mut self.shared.conn()).await.map_err(redis_err)?;
-            for (user, fields) in chunk.iter().zip(hashes) {
-                out.push(placements_of(user, fields)?);
-            }
-        }
-        Ok(out)
+            })
+            .await?;
+        user_ids.iter().zip(hashes).map(|(user, fields)| placements_of(user, fields)).collect()
     }
 
     async fn remove_node(&self, node_id: &str) -> StoreResult<usize> {
