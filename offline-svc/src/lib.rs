@@ -397,13 +397,22 @@ fn sync_reason(groups: &BTreeMap<&str, usize>) -> String {
     format!("{total} new messages in groups {}; pull", named.join(", "))
 }
 
-/// The placements of everyone the batch is pushed to after its writes,
-/// retried until every lookup succeeds: a connection missed here may have
-/// pulled before those writes, and nothing else would tell it. `None`, with
-/// no lookup, when the session store's placements epoch is still `seen`
-/// (the epoch read before the placements compared with were looked up): no
-/// login has placed a connection since, so nobody can have appeared. Also
-/// returns the epoch read before looking, for the next comparison.
+/// The placements of everyone the batch is pushed to after its writes: a
+/// connection missed here may have pulled before those writes, and nothing
+/// else would tell it. A user whose lookup fails is looked up again, the
+/// others are kept: while the store is unavailable, until it answers
+/// (nothing else in the batch can go on without it anyway); after a
+/// corrupt stored value at once, and after any other error after
+/// [`AFTER_WRITE_LOOKUP_TRIES`] tries, that user is given up on with an
+/// error in the log, so one bad value cannot stall the consumer. A device
+/// of that user that connected during the write then finds the entries at
+/// its next pull instead of being pushed them.
+///
+/// `None`, with no lookup, when the session store's placements epoch is
+/// still `seen` (the epoch read before the placements compared with were
+/// looked up): no login has placed a connection since, so nobody can have
+/// appeared. Also returns the epoch read before looking, for the next
+/// comparison.
 async fn placements_after_writes(
     sessions: &Arc<dyn SessionStore>,
     decoded: &[Delivery],
@@ -413,16 +422,50 @@ async fn placements_after_writes(
     if epoch.is_some() && epoch == seen {
         return (None, epoch);
     }
-    let users = batch_push_targets(decoded);
-    loop {
-        let found: StoreResult<Vec<Vec<Placement>>> = look_up(sessions, &users).await.into_iter().collect();
-        match found {
-            Ok(found) => return (Some(users.iter().map(|&u| u.to_owned()).zip(found).collect()), epoch),
-            Err(e) => {
-                tracing::warn!(error = %e, "placement lookup after the offline write failed; retrying");
-                tokio::time::sleep(HELD_WRITE_RETRY).await;
+    let mut pending = batch_push_targets(decoded);
+    let mut found = HashMap::with_capacity(pending.len());
+    for tries in 1.. {
+        let mut failed = Vec::new();
+        let results = look_up(sessions, &pending).await;
+        for (user, result) in pending.into_iter().zip(results) {
+            match result {
+                Ok(placements) => {
+                    found.insert(user.to_owned(), placements);
+                }
+                Err(e) if worth_another_try(&e, tries) => {
+                    tracing::warn!(error = %e, user, tries, "placement lookup after the offline write failed; retrying");
+                    failed.push(user);
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    user,
+                    tries,
+                    "placement lookup after the offline write failed; given up: a device of this user that \
+                     connected during the write gets this batch at its next pull, not pushed"
+                ),
             }
         }
+        if failed.is_empty() {
+            break;
+        }
+        pending = failed;
+        tokio::time::sleep(HELD_WRITE_RETRY).await;
+    }
+    (Some(found), epoch)
+}
+
+/// Tries of a placement lookup after the offline write that fails with
+/// neither an unavailable store nor a corrupt value (see
+/// [`placements_after_writes`]).
+const AFTER_WRITE_LOOKUP_TRIES: u32 = 5;
+
+/// Whether a lookup that failed with `error` on its `tries`-th try is tried
+/// again.
+fn worth_another_try(error: &tern_store::StoreError, tries: u32) -> bool {
+    match error {
+        tern_store::StoreError::Unavailable(_) => true,
+        tern_store::StoreError::Corrupt(_) => false,
+        tern_store::StoreError::Backend(_) => tries < AFTER_WRITE_LOOKUP_TRIES,
     }
 }
 

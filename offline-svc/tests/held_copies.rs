@@ -5,7 +5,7 @@
 //! consumer that dies while holding is replayed; a pull writes the held
 //! copies of its device first.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tern_offline_svc::held::HeldWrites;
 use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::BusNames;
 use tern_store::embedded::EmbeddedBackends;
-use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
+use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore, StoreError};
 use tokio::time::Instant;
 
 mod common;
@@ -329,11 +329,23 @@ async fn an_ack_of_held_copies_asks_the_store_nothing() {
 }
 
 /// A session store whose batch lookup always fails, and whose lookup of
-/// `broken` fails the first time.
+/// `broken` fails `failures` times with `error`.
 struct FlakySessions {
     inner: Arc<dyn SessionStore>,
     broken: &'static str,
-    failed_once: std::sync::atomic::AtomicBool,
+    failures: AtomicU32,
+    error: fn(String) -> StoreError,
+}
+
+impl FlakySessions {
+    fn new(
+        inner: Arc<dyn SessionStore>,
+        broken: &'static str,
+        failures: u32,
+        error: fn(String) -> StoreError,
+    ) -> Self {
+        Self { inner, broken, failures: AtomicU32::new(failures), error }
+    }
 }
 
 #[async_trait::async_trait]
@@ -347,14 +359,16 @@ impl SessionStore for FlakySessions {
     }
 
     async fn get(&self, user_id: &str) -> tern_store::StoreResult<Vec<Placement>> {
-        if user_id == self.broken && !self.failed_once.swap(true, Ordering::SeqCst) {
-            return Err(tern_store::StoreError::Backend(format!("{user_id}: unreadable placement")));
+        if user_id == self.broken
+            && self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            return Err((self.error)(format!("{user_id}: unreadable placement")));
         }
         self.inner.get(user_id).await
     }
 
     async fn get_many(&self, _user_ids: &[&str]) -> tern_store::StoreResult<Vec<Vec<Placement>>> {
-        Err(tern_store::StoreError::Backend("pipeline timed out".into()))
+        Err(StoreError::Backend("pipeline timed out".into()))
     }
 
     async fn remove_node(&self, node_id: &str) -> tern_store::StoreResult<usize> {
@@ -378,11 +392,7 @@ async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
     backends.bus.publish(&topic, Bytes::from_static(b"k"), message).await.unwrap();
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
-    let sessions = Arc::new(FlakySessions {
-        inner: backends.sessions.clone(),
-        broken: "carol",
-        failed_once: Default::default(),
-    });
+    let sessions = Arc::new(FlakySessions::new(backends.sessions.clone(), "carol", 1, StoreError::Backend));
     let consumer_backends = ConsumerBackends {
         meta: backends.meta.clone(),
         store: backends.offline.clone(),
@@ -410,4 +420,46 @@ async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
     offline.ack("bob", "phone", &[1]).await.unwrap();
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// A user whose placement cannot be read after the offline write (a
+/// corrupt stored value; an error that persists) is given up on, so the
+/// consumer goes on: the next batch is pushed. The old loop looked such a
+/// user up again forever and stalled every later message.
+#[tokio::test]
+async fn an_unreadable_placement_does_not_stall_the_consumer() {
+    let errors: [fn(String) -> StoreError; 2] = [StoreError::Corrupt, StoreError::Backend];
+    for error in errors {
+        let (_dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk")], 2).await;
+        let topic = BusNames::default().messages_topic;
+        backends
+            .bus
+            .publish(&topic, Bytes::from_static(b"k"), envelope(1, "g", "alice", &["bob", "carol"]))
+            .await
+            .unwrap();
+        let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
+        let offline = OfflineService::new(backends.offline.clone(), config.clone());
+        let consumer_backends = ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: Arc::new(FlakySessions::new(backends.sessions.clone(), "carol", u32::MAX, error)),
+            held: offline.held_writes(),
+            holding: Holding::Always,
+        };
+        let gateway = Arc::new(Recorder::default());
+        let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
+        // Message 1's write is done (carol's copy is there) before the
+        // lookup after it; message 2 comes in a later batch.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backends.offline.count("carol/desk").await.unwrap() == 0 {
+            assert!(Instant::now() < deadline, "carol's copy was not written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gateway.pushed(BOB, 1));
+        publish(&backends, 2, "bob").await;
+        eventually("the push of the next batch", || gateway.pushed(BOB, 2)).await;
+        offline.ack("bob", "phone", &[1, 2]).await.unwrap();
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
 }
