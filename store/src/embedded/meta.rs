@@ -7,9 +7,15 @@
 //!   [`MetaStore::groups_of`], updated in the same transaction as `groups`;
 //! - `devices`: (user, device) → (), the devices each user has logged in
 //!   with ([`MetaStore::devices`]).
+//!
+//! The devices of recently asked users are also kept in memory
+//! ([`DeviceCache`]): the offline consumer asks for every receiver of every
+//! batch, and a read transaction with a range scan per user was 2% of the
+//! server's CPU in a 1:1 run (3% in a fan-out to 1000 members).
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -31,30 +37,112 @@ pub(crate) struct MetaTables<'t> {
     groups: Table<'t, &'static str, &'static [u8]>,
     memberships: Table<'t, (&'static str, &'static str), ()>,
     devices: Table<'t, (&'static str, &'static str), ()>,
+    /// Users whose devices this transaction changed.
+    devices_changed: Vec<String>,
 }
 
 impl Schema for Meta {
     const NAME: &'static str = "meta";
-    type State = ();
-    type Staged = ();
+    type State = DeviceCache;
+    /// Users whose devices changed.
+    type Staged = Vec<String>;
     type Tables<'t> = MetaTables<'t>;
 
-    fn recover(txn: &WriteTransaction) -> StoreResult<()> {
-        drop(Self::open_tables(txn, &())?);
-        Ok(())
+    fn recover(txn: &WriteTransaction) -> StoreResult<DeviceCache> {
+        drop(Self::open_tables(txn, &DeviceCache::default())?);
+        Ok(DeviceCache::default())
     }
 
-    fn staged(_tables: MetaTables<'_>) {}
+    fn staged(tables: MetaTables<'_>) -> Vec<String> {
+        tables.devices_changed
+    }
 
-    fn publish(_state: &(), _staged: ()) {}
+    fn publish(cache: &DeviceCache, changed: Vec<String>) {
+        cache.forget(&changed);
+    }
 
-    fn open_tables<'t>(txn: &'t WriteTransaction, _state: &'t ()) -> StoreResult<MetaTables<'t>> {
+    fn open_tables<'t>(txn: &'t WriteTransaction, _cache: &'t DeviceCache) -> StoreResult<MetaTables<'t>> {
         Ok(MetaTables {
             users: txn.open_table(USERS).map_err(db_err)?,
             groups: txn.open_table(GROUPS).map_err(db_err)?,
             memberships: txn.open_table(MEMBERSHIPS).map_err(db_err)?,
             devices: txn.open_table(DEVICES).map_err(db_err)?,
+            devices_changed: Vec::new(),
         })
+    }
+}
+
+/// Most users whose devices [`DeviceCache`] keeps; when it is full it
+/// starts again empty (a refill is one read per user, and a bound keeps
+/// memory flat however many users there are: about 100 bytes per user).
+const DEVICE_CACHE_USERS: usize = 100_000;
+
+/// The devices of users read recently. A commit that records a device
+/// forgets that user ([`Schema::publish`], before the writer answers), and
+/// bumps a generation: a reader that started before such a commit cannot
+/// tell whether its read saw it, so it does not cache what it read.
+#[derive(Default)]
+pub(crate) struct DeviceCache {
+    inner: Mutex<CachedDevices>,
+}
+
+#[derive(Default)]
+struct CachedDevices {
+    /// Commits that changed devices so far.
+    generation: u64,
+    users: HashMap<String, Vec<String>>,
+}
+
+impl DeviceCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedDevices> {
+        // Every statement leaves the map consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached users among `users` (into `found`), the others, and the
+    /// generation to pass to [`DeviceCache::remember`] after reading them.
+    fn look_up<'u>(
+        &self,
+        users: &[&'u str],
+        found: &mut HashMap<String, Vec<String>>,
+    ) -> (Vec<&'u str>, u64) {
+        let cached = self.lock();
+        let mut missing = Vec::new();
+        for &user in users {
+            match cached.users.get(user) {
+                Some(devices) => {
+                    found.insert(user.to_owned(), devices.clone());
+                }
+                None => missing.push(user),
+            }
+        }
+        (missing, cached.generation)
+    }
+
+    /// Caches devices read after [`DeviceCache::look_up`] returned
+    /// `generation`, unless a device was recorded since.
+    fn remember<'a>(&self, generation: u64, read: impl Iterator<Item = (&'a String, &'a Vec<String>)>) {
+        let mut cached = self.lock();
+        if cached.generation != generation {
+            return;
+        }
+        for (user, devices) in read {
+            if cached.users.len() >= DEVICE_CACHE_USERS {
+                cached.users.clear();
+            }
+            cached.users.insert(user.clone(), devices.clone());
+        }
+    }
+
+    fn forget(&self, users: &[String]) {
+        if users.is_empty() {
+            return;
+        }
+        let mut cached = self.lock();
+        cached.generation += 1;
+        for user in users {
+            cached.users.remove(user);
+        }
     }
 }
 
@@ -233,27 +321,83 @@ impl MetaStore for EmbeddedMetaStore {
         self.store
             .write(move |t: &mut MetaTables<'_>| {
                 t.devices.insert((user.as_str(), device.as_str()), ()).map_err(db_err)?;
+                t.devices_changed.push(user.clone());
                 Ok(())
             })
             .await
     }
 
     async fn devices(&self, user_id: &str) -> StoreResult<Vec<String>> {
-        self.second_keys(DEVICES, user_id).await
+        let mut found = self.devices_of_users(&[user_id]).await?;
+        Ok(found.remove(user_id).unwrap_or_default())
     }
 
     async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
-        let users: Vec<String> = user_ids.iter().map(|&u| u.to_owned()).collect();
-        self.store
+        let cache = self.store.state();
+        let mut found = HashMap::with_capacity(user_ids.len());
+        let (missing, generation) = cache.look_up(user_ids, &mut found);
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let users: Vec<String> = missing.iter().map(|&u| u.to_owned()).collect();
+        let read = self
+            .store
             .read(move |txn| {
                 let table = txn.open_table(DEVICES).map_err(db_err)?;
-                let mut found = HashMap::with_capacity(users.len());
+                let mut read = HashMap::with_capacity(users.len());
                 for user in users {
                     let devices = pair_seconds(&table, &user)?;
-                    found.insert(user, devices);
+                    read.insert(user, devices);
                 }
-                Ok(found)
+                Ok(read)
             })
-            .await
+            .await?;
+        cache.remember(generation, read.iter());
+        found.extend(read);
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices(list: &[&str]) -> Vec<String> {
+        list.iter().map(|d| (*d).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_read_that_overlapped_a_device_commit_is_not_cached() {
+        let cache = DeviceCache::default();
+        let mut found = HashMap::new();
+        let (missing, generation) = cache.look_up(&["bob"], &mut found);
+        assert_eq!(missing, ["bob"]);
+        // bob's new device commits while the read (which did not see it)
+        // is under way.
+        cache.forget(&["bob".to_owned()]);
+        let stale = HashMap::from([("bob".to_owned(), devices(&["phone"]))]);
+        cache.remember(generation, stale.iter());
+        let (missing, generation) = cache.look_up(&["bob"], &mut found);
+        assert_eq!(missing, ["bob"], "the stale read was not kept");
+        // A read with no commit meanwhile is kept, and a commit forgets it.
+        let fresh = HashMap::from([("bob".to_owned(), devices(&["phone", "tablet"]))]);
+        cache.remember(generation, fresh.iter());
+        let (missing, _) = cache.look_up(&["bob"], &mut found);
+        assert!(missing.is_empty());
+        assert_eq!(found["bob"], devices(&["phone", "tablet"]));
+        cache.forget(&["bob".to_owned()]);
+        let (missing, _) = cache.look_up(&["bob"], &mut found);
+        assert_eq!(missing, ["bob"]);
+    }
+
+    #[test]
+    fn a_full_cache_starts_again_empty() {
+        let cache = DeviceCache::default();
+        let (_, generation) = cache.look_up(&[], &mut HashMap::new());
+        let read: HashMap<String, Vec<String>> =
+            (0..=DEVICE_CACHE_USERS).map(|i| (format!("u{i}"), devices(&["d"]))).collect();
+        cache.remember(generation, read.iter());
+        let held = cache.lock().users.len();
+        assert!((1..=DEVICE_CACHE_USERS).contains(&held), "bounded: {held}");
     }
 }

@@ -26,6 +26,22 @@ struct Maps {
     by_node: BTreeSet<(String, String, String)>,
 }
 
+impl Maps {
+    fn placements_of(&self, user_id: &str) -> Vec<Placement> {
+        let from = (user_id.to_owned(), String::new());
+        self.placements
+            .range(from..)
+            .take_while(|((user, _), _)| user == user_id)
+            .map(|((user, device), (node, connection_id))| Placement {
+                user_id: user.clone(),
+                device_id: device.clone(),
+                node_id: node.clone(),
+                connection_id: *connection_id,
+            })
+            .collect()
+    }
+}
+
 /// [`SessionStore`] in process memory.
 #[derive(Default)]
 pub struct EmbeddedSessionStore {
@@ -83,19 +99,14 @@ impl SessionStore for EmbeddedSessionStore {
     }
 
     async fn get(&self, user_id: &str) -> StoreResult<Vec<Placement>> {
+        Ok(self.maps().placements_of(user_id))
+    }
+
+    /// Every user under one lock, without a future per user (the consumer
+    /// asks for all the members of a group at once).
+    async fn get_many(&self, user_ids: &[&str]) -> StoreResult<Vec<Vec<Placement>>> {
         let maps = self.maps();
-        let from = (user_id.to_owned(), String::new());
-        Ok(maps
-            .placements
-            .range(from..)
-            .take_while(|((user, _), _)| user == user_id)
-            .map(|((user, device), (node, connection_id))| Placement {
-                user_id: user.clone(),
-                device_id: device.clone(),
-                node_id: node.clone(),
-                connection_id: *connection_id,
-            })
-            .collect())
+        Ok(user_ids.iter().map(|user| maps.placements_of(user)).collect())
     }
 
     async fn remove_node(&self, node_id: &str) -> StoreResult<usize> {
