@@ -2,7 +2,8 @@
 //!
 //! Every access node keeps one bidirectional gRPC stream (`Dispatcher.Link`)
 //! to every live dispatcher: it sends a register message first, then a
-//! heartbeat every [`HEARTBEAT`]; either side drops a link on which nothing
+//! heartbeat every [`HEARTBEAT`] (skipped while the link's queue is full:
+//! traffic is flowing then); either side drops a link on which nothing
 //! arrived for [`LINK_IDLE`]. Requests travel as client frames (request type
 //! and body of the public protocol) on behalf of an authenticated user.
 //!
@@ -163,7 +164,7 @@ impl dispatcher_server::Dispatcher for LinkServer {
                     _ = closing.cancelled() => break,
                     _ = heartbeat.tick() => {
                         let beat = LinkDown { kind: Some(link_down::Kind::Heartbeat(LinkHeartbeat {})) };
-                        if tx.send(Ok(beat)).await.is_err() {
+                        if !queue_heartbeat(&tx, Ok(beat)) {
                             break;
                         }
                         continue;
@@ -208,6 +209,15 @@ impl dispatcher_server::Dispatcher for LinkServer {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Queues a heartbeat on a link's outgoing queue without waiting; returns
+/// whether the link is still open. A full queue means traffic is flowing
+/// (which keeps the other side's idle timer reset), so the beat is skipped.
+/// Waiting for room instead could deadlock a busy link: each side's loop,
+/// blocked on its own heartbeat, would stop reading what the other sends.
+fn queue_heartbeat<T>(queue: &mpsc::Sender<T>, beat: T) -> bool {
+    !matches!(queue.try_send(beat), Err(mpsc::error::TrySendError::Closed(_)))
 }
 
 /// Rendezvous hashing: the node with the highest weight for `key` wins.
@@ -365,7 +375,7 @@ impl DispatcherLinks {
             let next = tokio::select! {
                 _ = heartbeat.tick() => {
                     let beat = LinkUp { kind: Some(link_up::Kind::Heartbeat(LinkHeartbeat {})) };
-                    if up_tx.send(beat).await.is_err() {
+                    if !queue_heartbeat(&up_tx, beat) {
                         break Err("link closed".to_owned());
                     }
                     continue;
@@ -428,11 +438,23 @@ impl DispatcherLinks {
             request_type: kind as u32,
             body,
         };
-        if link.up.send(LinkUp { kind: Some(link_up::Kind::Request(request)) }).await.is_err() {
+        // One deadline for queueing the request and for its answer: a link
+        // whose queue stays full (the dispatcher is not reading) fails the
+        // request in time instead of holding its caller.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let queued = tokio::time::timeout_at(
+            deadline,
+            link.up.send(LinkUp { kind: Some(link_up::Kind::Request(request)) }),
+        )
+        .await;
+        if !matches!(queued, Ok(Ok(()))) {
             link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            return Err(unavailable(format!("link to {dispatcher} is down")));
+            return Err(unavailable(match queued {
+                Err(_) => format!("link to {dispatcher} did not take the request in time"),
+                _ => format!("link to {dispatcher} is down"),
+            }));
         }
-        let response = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        let response = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(response)) => response,
             Ok(Err(_)) => return Err(unavailable(format!("link to {dispatcher} broke"))),
             Err(_) => {
@@ -503,6 +525,45 @@ impl DispatchService for DispatcherLinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_never_waits_for_room() {
+        let (tx, mut rx) = mpsc::channel::<u32>(1);
+        assert!(queue_heartbeat(&tx, 1));
+        // Full: skipped at once, the link still counts as open.
+        assert!(queue_heartbeat(&tx, 2));
+        assert_eq!(rx.try_recv().ok(), Some(1));
+        assert!(rx.try_recv().is_err(), "the beat that found the queue full was dropped");
+        drop(rx);
+        assert!(!queue_heartbeat(&tx, 3), "a closed link is reported");
+    }
+
+    /// A link whose dispatcher stopped reading (its queue stays full) fails
+    /// a request with UNAVAILABLE after the request timeout, and forgets it.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_on_a_congested_link_fails_in_time() {
+        let (up, _never_read) = mpsc::channel::<LinkUp>(1);
+        up.try_send(LinkUp { kind: Some(link_up::Kind::Heartbeat(LinkHeartbeat {})) }).unwrap();
+        let link = Arc::new(Link {
+            up,
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+        });
+        let links = DispatcherLinks {
+            node_id: "access-x".into(),
+            links: Mutex::new(BTreeMap::from([("d1".to_owned(), link.clone())])),
+            changed: Default::default(),
+        };
+        let started = tokio::time::Instant::now();
+        let req =
+            pb::SendSingleRequest { client_msg_id: "c".into(), receiver: "bob".into(), ..Default::default() };
+        let err = links.send_single("alice", "phone", req).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
+        assert!(err.message.contains("did not take the request in time"), "{err}");
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+        assert!(link.pending.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn rendezvous_is_stable_and_moves_only_the_leavers_keys() {
