@@ -13,7 +13,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::pb::{self, ConversationKind};
 use tern_proto::{BusNames, ErrorCode, ServiceError, ServiceResult, validate_id};
-use tern_store::{Bus, BusRecord, HistoryStore, MetaStore};
+use tern_store::{Bus, BusRecord, HistoryStore, MetaStore, StoreError};
 
 /// Largest page a history query returns.
 pub const MAX_PAGE: u32 = 200;
@@ -109,7 +109,21 @@ pub async fn run_consumer(
                     }
                 }
             }
-            let writes = rows.iter().map(|(group, id, payload)| history.append(group, *id, payload.clone()));
+            let writes = rows.iter().map(|(group, id, payload)| {
+                let history = &history;
+                async move {
+                    match history.append(group, *id, payload.clone()).await {
+                        // Retrying cannot mend a corrupt stored history (the
+                        // wrong type under its key), and failing the batch
+                        // on it would stall every group's history.
+                        Err(StoreError::Corrupt(e)) => {
+                            tracing::error!(error = %e, group = %group, msg_id = id, "group history corrupt: message not added to it (repair or delete it)");
+                            Ok(())
+                        }
+                        other => other,
+                    }
+                }
+            });
             futures::future::try_join_all(writes).await?;
             Ok(())
         }

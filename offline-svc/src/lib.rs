@@ -642,7 +642,7 @@ pub async fn run_consumer(
                 let msg_id = d.entry.msg_id;
                 let keys = d.inboxes(&devices, |user, device| held_now.contains(&(user, device, msg_id)));
                 let store = backends.store.clone();
-                async move { if keys.is_empty() { Ok(()) } else { store.insert(&keys, &d.entry).await } }
+                async move { insert_skipping_corrupt(&store, &keys, &d.entry).await }
             });
             if let Err(e) = futures::future::try_join_all(writes).await {
                 // The batch is retried from the start: it holds and
@@ -718,7 +718,7 @@ async fn finish_held(
             loop {
                 let writes = by_message.iter().filter_map(|(msg_id, inboxes)| {
                     let entry = entries.get(msg_id)?;
-                    Some(backends.store.insert(inboxes, entry))
+                    Some(insert_skipping_corrupt(&backends.store, inboxes, entry))
                 });
                 match futures::future::try_join_all(writes).await {
                     Ok(_) => break,
@@ -830,17 +830,82 @@ fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
 }
 
 /// The recorded devices of every user involved, in one call (one read
-/// transaction in standalone; concurrent lookups on a remote store).
+/// transaction in standalone; one pipeline on Redis). If that call finds a
+/// corrupt stored list, each user is looked up alone: a user whose list is
+/// corrupt is left out, with an error in the log, and so counts as having
+/// no recorded device (their messages go to the shared `user/` set, which
+/// every device of theirs pulls). Retrying cannot mend such a value, and
+/// failing the batch on it would stall the consumer for everyone.
 async fn devices_of(
     meta: &Arc<dyn MetaStore>,
     decoded: &[Delivery],
 ) -> Result<HashMap<String, Vec<String>>, tern_store::StoreError> {
-    let users: HashSet<&str> = decoded
+    let users: Vec<&str> = decoded
         .iter()
         .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
         .map(String::as_str)
+        .collect::<HashSet<&str>>()
+        .into_iter()
         .collect();
-    meta.devices_of_users(&users.into_iter().collect::<Vec<_>>()).await
+    match meta.devices_of_users(&users).await {
+        Err(tern_store::StoreError::Corrupt(e)) => {
+            tracing::warn!(error = %e, users = users.len(), "a device list is corrupt; looking users up one by one");
+            let lookups = users.iter().map(|&user| async move { (user, meta.devices(user).await) });
+            let mut found = HashMap::with_capacity(users.len());
+            for (user, devices) in futures::future::join_all(lookups).await {
+                match devices {
+                    Ok(devices) => {
+                        found.insert(user.to_owned(), devices);
+                    }
+                    Err(tern_store::StoreError::Corrupt(e)) => tracing::error!(
+                        error = %e,
+                        user,
+                        "device list corrupt: the user's messages go to their shared offline set"
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(found)
+        }
+        other => other,
+    }
+}
+
+/// Writes `entry` into each of `inboxes`. A set whose stored value is
+/// corrupt (the wrong type under its key) can neither take the entry nor
+/// be pulled from, and retrying cannot mend it: it is skipped with an error
+/// in the log (an operator must repair it), so one bad key cannot stall the
+/// consumer. Any other failure is returned for the caller to retry (inserts
+/// are idempotent).
+async fn insert_skipping_corrupt(
+    store: &Arc<dyn OfflineStore>,
+    inboxes: &[String],
+    entry: &OfflineEntry,
+) -> Result<(), tern_store::StoreError> {
+    if inboxes.is_empty() {
+        return Ok(());
+    }
+    match store.insert(inboxes, entry).await {
+        Err(tern_store::StoreError::Corrupt(_)) => {}
+        other => return other,
+    }
+    // Find the corrupt set(s): one insert each.
+    let each = inboxes
+        .iter()
+        .map(|inbox| async move { (inbox, store.insert(std::slice::from_ref(inbox), entry).await) });
+    for (inbox, result) in futures::future::join_all(each).await {
+        match result {
+            Ok(()) => {}
+            Err(tern_store::StoreError::Corrupt(e)) => tracing::error!(
+                error = %e,
+                inbox = %inbox,
+                msg_id = entry.msg_id,
+                "offline set corrupt: entry not stored there (repair or delete the set)"
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

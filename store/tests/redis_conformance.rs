@@ -642,6 +642,28 @@ async fn corrupt_values_are_reported() {
     assert!(matches!(b.meta.get_user("u").await, Err(StoreError::Corrupt(_))), "a bad user record");
     raw_cmd::<()>(&mut raw, &["ZADD", &format!("{p}:off:{{r}}"), "0", "not-hex"]).await;
     assert!(matches!(b.offline.pull("r", 0, 10).await, Err(StoreError::Corrupt(_))), "a bad offline id");
+    // A key of the wrong type, met by a script or a pipeline: the consumers
+    // give up on that one user or set instead of retrying for ever.
+    raw_cmd::<()>(&mut raw, &["SET", &format!("{p}:off:{{w/d}}"), "a string"]).await;
+    let entry = OfflineEntry { msg_id: 1, payload: Bytes::from_static(b"m") };
+    assert!(
+        matches!(b.offline.insert(&["w/d".to_owned()], &entry).await, Err(StoreError::Corrupt(_))),
+        "an offline set of the wrong type"
+    );
+    raw_cmd::<()>(&mut raw, &["SET", &format!("{p}:devices:{{w}}"), "a string"]).await;
+    assert!(
+        matches!(b.meta.devices("w").await, Err(StoreError::Corrupt(_))),
+        "a device list of the wrong type"
+    );
+    assert!(
+        matches!(b.meta.devices_of_users(&["x", "w"]).await, Err(StoreError::Corrupt(_))),
+        "a device list of the wrong type in a pipeline"
+    );
+    raw_cmd::<()>(&mut raw, &["SET", &format!("{p}:hist:{{wg}}"), "a string"]).await;
+    assert!(
+        matches!(b.history.append("wg", 1, Bytes::from_static(b"m")).await, Err(StoreError::Corrupt(_))),
+        "a group history of the wrong type"
+    );
     cleanup(&b, &mut raw).await;
 }
 

@@ -2,6 +2,9 @@
 //! publishes them, placements on one access node, and a consumer started
 //! on the default topic.
 
+// Each test binary compiles this module and uses only some helpers.
+#![allow(dead_code)]
+
 use std::sync::Arc;
 
 use bytes::Bytes;

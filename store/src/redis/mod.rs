@@ -264,11 +264,21 @@ pub(crate) fn redis_err(e: RedisError) -> StoreError {
         );
     if unavailable {
         StoreError::Unavailable(format!("redis: {e}"))
-    } else if e.code() == Some("WRONGTYPE") {
+    } else if is_wrong_type(&e) {
         StoreError::Corrupt(format!("redis: {e}"))
     } else {
         StoreError::Backend(format!("redis: {e}"))
     }
+}
+
+/// Whether Redis refused a command for a key of the wrong type, alone or
+/// as one of a pipeline's commands (whose error carries each failed
+/// command's error instead of a code of its own).
+fn is_wrong_type(e: &RedisError) -> bool {
+    e.code() == Some("WRONGTYPE")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, err)| err.code() == "WRONGTYPE"))
 }
 
 /// The sorted-set member for a message id: 16 lowercase hex digits, so byte
