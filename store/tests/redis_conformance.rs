@@ -496,6 +496,8 @@ async fn stale_index_entries_are_ignored() {
     b.sessions.put(&moved).await.expect("put");
     // A stale entry naming a placement that moved to another node.
     raw_cmd::<()>(&mut raw, &["SADD", &format!("{p}:node:{{n1}}"), r#"["alive","e"]"#]).await;
+    // And one that does not decode: dropped, the others still removed.
+    raw_cmd::<()>(&mut raw, &["SADD", &format!("{p}:node:{{n1}}"), "not json"]).await;
     assert_eq!(b.sessions.remove_node("n1").await.expect("remove_node"), 1, "only real placements count");
     assert_eq!(b.sessions.get("alive").await.expect("get"), vec![moved.clone()]);
     let exists: bool = raw_cmd(&mut raw, &["EXISTS", &format!("{p}:node:{{n1}}")]).await;

@@ -324,7 +324,23 @@ impl SessionStore for RedisSessionStore {
                 .query_async(&mut self.shared.conn())
                 .await
                 .map_err(redis_err)?;
-            let pairs = members.iter().map(|m| decode_node_member(m)).collect::<StoreResult<Vec<_>>>()?;
+            // An entry that does not decode names no placement: it is
+            // dropped from the index, and the others are still removed.
+            let mut pairs = Vec::with_capacity(members.len());
+            for member in &members {
+                match decode_node_member(member) {
+                    Ok(pair) => pairs.push(pair),
+                    Err(e) => {
+                        tracing::warn!(node = node_id, error = %e, "undecodable node index entry dropped");
+                        redis::cmd("SREM")
+                            .arg(&node_key)
+                            .arg(member)
+                            .query_async::<()>(&mut self.shared.conn())
+                            .await
+                            .map_err(redis_err)?;
+                    }
+                }
+            }
             let results: Vec<bool> = futures::stream::iter(pairs)
                 .map(|(user, device)| async move { self.remove_on_node(node_id, &user, &device).await })
                 .buffer_unordered(FAN_OUT)
