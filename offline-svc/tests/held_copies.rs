@@ -380,46 +380,62 @@ impl SessionStore for FlakySessions {
     }
 }
 
-/// When the batch's placement lookup fails, users are looked up one by
-/// one: a user whose own lookup fails too goes without the early push, the
-/// others are pushed (and their copies held) as usual.
-#[tokio::test]
-async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
-    let (_dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk")], 2).await;
+/// A consumer over a store whose lookups of carol fail (`failures` times,
+/// with `error`), once it has handled group message 1 to bob and carol
+/// (both online) up to its offline write: carol's copy is written.
+struct CarolFailing {
+    _dir: tempfile::TempDir,
+    backends: EmbeddedBackends,
+    offline: OfflineService,
+    gateway: Arc<Recorder>,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn consume_with_carol_failing(failures: u32, error: fn(String) -> StoreError) -> CarolFailing {
+    let (dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk")], 2).await;
     // One record, so one batch: a group message to bob and carol.
     let topic = BusNames::default().messages_topic;
     let message = envelope(1, "g", "alice", &["bob", "carol"]);
     backends.bus.publish(&topic, Bytes::from_static(b"k"), message).await.unwrap();
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
-    let sessions = Arc::new(FlakySessions::new(backends.sessions.clone(), "carol", 1, StoreError::Backend));
     let consumer_backends = ConsumerBackends {
         meta: backends.meta.clone(),
         store: backends.offline.clone(),
-        sessions,
+        sessions: Arc::new(FlakySessions::new(backends.sessions.clone(), "carol", failures, error)),
         held: offline.held_writes(),
         holding: Holding::Always,
     };
     let gateway = Arc::new(Recorder::default());
     let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
-    // The message's copies are written in one insert: once carol's is
-    // there, bob's was written with it or held.
     let deadline = Instant::now() + Duration::from_secs(10);
     while backends.offline.count("carol/desk").await.unwrap() == 0 {
         assert!(Instant::now() < deadline, "carol's copy was not written");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(gateway.pushed(BOB, 1), "bob's lookup worked: pushed");
+    CarolFailing { _dir: dir, backends, offline, gateway, task, stop }
+}
+
+/// When the batch's placement lookup fails, users are looked up one by
+/// one: a user whose own lookup fails too goes without the early push, the
+/// others are pushed (and their copies held) as usual.
+#[tokio::test]
+async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
+    let run = consume_with_carol_failing(1, StoreError::Backend).await;
+    // The message's copies are written in one insert: once carol's is
+    // there, bob's was written with it or held.
+    assert!(run.gateway.pushed(BOB, 1), "bob's lookup worked: pushed");
     assert_eq!(
-        backends.offline.count("bob/phone").await.unwrap(),
+        run.backends.offline.count("bob/phone").await.unwrap(),
         0,
         "bob was pushed before the write: his copy is held, not written"
     );
     // The consumer stops once its batches are done: bob's held copy with
     // his ACK.
-    offline.ack("bob", "phone", &[1]).await.unwrap();
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    run.offline.ack("bob", "phone", &[1]).await.unwrap();
+    let _ = run.stop.send(());
+    run.task.await.unwrap().unwrap();
 }
 
 /// A user whose placement cannot be read after the offline write (a
@@ -430,36 +446,14 @@ async fn a_failed_batch_lookup_costs_only_the_failing_users_push() {
 async fn an_unreadable_placement_does_not_stall_the_consumer() {
     let errors: [fn(String) -> StoreError; 2] = [StoreError::Corrupt, StoreError::Backend];
     for error in errors {
-        let (_dir, backends) = backends_with(&[("bob", "phone"), ("carol", "desk")], 2).await;
-        let topic = BusNames::default().messages_topic;
-        backends
-            .bus
-            .publish(&topic, Bytes::from_static(b"k"), envelope(1, "g", "alice", &["bob", "carol"]))
-            .await
-            .unwrap();
-        let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
-        let offline = OfflineService::new(backends.offline.clone(), config.clone());
-        let consumer_backends = ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: Arc::new(FlakySessions::new(backends.sessions.clone(), "carol", u32::MAX, error)),
-            held: offline.held_writes(),
-            holding: Holding::Always,
-        };
-        let gateway = Arc::new(Recorder::default());
-        let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
         // Message 1's write is done (carol's copy is there) before the
         // lookup after it; message 2 comes in a later batch.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while backends.offline.count("carol/desk").await.unwrap() == 0 {
-            assert!(Instant::now() < deadline, "carol's copy was not written");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(gateway.pushed(BOB, 1));
-        publish(&backends, 2, "bob").await;
-        eventually("the push of the next batch", || gateway.pushed(BOB, 2)).await;
-        offline.ack("bob", "phone", &[1, 2]).await.unwrap();
-        let _ = stop.send(());
-        task.await.unwrap().unwrap();
+        let run = consume_with_carol_failing(u32::MAX, error).await;
+        assert!(run.gateway.pushed(BOB, 1));
+        publish(&run.backends, 2, "bob").await;
+        eventually("the push of the next batch", || run.gateway.pushed(BOB, 2)).await;
+        run.offline.ack("bob", "phone", &[1, 2]).await.unwrap();
+        let _ = run.stop.send(());
+        run.task.await.unwrap().unwrap();
     }
 }
