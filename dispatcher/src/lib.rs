@@ -331,7 +331,7 @@ impl Dispatcher {
             .dedup
             .get(&draft.sender, &draft.client_msg_id)
             .await
-            .map_err(ServiceError::backend)?;
+            .map_err(|e| dedup_lookup_failed(&draft.sender, &draft.client_msg_id, e))?;
         let Some(ids) = seen else { return Ok(None) };
         self.replay_reserved(draft, ids).await.map(Some)
     }
@@ -350,9 +350,10 @@ impl Dispatcher {
 
     /// The reservation of each draft's client message id, if any: one
     /// [`DedupStore::get_many`] per sender (a burst has one), not a lookup
-    /// per message.
-    async fn reservations(&self, drafts: &[Draft]) -> ServiceResult<Vec<Option<DedupRecord>>> {
-        let mut found = vec![None; drafts.len()];
+    /// per message. A record that cannot be read fails only its own send:
+    /// the burst's ids are then looked up one by one.
+    async fn reservations(&self, drafts: &[Draft]) -> Vec<ServiceResult<Option<DedupRecord>>> {
+        let mut found = vec![Ok(None); drafts.len()];
         let mut senders: Vec<&str> = drafts.iter().map(|d| d.sender.as_str()).collect();
         senders.sort_unstable();
         senders.dedup();
@@ -363,19 +364,37 @@ impl Dispatcher {
                 .filter(|(_, d)| d.sender == sender)
                 .map(|(i, d)| (i, d.client_msg_id.as_str()))
                 .unzip();
-            let records = self.backends.dedup.get_many(sender, &ids).await.map_err(ServiceError::backend)?;
-            if records.len() != ids.len() {
-                return Err(ServiceError::internal(format!(
-                    "dedup store answered {} of {} lookups",
-                    records.len(),
-                    ids.len()
-                )));
-            }
-            for (index, record) in indexes.into_iter().zip(records) {
-                found[index] = record;
+            match self.backends.dedup.get_many(sender, &ids).await {
+                Ok(records) if records.len() == ids.len() => {
+                    for (index, record) in indexes.into_iter().zip(records) {
+                        found[index] = Ok(record);
+                    }
+                }
+                Ok(records) => {
+                    let e = ServiceError::internal(format!(
+                        "dedup store answered {} of {} lookups",
+                        records.len(),
+                        ids.len()
+                    ));
+                    indexes.into_iter().for_each(|index| found[index] = Err(e.clone()));
+                }
+                Err(StoreError::Corrupt(_)) => {
+                    for (index, id) in indexes.into_iter().zip(ids) {
+                        found[index] = self
+                            .backends
+                            .dedup
+                            .get(sender, id)
+                            .await
+                            .map_err(|e| dedup_lookup_failed(sender, id, e));
+                    }
+                }
+                Err(e) => {
+                    let e = ServiceError::backend(e);
+                    indexes.into_iter().for_each(|index| found[index] = Err(e.clone()));
+                }
             }
         }
-        Ok(found)
+        found
     }
 
     /// Dedup, id, then sequence + reservation + publish in the message log:
@@ -400,17 +419,15 @@ impl Dispatcher {
         }
 
         // Looked up under the lock: two concurrent retries store once.
-        let reserved = match self.reservations(&drafts).await {
-            Ok(reserved) => reserved,
-            Err(e) => return vec![Err(e); drafts.len()],
-        };
+        let reserved = self.reservations(&drafts).await;
         let mut results: Vec<Option<ServiceResult<pb::SendAck>>> = vec![None; drafts.len()];
         let mut messages = Vec::with_capacity(drafts.len());
         let mut owners = Vec::with_capacity(drafts.len());
         for ((index, draft), reservation) in drafts.into_iter().enumerate().zip(reserved) {
             match reservation {
-                Some(ids) => results[index] = Some(self.replay_reserved(&draft, ids).await),
-                None => match self.ids.next_id() {
+                Err(e) => results[index] = Some(Err(e)),
+                Ok(Some(ids)) => results[index] = Some(self.replay_reserved(&draft, ids).await),
+                Ok(None) => match self.ids.next_id() {
                     // Clock trouble or a lost worker id: temporary, retry later.
                     Err(e) => results[index] = Some(Err(ServiceError::unavailable(e))),
                     Ok(msg_id) => {
@@ -447,6 +464,23 @@ impl Dispatcher {
             )));
         }
         Ok(())
+    }
+}
+
+/// The error of a send whose client message id could not be looked up. If
+/// its record is unreadable, whether the id was accepted before cannot be
+/// told, and a retry with the same id would fail the same way: the client
+/// is told to use a new one (and the log names the record).
+fn dedup_lookup_failed(sender: &str, client_msg_id: &str, error: StoreError) -> ServiceError {
+    match error {
+        StoreError::Corrupt(detail) => {
+            tracing::error!(sender, client_msg_id, %detail, "unreadable dedup record; the send is refused");
+            ServiceError::internal(format!(
+                "the record of client message id {client_msg_id:?} is unreadable ({detail}); send the \
+                 message with a new client message id"
+            ))
+        }
+        other => ServiceError::backend(other),
     }
 }
 

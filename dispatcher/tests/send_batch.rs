@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tern_dispatcher::{DispatchService, Dispatcher, DispatcherBackends, DispatcherConfig, SendRequest};
 use tern_proto::pb::{self, BusEnvelope};
 use tern_proto::{ErrorCode, ServiceResult};
 use tern_store::embedded::EmbeddedBackends;
-use tern_store::{Bus, GroupRecord, MetaStore, UserRecord};
+use tern_store::{Bus, DedupRecord, DedupStore, GroupRecord, MetaStore, StoreError, StoreResult, UserRecord};
 
 fn single(client_msg_id: &str, receiver: &str) -> SendRequest {
     SendRequest::Single(pb::SendSingleRequest {
@@ -39,6 +40,14 @@ fn ack(result: &ServiceResult<pb::SendAck>) -> &pb::SendAck {
 }
 
 async fn dispatcher() -> (tempfile::TempDir, EmbeddedBackends, Dispatcher) {
+    dispatcher_with(|dedup| dedup).await
+}
+
+/// The dispatcher over the embedded backends, its dedup store wrapped by
+/// `dedup`.
+async fn dispatcher_with(
+    dedup: impl FnOnce(Arc<dyn DedupStore>) -> Arc<dyn DedupStore>,
+) -> (tempfile::TempDir, EmbeddedBackends, Dispatcher) {
     let dir = tempfile::tempdir().unwrap();
     let backends = EmbeddedBackends::open(dir.path()).unwrap();
     for user in ["alice", "bob", "carol"] {
@@ -57,7 +66,7 @@ async fn dispatcher() -> (tempfile::TempDir, EmbeddedBackends, Dispatcher) {
         DispatcherBackends {
             meta: backends.meta.clone(),
             log: backends.log.clone(),
-            dedup: backends.dedup.clone(),
+            dedup: dedup(backends.dedup.clone()),
             bus: backends.bus.clone(),
         },
         Arc::new(tern_idgen::Snowflake::new(0).unwrap()),
@@ -153,6 +162,60 @@ async fn a_repeated_id_in_a_burst_is_answered_as_if_sent_alone() {
         (2, false),
         "the first copy stored nothing"
     );
+}
+
+/// A dedup store whose record of one client message id cannot be read.
+struct UnreadableRecord {
+    inner: Arc<dyn DedupStore>,
+    unreadable: &'static str,
+}
+
+impl UnreadableRecord {
+    fn corrupt() -> StoreError {
+        StoreError::Corrupt("dedup record: expected value at line 1 column 1".into())
+    }
+}
+
+#[async_trait]
+impl DedupStore for UnreadableRecord {
+    async fn get(&self, sender: &str, client_msg_id: &str) -> StoreResult<Option<DedupRecord>> {
+        if client_msg_id == self.unreadable {
+            return Err(Self::corrupt());
+        }
+        self.inner.get(sender, client_msg_id).await
+    }
+
+    async fn get_many(&self, sender: &str, client_msg_ids: &[&str]) -> StoreResult<Vec<Option<DedupRecord>>> {
+        if client_msg_ids.contains(&self.unreadable) {
+            return Err(Self::corrupt());
+        }
+        self.inner.get_many(sender, client_msg_ids).await
+    }
+
+    async fn put(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+        record: DedupRecord,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        self.inner.put(sender, client_msg_id, record, ttl).await
+    }
+}
+
+/// One unreadable dedup record fails only its own send, with an error that
+/// says what to do; the rest of the burst is stored and answered.
+#[tokio::test]
+async fn an_unreadable_dedup_record_fails_only_its_own_send() {
+    let (_dir, _backends, dispatcher) =
+        dispatcher_with(|inner| Arc::new(UnreadableRecord { inner, unreadable: "bad" })).await;
+    let burst = vec![single("a1", "bob"), single("bad", "bob"), single("a2", "bob")];
+    let results = dispatcher.send_batch("alice", "phone", burst).await;
+    assert_eq!((ack(&results[0]).seq, ack(&results[0]).duplicate), (1, false));
+    let refused = results[1].as_ref().expect_err("its record cannot be read");
+    assert_eq!(refused.code, ErrorCode::Internal);
+    assert!(refused.message.contains("new client message id"), "{refused}");
+    assert_eq!((ack(&results[2]).seq, ack(&results[2]).duplicate), (2, false), "the burst goes on past it");
 }
 
 /// Bursts of two senders over the same conversations, concurrently: they

@@ -644,6 +644,12 @@ async fn corrupt_values_are_reported() {
     assert!(matches!(b.meta.get_user("u").await, Err(StoreError::Corrupt(_))), "a bad user record");
     raw_cmd::<()>(&mut raw, &["ZADD", &format!("{p}:off:{{r}}"), "0", "not-hex"]).await;
     assert!(matches!(b.offline.pull("r", 0, 10).await, Err(StoreError::Corrupt(_))), "a bad offline id");
+    raw_cmd::<()>(&mut raw, &["SET", &format!("{p}:dedup:1:{{s}}:bad"), "{not json"]).await;
+    assert!(matches!(b.dedup.get("s", "bad").await, Err(StoreError::Corrupt(_))), "a bad dedup record");
+    assert!(
+        matches!(b.dedup.get_many("s", &["fine", "bad"]).await, Err(StoreError::Corrupt(_))),
+        "a bad dedup record among others"
+    );
     // A key of the wrong type, met by a script or a pipeline: the consumers
     // give up on that one user or set instead of retrying for ever.
     raw_cmd::<()>(&mut raw, &["SET", &format!("{p}:off:{{w/d}}"), "a string"]).await;
