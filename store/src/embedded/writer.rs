@@ -7,7 +7,9 @@
 //! which applies *all* queued operations inside one write transaction,
 //! commits once, and only then answers each caller. A caller therefore never
 //! sees `Ok` before its data is durable, and under load one `fsync` covers
-//! thousands of operations.
+//! thousands of operations. A transaction slower than [`SLOW_TRANSACTION`]
+//! is logged with its size and its apply and commit times: each of its
+//! callers waited that long.
 //!
 //! Reads do not go through the writer: they open a read transaction (MVCC,
 //! never blocked by the writer) on the calling task's thread. A read is a
@@ -47,6 +49,10 @@ const MAX_BATCH: usize = 8 * 1024;
 /// their transaction; when a run reports a backlog, the next batch runs it
 /// again, so cleanup keeps pace with however fast records expire.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A transaction that takes longer than this (apply and commit) is logged:
+/// every caller in it waited that long, so it shows up as a latency spike.
+const SLOW_TRANSACTION: Duration = Duration::from_millis(100);
 
 /// Maps any redb error to a [`StoreError`].
 pub(crate) fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -303,6 +309,7 @@ fn writer_loop<S: Schema>(db: &Database, state: &S::State, mut rx: mpsc::Receive
 /// partial change nor fails its neighbours.
 fn commit_batch<S: Schema>(db: &Database, state: &S::State, mut jobs: Vec<BoxJob<S>>) {
     while !jobs.is_empty() {
+        let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => return fail_all(jobs, &db_err(e)),
@@ -330,7 +337,19 @@ fn commit_batch<S: Schema>(db: &Database, state: &S::State, mut jobs: Vec<BoxJob
                 continue;
             }
         };
-        match txn.commit() {
+        let applied_in = started.elapsed();
+        let committed = txn.commit();
+        let took = started.elapsed();
+        if took >= SLOW_TRANSACTION {
+            tracing::warn!(
+                db = S::NAME,
+                operations = jobs.len(),
+                apply_ms = applied_in.as_millis(),
+                commit_ms = (took - applied_in).as_millis(),
+                "slow write transaction"
+            );
+        }
+        match committed {
             Ok(()) => {
                 // Before any answer: a caller that got its `Ok` finds its
                 // rows through the state too.
