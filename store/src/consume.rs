@@ -8,8 +8,13 @@ use crate::{Bus, BusRecord, StoreResult};
 
 /// Most records handed to `process` at once.
 const BATCH: usize = 512;
-/// Pause before a failed poll or batch is tried again.
+/// Pause before a failed poll or batch is tried again the first time; it
+/// doubles with each failure in a row, up to [`RETRY_PAUSE_MAX`], so a
+/// backend that stays down is neither hammered nor flooding the log (an
+/// error per try), while a short hiccup costs only 200 ms.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Longest pause between two tries (see [`RETRY_PAUSE`]).
+const RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// Least time between two offset commits while batches keep finishing; the
 /// batches finished meanwhile are committed together. A commit is a durable
 /// write (an `fsync` on the embedded bus, a broker round trip on Kafka) that
@@ -72,6 +77,7 @@ where
     let mut last_commit: Option<Instant> = None;
     tokio::pin!(shutdown);
     let mut stopping = false;
+    let mut poll_failures = 0;
     loop {
         // Take what finished, oldest first; wait for the oldest when the
         // pipeline is full or the consumer is stopping.
@@ -114,24 +120,38 @@ where
             polled = consumer.poll(BATCH, wait) => polled,
         };
         let batch = match polled {
-            Ok(batch) if batch.is_empty() => continue,
-            Ok(batch) => batch,
+            Ok(batch) => {
+                poll_failures = 0;
+                if batch.is_empty() {
+                    continue;
+                }
+                batch
+            }
             Err(e) => {
-                tracing::error!(%group, error = %e, "poll failed; retrying");
-                tokio::time::sleep(RETRY_PAUSE).await;
+                poll_failures += 1;
+                let pause = retry_pause(poll_failures);
+                tracing::error!(%group, error = %e, failures = poll_failures, ?pause, "poll failed; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => stopping = true,
+                    _ = tokio::time::sleep(pause) => {}
+                }
                 continue;
             }
         };
+        let mut failures = 0;
         let task = loop {
             match process(batch.clone()).await {
                 Ok(task) => break Some(task),
-                Err(e) => tracing::error!(%group, error = %e, "batch not processed; retrying"),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(%group, error = %e, failures, "batch not processed; retrying");
+                }
             }
             tokio::select! {
                 // The batch did not go through: not committed, replayed
                 // after the restart.
                 _ = &mut shutdown => break None,
-                _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                _ = tokio::time::sleep(retry_pause(failures)) => {}
             }
         };
         match task {
@@ -139,6 +159,12 @@ where
             None => stopping = true,
         }
     }
+}
+
+/// The pause after `failures` (at least 1) failures in a row.
+fn retry_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_PAUSE.saturating_mul(1 << doublings).min(RETRY_PAUSE_MAX)
 }
 
 /// Folds `batch` into `newest`, which keeps one record per partition: the

@@ -242,3 +242,172 @@ async fn batches_finished_together_are_committed_together() {
         }
     }
 }
+
+/// One poll of a [`FlakyBus`]: a failure, or a record at this offset.
+enum Step {
+    Fail,
+    Record(u64),
+}
+
+/// A bus whose polls follow a script, noting when each poll came.
+struct FlakyBus {
+    script: Mutex<Vec<Step>>,
+    polls: Arc<Mutex<Vec<Instant>>>,
+}
+
+struct FlakyConsumer {
+    script: std::collections::VecDeque<Step>,
+    polls: Arc<Mutex<Vec<Instant>>>,
+}
+
+#[async_trait::async_trait]
+impl Bus for FlakyBus {
+    async fn publish(&self, _topic: &str, _key: Bytes, _payload: Bytes) -> tern_store::StoreResult<()> {
+        unreachable!("the test does not publish")
+    }
+
+    async fn subscribe(
+        &self,
+        _topic: &str,
+        _group: &str,
+    ) -> tern_store::StoreResult<Box<dyn tern_store::BusConsumer>> {
+        let script = std::mem::take(&mut *self.script.lock().unwrap()).into();
+        Ok(Box::new(FlakyConsumer { script, polls: self.polls.clone() }))
+    }
+}
+
+#[async_trait::async_trait]
+impl tern_store::BusConsumer for FlakyConsumer {
+    async fn poll(
+        &mut self,
+        _max: usize,
+        wait: Duration,
+    ) -> tern_store::StoreResult<Vec<tern_store::BusRecord>> {
+        match self.script.pop_front() {
+            Some(step) => {
+                self.polls.lock().unwrap().push(Instant::now());
+                match step {
+                    Step::Fail => Err(tern_store::StoreError::Unavailable("broker down".into())),
+                    Step::Record(offset) => Ok(vec![tern_store::BusRecord {
+                        partition: 0,
+                        offset,
+                        key: Bytes::new(),
+                        payload: Bytes::new(),
+                    }]),
+                }
+            }
+            None => {
+                tokio::time::sleep(wait).await;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    async fn commit(&mut self, _records: &[tern_store::BusRecord]) -> tern_store::StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// The gaps between consecutive instants, in milliseconds.
+fn gaps_ms(instants: &[Instant]) -> Vec<u128> {
+    instants.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect()
+}
+
+/// Runs `consume_pipelined` over `bus` until `records` records went
+/// through `process`, then stops it.
+async fn consume_until(
+    bus: FlakyBus,
+    records: usize,
+    process: impl FnMut(
+        Vec<tern_store::BusRecord>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        tern_store::StoreResult<tokio::task::JoinHandle<()>>,
+    > + Send
+    + 'static,
+    processed: Arc<Mutex<usize>>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        consume::consume_pipelined(&bus, TOPIC, GROUP, shutdown, 8, process).await
+    });
+    // The clock is paused and jumps to each pause's end: the deadline of
+    // `eventually` is virtual time here, and the pauses add up to over 10 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while *processed.lock().unwrap() < records {
+        assert!(Instant::now() < deadline, "timed out waiting for {records} record(s)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+}
+
+/// A poll that keeps failing is tried again after 0.2 s, then after twice
+/// as long each time, up to 5 s; a poll that succeeds starts over at 0.2 s.
+#[tokio::test(start_paused = true)]
+async fn failed_polls_back_off_and_a_success_starts_over() {
+    let mut script: Vec<Step> = (0..7).map(|_| Step::Fail).collect();
+    script.extend([Step::Record(0), Step::Fail, Step::Record(1)]);
+    let polls = Arc::new(Mutex::new(Vec::new()));
+    let bus = FlakyBus { script: Mutex::new(script), polls: polls.clone() };
+    let processed = Arc::new(Mutex::new(0usize));
+    let counter = processed.clone();
+    let process = move |batch: Vec<tern_store::BusRecord>| {
+        *counter.lock().unwrap() += batch.len();
+        let done: futures::future::BoxFuture<'static, _> = Box::pin(async { Ok(tokio::spawn(async {})) });
+        done
+    };
+    consume_until(bus, 2, process, processed).await;
+    let gaps = gaps_ms(&polls.lock().unwrap());
+    assert_eq!(gaps, vec![200, 400, 800, 1600, 3200, 5000, 5000, 0, 200], "pauses between polls");
+}
+
+/// A batch that keeps failing is tried again after pauses that double from
+/// 0.2 s; it is processed once it succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_failing_batch_is_retried_after_growing_pauses() {
+    let bus = FlakyBus { script: Mutex::new(vec![Step::Record(0)]), polls: Arc::default() };
+    let tries: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let processed = Arc::new(Mutex::new(0usize));
+    let (log, counter) = (tries.clone(), processed.clone());
+    let process = move |batch: Vec<tern_store::BusRecord>| {
+        let mut tries = log.lock().unwrap();
+        tries.push(Instant::now());
+        let result = if tries.len() <= 4 {
+            Err(tern_store::StoreError::Unavailable("store down".into()))
+        } else {
+            *counter.lock().unwrap() += batch.len();
+            Ok(tokio::spawn(async {}))
+        };
+        let done: futures::future::BoxFuture<'static, _> = Box::pin(async move { result });
+        done
+    };
+    consume_until(bus, 1, process, processed).await;
+    assert_eq!(gaps_ms(&tries.lock().unwrap()), vec![200, 400, 800, 1600], "pauses between tries");
+}
+
+/// Shutdown does not wait for the pause after a failed poll to end.
+#[tokio::test(start_paused = true)]
+async fn shutdown_cuts_a_pause_after_a_failed_poll_short() {
+    let polls = Arc::new(Mutex::new(Vec::new()));
+    let bus = FlakyBus { script: Mutex::new((0..100).map(|_| Step::Fail).collect()), polls: polls.clone() };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let process = |_batch: Vec<tern_store::BusRecord>| async { Ok(tokio::spawn(async {})) };
+        consume::consume_pipelined(&bus, TOPIC, GROUP, shutdown, 8, process).await
+    });
+    while polls.lock().unwrap().len() < 7 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Now in a 5 s pause.
+    let asked = Instant::now();
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+    assert!(asked.elapsed() < Duration::from_millis(100), "stopped after {:?}", asked.elapsed());
+}
