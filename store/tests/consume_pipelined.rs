@@ -5,6 +5,7 @@
 //! committed; shutdown finishes what is under way first. On a scripted
 //! bus: batches finished together share one commit.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,20 +133,17 @@ async fn a_crash_replays_from_the_oldest_unfinished_batch_and_shutdown_finishes_
 /// Each commit's (partition, offset) pairs, in commit order.
 type CommitLog = Arc<Mutex<Vec<Vec<(u32, u64)>>>>;
 
-/// A bus that hands out `records` (two partitions, one record per poll)
-/// and logs every commit.
-struct ScriptedBus {
-    records: Mutex<Vec<tern_store::BusRecord>>,
-    commits: CommitLog,
-}
+/// A bus whose one subscription gets `consumer` (the loop subscribes once).
+struct OneConsumer<C>(Mutex<Option<C>>);
 
-struct ScriptedConsumer {
-    records: Vec<tern_store::BusRecord>,
-    commits: CommitLog,
+impl<C> OneConsumer<C> {
+    fn new(consumer: C) -> Self {
+        Self(Mutex::new(Some(consumer)))
+    }
 }
 
 #[async_trait::async_trait]
-impl Bus for ScriptedBus {
+impl<C: tern_store::BusConsumer + 'static> Bus for OneConsumer<C> {
     async fn publish(&self, _topic: &str, _key: Bytes, _payload: Bytes) -> tern_store::StoreResult<()> {
         unreachable!("the test does not publish")
     }
@@ -155,9 +153,16 @@ impl Bus for ScriptedBus {
         _topic: &str,
         _group: &str,
     ) -> tern_store::StoreResult<Box<dyn tern_store::BusConsumer>> {
-        let records = std::mem::take(&mut *self.records.lock().unwrap());
-        Ok(Box::new(ScriptedConsumer { records, commits: self.commits.clone() }))
+        let consumer = self.0.lock().unwrap().take().expect("the loop subscribes once");
+        Ok(Box::new(consumer))
     }
+}
+
+/// A consumer that hands out `records` (two partitions, one record per
+/// poll) and logs every commit.
+struct ScriptedConsumer {
+    records: Vec<tern_store::BusRecord>,
+    commits: CommitLog,
 }
 
 #[async_trait::async_trait]
@@ -200,7 +205,7 @@ async fn batches_finished_together_are_committed_together() {
         })
         .collect();
     let commits = Arc::new(Mutex::new(Vec::new()));
-    let bus = ScriptedBus { records: Mutex::new(records), commits: commits.clone() };
+    let bus = OneConsumer::new(ScriptedConsumer { records, commits: commits.clone() });
     let processed = Arc::new(Mutex::new(0usize));
     let counter = processed.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -243,36 +248,21 @@ async fn batches_finished_together_are_committed_together() {
     }
 }
 
-/// One poll of a [`FlakyBus`]: a failure, or a record at this offset.
+/// One poll of a [`FlakyConsumer`]: a failure, or a record at this offset.
 enum Step {
     Fail,
     Record(u64),
 }
 
-/// A bus whose polls follow a script, noting when each poll came.
-struct FlakyBus {
-    script: Mutex<Vec<Step>>,
-    polls: Arc<Mutex<Vec<Instant>>>,
-}
-
+/// A consumer whose polls follow a script, noting when each poll came.
 struct FlakyConsumer {
     script: std::collections::VecDeque<Step>,
     polls: Arc<Mutex<Vec<Instant>>>,
 }
 
-#[async_trait::async_trait]
-impl Bus for FlakyBus {
-    async fn publish(&self, _topic: &str, _key: Bytes, _payload: Bytes) -> tern_store::StoreResult<()> {
-        unreachable!("the test does not publish")
-    }
-
-    async fn subscribe(
-        &self,
-        _topic: &str,
-        _group: &str,
-    ) -> tern_store::StoreResult<Box<dyn tern_store::BusConsumer>> {
-        let script = std::mem::take(&mut *self.script.lock().unwrap()).into();
-        Ok(Box::new(FlakyConsumer { script, polls: self.polls.clone() }))
+impl FlakyConsumer {
+    fn bus(script: Vec<Step>, polls: Arc<Mutex<Vec<Instant>>>) -> OneConsumer<FlakyConsumer> {
+        OneConsumer::new(FlakyConsumer { script: script.into(), polls })
     }
 }
 
@@ -313,20 +303,16 @@ fn gaps_ms(instants: &[Instant]) -> Vec<u128> {
     instants.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect()
 }
 
-/// Runs `consume_pipelined` over `bus` until `records` records went
-/// through `process`, then stops it.
-async fn consume_until(
-    bus: FlakyBus,
-    records: usize,
-    process: impl FnMut(
-        Vec<tern_store::BusRecord>,
-    ) -> futures::future::BoxFuture<
-        'static,
-        tern_store::StoreResult<tokio::task::JoinHandle<()>>,
-    > + Send
-    + 'static,
-    processed: Arc<Mutex<usize>>,
-) {
+/// Starts `consume_pipelined` over `bus`; a send on the returned channel
+/// stops it.
+fn spawn_consumer<F, Fut>(
+    bus: OneConsumer<FlakyConsumer>,
+    process: F,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<tern_store::StoreResult<()>>)
+where
+    F: FnMut(Vec<tern_store::BusRecord>) -> Fut + Send + 'static,
+    Fut: Future<Output = tern_store::StoreResult<tokio::task::JoinHandle<()>>> + Send + 'static,
+{
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let consumer = tokio::spawn(async move {
         let shutdown = async move {
@@ -334,6 +320,21 @@ async fn consume_until(
         };
         consume::consume_pipelined(&bus, TOPIC, GROUP, shutdown, 8, process).await
     });
+    (stop_tx, consumer)
+}
+
+/// Runs `consume_pipelined` over `bus` until `records` records went
+/// through `process` (which counts them in `processed`), then stops it.
+async fn consume_until<F, Fut>(
+    bus: OneConsumer<FlakyConsumer>,
+    records: usize,
+    process: F,
+    processed: Arc<Mutex<usize>>,
+) where
+    F: FnMut(Vec<tern_store::BusRecord>) -> Fut + Send + 'static,
+    Fut: Future<Output = tern_store::StoreResult<tokio::task::JoinHandle<()>>> + Send + 'static,
+{
+    let (stop_tx, consumer) = spawn_consumer(bus, process);
     // The clock is paused and jumps to each pause's end: the deadline of
     // `eventually` is virtual time here, and the pauses add up to over 10 s.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -352,13 +353,12 @@ async fn failed_polls_back_off_and_a_success_starts_over() {
     let mut script: Vec<Step> = (0..7).map(|_| Step::Fail).collect();
     script.extend([Step::Record(0), Step::Fail, Step::Record(1)]);
     let polls = Arc::new(Mutex::new(Vec::new()));
-    let bus = FlakyBus { script: Mutex::new(script), polls: polls.clone() };
+    let bus = FlakyConsumer::bus(script, polls.clone());
     let processed = Arc::new(Mutex::new(0usize));
     let counter = processed.clone();
     let process = move |batch: Vec<tern_store::BusRecord>| {
         *counter.lock().unwrap() += batch.len();
-        let done: futures::future::BoxFuture<'static, _> = Box::pin(async { Ok(tokio::spawn(async {})) });
-        done
+        async { Ok(tokio::spawn(async {})) }
     };
     consume_until(bus, 2, process, processed).await;
     let gaps = gaps_ms(&polls.lock().unwrap());
@@ -369,7 +369,7 @@ async fn failed_polls_back_off_and_a_success_starts_over() {
 /// 0.2 s; it is processed once it succeeds.
 #[tokio::test(start_paused = true)]
 async fn a_failing_batch_is_retried_after_growing_pauses() {
-    let bus = FlakyBus { script: Mutex::new(vec![Step::Record(0)]), polls: Arc::default() };
+    let bus = FlakyConsumer::bus(vec![Step::Record(0)], Arc::default());
     let tries: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let processed = Arc::new(Mutex::new(0usize));
     let (log, counter) = (tries.clone(), processed.clone());
@@ -382,8 +382,7 @@ async fn a_failing_batch_is_retried_after_growing_pauses() {
             *counter.lock().unwrap() += batch.len();
             Ok(tokio::spawn(async {}))
         };
-        let done: futures::future::BoxFuture<'static, _> = Box::pin(async move { result });
-        done
+        async move { result }
     };
     consume_until(bus, 1, process, processed).await;
     assert_eq!(gaps_ms(&tries.lock().unwrap()), vec![200, 400, 800, 1600], "pauses between tries");
@@ -393,15 +392,9 @@ async fn a_failing_batch_is_retried_after_growing_pauses() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_cuts_a_pause_after_a_failed_poll_short() {
     let polls = Arc::new(Mutex::new(Vec::new()));
-    let bus = FlakyBus { script: Mutex::new((0..100).map(|_| Step::Fail).collect()), polls: polls.clone() };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop_rx.await;
-        };
-        let process = |_batch: Vec<tern_store::BusRecord>| async { Ok(tokio::spawn(async {})) };
-        consume::consume_pipelined(&bus, TOPIC, GROUP, shutdown, 8, process).await
-    });
+    let bus = FlakyConsumer::bus((0..100).map(|_| Step::Fail).collect(), polls.clone());
+    let process = |_batch: Vec<tern_store::BusRecord>| async { Ok(tokio::spawn(async {})) };
+    let (stop_tx, consumer) = spawn_consumer(bus, process);
     while polls.lock().unwrap().len() < 7 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
