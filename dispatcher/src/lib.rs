@@ -364,20 +364,18 @@ impl Dispatcher {
                 .filter(|(_, d)| d.sender == sender)
                 .map(|(i, d)| (i, d.client_msg_id.as_str()))
                 .unzip();
-            match self.backends.dedup.get_many(sender, &ids).await {
+            let failed = match self.backends.dedup.get_many(sender, &ids).await {
                 Ok(records) if records.len() == ids.len() => {
                     for (index, record) in indexes.into_iter().zip(records) {
                         found[index] = Ok(record);
                     }
+                    continue;
                 }
-                Ok(records) => {
-                    let e = ServiceError::internal(format!(
-                        "dedup store answered {} of {} lookups",
-                        records.len(),
-                        ids.len()
-                    ));
-                    indexes.into_iter().for_each(|index| found[index] = Err(e.clone()));
-                }
+                Ok(records) => ServiceError::internal(format!(
+                    "dedup store answered {} of {} lookups",
+                    records.len(),
+                    ids.len()
+                )),
                 Err(StoreError::Corrupt(_)) => {
                     for (index, id) in indexes.into_iter().zip(ids) {
                         found[index] = self
@@ -387,11 +385,12 @@ impl Dispatcher {
                             .await
                             .map_err(|e| dedup_lookup_failed(sender, id, e));
                     }
+                    continue;
                 }
-                Err(e) => {
-                    let e = ServiceError::backend(e);
-                    indexes.into_iter().for_each(|index| found[index] = Err(e.clone()));
-                }
+                Err(e) => ServiceError::backend(e),
+            };
+            for index in indexes {
+                found[index] = Err(failed.clone());
             }
         }
         found
