@@ -157,3 +157,49 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
     let carol_all: Vec<u64> = big_ids.iter().chain(&other_big_ids).copied().collect();
     assert_eq!(carol_pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), carol_all);
 }
+
+/// Pulling costs the server an offline write per member and message, so
+/// the default threshold leaves steady large-group traffic pushed: a batch
+/// of 100 messages of a 200-member group (large by default), as a consumer
+/// reads under a load of a few hundred messages per second, is pushed.
+#[tokio::test]
+async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    backends.meta.add_device("bob", "phone").await.unwrap();
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    let config = OfflineConfig::default();
+    let others: Vec<String> = (0..198).map(|i| format!("member-{i}")).collect();
+    let receivers: Vec<&str> = std::iter::once("bob").chain(others.iter().map(String::as_str)).collect();
+    assert_eq!(receivers.len() + 1, config.large_group_members, "the group is large");
+
+    // Everything is on the bus before the consumer starts: one batch.
+    let names = BusNames::default();
+    let ids: Vec<u64> = (1..=100).collect();
+    for &id in &ids {
+        let record = envelope(id, "crowd", "alice", &receivers);
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+    let recorder = Arc::new(Recorder::default());
+    let (consumer, stop_tx) = start_consumer(
+        backends.bus.clone(),
+        ConsumerBackends {
+            meta: backends.meta.clone(),
+            store: backends.offline.clone(),
+            sessions: backends.sessions.clone(),
+            held: Arc::default(),
+            holding: Holding::Always,
+        },
+        recorder.clone(),
+        config,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while recorder.sent().len() < ids.len() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+
+    let pushed: Vec<Sent> = ids.iter().map(|&msg_id| Sent::Push { connection: BOB, msg_id }).collect();
+    assert_eq!(recorder.sent(), pushed);
+}

@@ -70,7 +70,9 @@ pub struct OfflineSection {
     pub large_group_members: usize,
     /// A device owed more than this many large-group messages from one
     /// consumer batch gets one NOTICE SYNC (and pulls) instead of a push
-    /// per message.
+    /// per message. Pulling costs the server an offline write per member
+    /// and message, so keep it well above what a batch holds under steady
+    /// traffic (see `OfflineConfig::pull_notice_threshold`).
     pub pull_notice_threshold: usize,
     /// How long the offline copy of a device that was pushed a message
     /// waits for its ACK (an ACK in time means it is never written); 0
@@ -226,7 +228,7 @@ mod tests {
         parsed.validate().unwrap();
         assert_eq!(parsed.access_tcp.listen, "127.0.0.1:7800");
         assert_eq!(parsed.offline_svc.large_group_members, 200);
-        assert_eq!(parsed.offline_svc.pull_notice_threshold, 20);
+        assert_eq!(parsed.offline_svc.pull_notice_threshold, 200);
     }
 
     #[test]
