@@ -88,30 +88,9 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
         backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
     }
 
-    let recorder = Arc::new(Recorder::default());
-    let (consumer, stop_tx) = start_consumer(
-        backends.bus.clone(),
-        ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: backends.sessions.clone(),
-            held: Arc::default(),
-            holding: Holding::Always,
-        },
-        recorder.clone(),
-        config.clone(),
-    );
     // bob: 2 small + 1 single pushed, 1 notice; carol: 1 notice; erin: 3 pushes.
     let expected_events = 3 + 1 + 1 + 3;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while recorder.sent().len() < expected_events && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = stop_tx.send(());
-    consumer.await.unwrap().unwrap();
-
-    let sent = recorder.sent();
+    let sent = consume_recorded(&backends, config.clone(), expected_events).await;
     let pushes_to = |connection: u64| -> Vec<u64> {
         sent.iter()
             .filter_map(|s| match s {
@@ -180,6 +159,16 @@ async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
         let record = envelope(id, "crowd", "alice", &receivers);
         backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
     }
+    let sent = consume_recorded(&backends, config, ids.len()).await;
+
+    let pushed: Vec<Sent> = ids.iter().map(|&msg_id| Sent::Push { connection: BOB, msg_id }).collect();
+    assert_eq!(sent, pushed);
+}
+
+/// Runs the consumer on `backends` (every pushed copy held) until the
+/// gateway got `events` pushes and notices, or 10 s passed, and 200 ms
+/// more (so that anything beyond them shows too); returns what it got.
+async fn consume_recorded(backends: &EmbeddedBackends, config: OfflineConfig, events: usize) -> Vec<Sent> {
     let recorder = Arc::new(Recorder::default());
     let (consumer, stop_tx) = start_consumer(
         backends.bus.clone(),
@@ -194,12 +183,11 @@ async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
         config,
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while recorder.sent().len() < ids.len() && tokio::time::Instant::now() < deadline {
+    while recorder.sent().len() < events && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = stop_tx.send(());
     consumer.await.unwrap().unwrap();
-
-    let pushed: Vec<Sent> = ids.iter().map(|&msg_id| Sent::Push { connection: BOB, msg_id }).collect();
-    assert_eq!(recorder.sent(), pushed);
+    recorder.sent()
 }
