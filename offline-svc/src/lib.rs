@@ -26,7 +26,7 @@
 //! NOTICE SYNC instead of those pushes, and pulls them (they are written to
 //! its offline set at once).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,10 @@ use held::{BatchHold, HeldKey, HeldWrites};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+// The consumer looks users, devices and held copies up a few times per
+// delivery (a message to 1000 members is 1000 deliveries); foldhash, seeded
+// per process, instead of SipHash (the costliest part of a large fan-out).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use prost::Message as _;
 use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
@@ -878,7 +882,8 @@ async fn devices_of(
             }
             Ok(found)
         }
-        other => other,
+        // Rehashed once per user and batch, for the lookups per delivery.
+        other => other.map(|found| found.into_iter().collect()),
     }
 }
 
@@ -971,10 +976,12 @@ mod tests {
             node_id: "n1".into(),
             connection_id,
         };
-        let placements = HashMap::from([
+        let placements: HashMap<String, Vec<Placement>> = [
             ("bob".to_owned(), vec![placement("bob", 1)]),
             ("carol".to_owned(), vec![placement("carol", 2)]),
-        ]);
+        ]
+        .into_iter()
+        .collect();
         let plan = plan(&batch, &placements, &config);
         let notified = plan.notices.iter().map(|(p, reason)| format!("{}: {reason}", p.user_id)).collect();
         (plan.pushes.len(), notified)
