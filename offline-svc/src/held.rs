@@ -64,11 +64,9 @@ struct HeldCopy {
 /// [`crate::OfflineService`] (whose ACKs settle copies and whose pulls
 /// write them first).
 ///
-/// The map is looked up about three times per delivery (hold, ACK,
-/// release), so it hashes with foldhash rather than SipHash: SipHash was
-/// the largest single cost of a fan-out to 1000 members. foldhash is
-/// seeded per process, which is enough for keys that are user and device
-/// ids.
+/// The map is looked up at least twice per delivery (hold, ACK), so it
+/// hashes with foldhash rather than SipHash; foldhash is seeded per
+/// process, which is enough for keys made of user and device ids.
 #[derive(Default)]
 pub struct HeldWrites {
     copies: Mutex<HashMap<String, BTreeMap<u64, HeldCopy>>>,
@@ -90,19 +88,31 @@ impl HeldWrites {
     ) -> (Vec<HeldKey>, Vec<HeldKey>) {
         let (mut held, mut elsewhere) = (Vec::with_capacity(copies.len()), Vec::new());
         let mut all = self.lock();
+        // Whether `entry` is now held in `set` (not held there already).
+        let hold_in = |set: &mut BTreeMap<u64, HeldCopy>, entry: OfflineEntry| match set.entry(entry.msg_id) {
+            btree_map::Entry::Vacant(slot) => {
+                slot.insert(HeldCopy { batch: batch.clone(), entry });
+                true
+            }
+            btree_map::Entry::Occupied(_) => false,
+        };
         for (inbox, entry) in copies {
             let msg_id = entry.msg_id;
-            // The key is copied only for an offline set not held yet.
-            if !all.contains_key(&inbox) {
-                all.insert(inbox.clone(), BTreeMap::new());
-            }
-            let set = all.get_mut(&inbox).expect("inserted above");
-            match set.entry(msg_id) {
-                btree_map::Entry::Vacant(slot) => {
-                    slot.insert(HeldCopy { batch: batch.clone(), entry });
-                    held.push((inbox, msg_id));
+            // One lookup for a set held already; the key is copied only
+            // for a new one.
+            let fresh = match all.get_mut(&inbox) {
+                Some(set) => hold_in(set, entry),
+                None => {
+                    let mut set = BTreeMap::new();
+                    hold_in(&mut set, entry);
+                    all.insert(inbox.clone(), set);
+                    true
                 }
-                btree_map::Entry::Occupied(_) => elsewhere.push((inbox, msg_id)),
+            };
+            if fresh {
+                held.push((inbox, msg_id));
+            } else {
+                elsewhere.push((inbox, msg_id));
             }
         }
         batch.unacked.fetch_add(held.len(), Ordering::AcqRel);
