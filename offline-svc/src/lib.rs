@@ -854,7 +854,7 @@ fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
 async fn devices_of(
     meta: &Arc<dyn MetaStore>,
     decoded: &[Delivery],
-) -> Result<HashMap<String, Vec<String>>, tern_store::StoreError> {
+) -> Result<tern_store::DevicesByUser, tern_store::StoreError> {
     let users: Vec<&str> = decoded
         .iter()
         .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
@@ -882,8 +882,7 @@ async fn devices_of(
             }
             Ok(found)
         }
-        // Rehashed once per user and batch, for the lookups per delivery.
-        other => other.map(|found| found.into_iter().collect()),
+        other => other,
     }
 }
 

@@ -3,7 +3,6 @@
 //! a corrupt device list sends the user's messages to their shared set, a
 //! corrupt offline set is skipped, and the next batches go on.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,7 @@ impl MetaStore for CorruptDevices {
         self.inner.devices(user_id).await
     }
     // As one Redis pipeline: one bad reply fails the whole call.
-    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
+    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<tern_store::DevicesByUser> {
         if user_ids.contains(&self.broken) {
             return Err(corrupt(&format!("devices of {}", self.broken)));
         }

@@ -10,7 +10,7 @@
 //! suffix unique to the run, and they never assume the store is otherwise
 //! empty.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -671,12 +671,13 @@ pub async fn meta_store(store: &dyn MetaStore) {
         "meta: creating a user records no device"
     );
     let several = store.devices_of_users(&[&owner, &longer, &other]).await.expect("devices_of_users");
-    let expected: HashMap<String, Vec<String>> = [
+    let expected: crate::DevicesByUser = [
         (owner.clone(), all.iter().map(|d| (*d).to_owned()).collect()),
         (longer.clone(), vec!["watch".to_owned()]),
         (other.clone(), Vec::new()),
     ]
-    .into();
+    .into_iter()
+    .collect();
     assert_eq!(several, expected, "meta: devices_of_users answers each user as devices does");
     assert!(store.devices_of_users(&[]).await.expect("devices_of_users").is_empty());
 }

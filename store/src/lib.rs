@@ -226,12 +226,18 @@ pub trait MetaStore: Send + Sync + 'static {
     /// looks them up concurrently; the embedded store reads them all in one
     /// read transaction, Redis in one pipeline (a consumer batch of a
     /// 1000-member group's messages asks for 1000 users at once).
-    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
+    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<DevicesByUser> {
         let lookups =
             user_ids.iter().map(|&user| async move { Ok((user.to_owned(), self.devices(user).await?)) });
         futures::future::try_join_all(lookups).await.map(|found| found.into_iter().collect())
     }
 }
+
+/// The recorded devices of several users, by user
+/// ([`MetaStore::devices_of_users`]). The offline consumer looks a user up
+/// here for every message of a batch it receives, so the map hashes with
+/// foldhash (seeded per process) rather than SipHash.
+pub type DevicesByUser = HashMap<String, Vec<String>, foldhash::fast::RandomState>;
 
 /// One record read from the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,7 @@
 //! A user's devices are a lexicographic sorted set `P:devices:{user}`
 //! (score 0), so `ZADD` is idempotent and `ZRANGE` returns them sorted.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -26,7 +26,7 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 
 use super::{FAN_OUT, Shared, redis_err, utf8};
-use crate::{GroupRecord, MetaStore, StoreError, StoreResult, UserRecord};
+use crate::{DevicesByUser, GroupRecord, MetaStore, StoreError, StoreResult, UserRecord};
 
 /// KEYS: header, members. ARGV: header, then members. Creates the group
 /// unless the id is taken; 1 if created.
@@ -309,7 +309,7 @@ impl MetaStore for RedisMetaStore {
         devices.into_iter().map(|d| utf8(d, "device id")).collect()
     }
 
-    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<HashMap<String, Vec<String>>> {
+    async fn devices_of_users(&self, user_ids: &[&str]) -> StoreResult<DevicesByUser> {
         let lists: Vec<Vec<Vec<u8>>> = self
             .shared
             .per_id(user_ids, |pipe, user| {
