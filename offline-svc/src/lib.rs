@@ -332,7 +332,8 @@ pub fn user_inbox(user: &str) -> String {
 
 /// What one consumer batch sends to the connections.
 struct Plan<'a> {
-    /// (message, connection), in message order.
+    /// (message, connection): by connection, and in message order within
+    /// each connection.
     pushes: Vec<(&'a Delivery, &'a Placement)>,
     /// Connections that pull their large-group messages of the batch
     /// instead, each with the reason of its NOTICE SYNC.
@@ -386,6 +387,19 @@ fn plan<'a>(
     if !large.is_empty() {
         pushes.retain(|(d, p)| {
             d.large_group(config).is_none() || !large.contains_key(&(p.node_id.as_str(), p.connection_id))
+        });
+    }
+    if decoded.len() > 1 {
+        // A connection's messages of the batch are queued one after the
+        // other, so its task finds them all at once and sends them in one
+        // write, and the client ACKs them with one. In message order they
+        // were interleaved with every other connection's: in a fan-out to
+        // a large group a connection's task ran between two of its
+        // messages, and each message cost a wake-up, a write and an ACK of
+        // its own however many the batch held. (Stable: the order within a
+        // connection stays the message order.)
+        pushes.sort_by(|(_, a), (_, b)| {
+            a.connection_id.cmp(&b.connection_id).then_with(|| a.node_id.cmp(&b.node_id))
         });
     }
     let notices = large.into_values().map(|owed| (owed.placement, sync_reason(&owed.by_group))).collect();
@@ -984,6 +998,48 @@ mod tests {
         let plan = plan(&batch, &placements, &config);
         let notified = plan.notices.iter().map(|(p, reason)| format!("{}: {reason}", p.user_id)).collect();
         (plan.pushes.len(), notified)
+    }
+
+    #[test]
+    fn a_batch_is_pushed_connection_by_connection_in_message_order() {
+        let delivery = |msg_id, receivers: &[&str]| Delivery {
+            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
+            sender: "alice".into(),
+            sender_device: String::new(),
+            group_id: "g".into(),
+            entry: OfflineEntry { msg_id, payload: Bytes::new() },
+        };
+        let batch =
+            vec![delivery(1, &["bob", "carol"]), delivery(2, &["carol"]), delivery(3, &["bob", "carol"])];
+        let placement = |user: &str, node: &str, connection_id| Placement {
+            user_id: user.into(),
+            device_id: "phone".into(),
+            node_id: node.into(),
+            connection_id,
+        };
+        // carol on two nodes, one with the same connection id as bob's.
+        let placements: HashMap<String, Vec<Placement>> = [
+            ("bob".to_owned(), vec![placement("bob", "n2", 7)]),
+            ("carol".to_owned(), vec![placement("carol", "n1", 7), placement("carol", "n1", 3)]),
+        ]
+        .into_iter()
+        .collect();
+        let plan = plan(&batch, &placements, &OfflineConfig::default());
+        let order: Vec<(u64, &str, u64)> =
+            plan.pushes.iter().map(|(d, p)| (p.connection_id, p.node_id.as_str(), d.entry.msg_id)).collect();
+        assert_eq!(
+            order,
+            [
+                (3, "n1", 1),
+                (3, "n1", 2),
+                (3, "n1", 3),
+                (7, "n1", 1),
+                (7, "n1", 2),
+                (7, "n1", 3),
+                (7, "n2", 1),
+                (7, "n2", 3)
+            ]
+        );
     }
 
     #[test]
