@@ -27,6 +27,13 @@ use tokio::sync::Notify;
 /// A held copy: a device's offline set and the message.
 pub(crate) type HeldKey = (String, u64);
 
+/// Copies in one device's offline set: the set and the message ids (or
+/// entries), in message order. A batch holds its copies set by set, so the
+/// set's key is built, copied and looked up once per device and batch, not
+/// once per copy (a batch of a hundred messages to a group of a thousand is
+/// a hundred copies per device).
+pub(crate) type HeldRun<T> = (String, Vec<T>);
+
 /// The held copies of one consumer batch.
 #[derive(Default)]
 pub(crate) struct BatchHold {
@@ -77,45 +84,49 @@ impl HeldWrites {
         self.copies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Holds `copies` (offline set, entry) for `batch`; returns the keys
-    /// it now holds, and those another batch already held (the same message
-    /// again within the wait): such a copy stays with its first holder,
-    /// which writes it if it is not ACKed.
+    /// Holds `copies` (runs of entries by offline set) for `batch`;
+    /// returns the copies it now holds, and those another batch already
+    /// held (the same message again within the wait): such a copy stays
+    /// with its first holder, which writes it if it is not ACKed.
     pub(crate) fn hold(
         &self,
         batch: &Arc<BatchHold>,
-        copies: Vec<(String, OfflineEntry)>,
-    ) -> (Vec<HeldKey>, Vec<HeldKey>) {
+        copies: Vec<HeldRun<OfflineEntry>>,
+    ) -> (Vec<HeldRun<u64>>, Vec<HeldRun<u64>>) {
         let (mut held, mut elsewhere) = (Vec::with_capacity(copies.len()), Vec::new());
+        let mut count = 0;
         let mut all = self.lock();
-        // Whether `entry` is now held in `set` (not held there already).
-        let hold_in = |set: &mut BTreeMap<u64, HeldCopy>, entry: OfflineEntry| match set.entry(entry.msg_id) {
-            btree_map::Entry::Vacant(slot) => {
-                slot.insert(HeldCopy { batch: batch.clone(), entry });
-                true
+        for (inbox, entries) in copies {
+            // The key is copied only for a new set. (`entry` would take a
+            // copy of it for every set; `get_mut` then `insert` in one
+            // match is refused by the borrow checker.)
+            if !all.contains_key(inbox.as_str()) {
+                all.insert(inbox.clone(), BTreeMap::new());
             }
-            btree_map::Entry::Occupied(_) => false,
-        };
-        for (inbox, entry) in copies {
-            let msg_id = entry.msg_id;
-            // One lookup for a set held already; the key is copied only
-            // for a new one.
-            let fresh = match all.get_mut(&inbox) {
-                Some(set) => hold_in(set, entry),
-                None => {
-                    let mut set = BTreeMap::new();
-                    hold_in(&mut set, entry);
-                    all.insert(inbox.clone(), set);
-                    true
+            let set = all.get_mut(inbox.as_str()).expect("inserted above");
+            let (mut fresh, mut repeated) = (Vec::with_capacity(entries.len()), Vec::new());
+            for entry in entries {
+                let msg_id = entry.msg_id;
+                match set.entry(msg_id) {
+                    btree_map::Entry::Vacant(slot) => {
+                        slot.insert(HeldCopy { batch: batch.clone(), entry });
+                        fresh.push(msg_id);
+                    }
+                    btree_map::Entry::Occupied(_) => repeated.push(msg_id),
                 }
-            };
-            if fresh {
-                held.push((inbox, msg_id));
-            } else {
-                elsewhere.push((inbox, msg_id));
+            }
+            count += fresh.len();
+            match (fresh.is_empty(), repeated.is_empty()) {
+                (false, true) => held.push((inbox, fresh)),
+                (true, false) => elsewhere.push((inbox, repeated)),
+                (false, false) => {
+                    held.push((inbox.clone(), fresh));
+                    elsewhere.push((inbox, repeated));
+                }
+                (true, true) => {}
             }
         }
-        batch.unacked.fetch_add(held.len(), Ordering::AcqRel);
+        batch.unacked.fetch_add(count, Ordering::AcqRel);
         (held, elsewhere)
     }
 
@@ -141,7 +152,7 @@ impl HeldWrites {
 
     /// The wait is over: takes back the copies of `batch` still held
     /// (to be written).
-    pub(crate) fn release(&self, batch: &Arc<BatchHold>, keys: Vec<HeldKey>) -> Vec<HeldKey> {
+    pub(crate) fn release(&self, batch: &Arc<BatchHold>, keys: Vec<HeldRun<u64>>) -> Vec<HeldKey> {
         // Every copy of the batch was ACKed (the usual case): none is left
         // to look up. Copies leave the map only through `settle`, which
         // counts them, or here.
@@ -149,19 +160,20 @@ impl HeldWrites {
             return Vec::new();
         }
         let mut all = self.lock();
-        keys.into_iter()
-            .filter(|(inbox, msg_id)| {
-                let Some(set) = all.get_mut(inbox) else { return false };
-                let ours = set.get(msg_id).is_some_and(|copy| Arc::ptr_eq(&copy.batch, batch));
-                if ours {
-                    set.remove(msg_id);
-                    if set.is_empty() {
-                        all.remove(inbox);
-                    }
+        let mut unacked = Vec::new();
+        for (inbox, msg_ids) in keys {
+            let Some(set) = all.get_mut(&inbox) else { continue };
+            for msg_id in msg_ids {
+                if set.get(&msg_id).is_some_and(|copy| Arc::ptr_eq(&copy.batch, batch)) {
+                    set.remove(&msg_id);
+                    unacked.push((inbox.clone(), msg_id));
                 }
-                ours
-            })
-            .collect()
+            }
+            if set.is_empty() {
+                all.remove(&inbox);
+            }
+        }
+        unacked
     }
 
     /// The copies held for `inbox`, oldest first (a pull writes them before
@@ -196,17 +208,21 @@ mod tests {
         (inbox.to_owned(), id)
     }
 
-    fn copy(inbox: &str, id: u64) -> (String, OfflineEntry) {
-        (inbox.to_owned(), OfflineEntry { msg_id: id, payload: bytes::Bytes::from(format!("m{id}")) })
+    fn copies(inbox: &str, ids: &[u64]) -> HeldRun<OfflineEntry> {
+        let entry = |id: u64| OfflineEntry { msg_id: id, payload: bytes::Bytes::from(format!("m{id}")) };
+        (inbox.to_owned(), ids.iter().map(|&id| entry(id)).collect())
+    }
+
+    fn run(inbox: &str, ids: &[u64]) -> HeldRun<u64> {
+        (inbox.to_owned(), ids.to_vec())
     }
 
     #[tokio::test]
     async fn acks_settle_held_copies_and_the_rest_is_released() {
         let held = HeldWrites::default();
         let batch = Arc::new(BatchHold::default());
-        let (holding, _) =
-            held.hold(&batch, vec![copy("bob/phone", 1), copy("bob/phone", 2), copy("eve/tab", 1)]);
-        assert_eq!(holding.len(), 3);
+        let (holding, _) = held.hold(&batch, vec![copies("bob/phone", &[1, 2]), copies("eve/tab", &[1])]);
+        assert_eq!(holding, vec![run("bob/phone", &[1, 2]), run("eve/tab", &[1])]);
         let held_ids = |inbox| held.held_for(inbox).iter().map(|e| e.msg_id).collect::<Vec<_>>();
         assert_eq!(held_ids("bob/phone"), [1, 2]);
         assert_eq!(held.settle("bob/phone", &[1, 2, 9]), vec![9], "9 was never held: the store gets it");
@@ -226,10 +242,10 @@ mod tests {
         let held = Arc::new(HeldWrites::default());
         let first = Arc::new(BatchHold::default());
         let second = Arc::new(BatchHold::default());
-        let (first_keys, _) = held.hold(&first, vec![copy("bob/phone", 1), copy("bob/phone", 2)]);
-        let (second_keys, elsewhere) = held.hold(&second, vec![copy("bob/phone", 2), copy("bob/phone", 3)]);
-        assert_eq!(second_keys, vec![key("bob/phone", 3)]);
-        assert_eq!(elsewhere, vec![key("bob/phone", 2)], "message 2 is already held by the first batch");
+        let (first_keys, _) = held.hold(&first, vec![copies("bob/phone", &[1, 2])]);
+        let (second_keys, elsewhere) = held.hold(&second, vec![copies("bob/phone", &[2, 3])]);
+        assert_eq!(second_keys, vec![run("bob/phone", &[3])]);
+        assert_eq!(elsewhere, vec![run("bob/phone", &[2])], "message 2 is already held by the first batch");
 
         let waiter = tokio::spawn({
             let first = first.clone();

@@ -34,14 +34,14 @@ use std::time::Duration;
 pub mod held;
 pub mod rpc;
 
-use held::{BatchHold, HeldKey, HeldWrites};
+use held::{BatchHold, HeldRun, HeldWrites};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 // The consumer looks users, devices and held copies up a few times per
 // delivery (a message to 1000 members is 1000 deliveries); foldhash, seeded
 // per process, instead of SipHash (the costliest part of a large fan-out).
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use prost::Message as _;
 use tern_proto::{BusNames, pb};
 use tern_proto::{ServiceError, ServiceResult};
@@ -264,11 +264,11 @@ struct Delivery {
 
 impl Delivery {
     /// The group, if the message went to a group of at least
-    /// `large_group_members` members. The envelope lists every member but
+    /// `large_group_members` members (`OfflineConfig::large_group_members`). The envelope lists every member but
     /// the sender as a receiver, so the size costs no lookup.
-    fn large_group(&self, config: &OfflineConfig) -> Option<&str> {
+    fn large_group(&self, large_group_members: usize) -> Option<&str> {
         let members = self.receivers.len() + 1;
-        (!self.group_id.is_empty() && members >= config.large_group_members).then_some(self.group_id.as_str())
+        (!self.group_id.is_empty() && members >= large_group_members).then_some(self.group_id.as_str())
     }
 
     /// The users whose connections get the message pushed: the receivers,
@@ -338,6 +338,31 @@ struct Plan<'a> {
     /// Connections that pull their large-group messages of the batch
     /// instead, each with the reason of its NOTICE SYNC.
     notices: Vec<(&'a Placement, String)>,
+    /// The placements planned for.
+    placements: &'a HashMap<String, Vec<Placement>>,
+    /// The connections of `notices`, by (node, connection id).
+    notified: HashSet<(&'a str, u64)>,
+    large_group_members: usize,
+}
+
+impl Plan<'_> {
+    /// Whether `d` is pushed to `placement` of `user`: as the sender's
+    /// device and the SYNC notices allow.
+    fn pushes_to(&self, d: &Delivery, user: &str, placement: &Placement) -> bool {
+        d.pushed_to(user, placement)
+            && !(self.notified.contains(&(placement.node_id.as_str(), placement.connection_id))
+                && d.large_group(self.large_group_members).is_some())
+    }
+
+    /// Whether `d` is pushed to a connection of `device` of `user`. Asked
+    /// for every receiver device of every message, so it looks at the
+    /// user's few placements: a set of every push of a batch of a hundred
+    /// messages to a thousand members did not fit in the cache, and probing
+    /// it was a tenth of the server's time.
+    fn pushes_to_device(&self, d: &Delivery, user: &str, device: &str) -> bool {
+        let placements = self.placements.get(user).into_iter().flatten();
+        placements.filter(|p| p.device_id == device).any(|p| self.pushes_to(d, user, p))
+    }
 }
 
 /// The large-group messages of one batch for one connection.
@@ -356,38 +381,48 @@ fn plan<'a>(
     placements: &'a HashMap<String, Vec<Placement>>,
     config: &OfflineConfig,
 ) -> Plan<'a> {
-    let mut pushes = Vec::new();
-    // Per connection, keyed by (node, connection id): its large-group
-    // messages by group.
-    let mut large: BTreeMap<(&str, u64), Owed> = BTreeMap::new();
+    let large_group_members = config.large_group_members;
     // A connection is pushed a message at most once, so no connection can
     // pass the threshold unless the batch itself holds more large-group
     // messages than that: then nothing needs counting (the usual case;
     // counting was a map update per delivery).
-    let large_messages = decoded.iter().filter(|d| d.large_group(config).is_some()).count();
-    let count_large = large_messages > config.pull_notice_threshold;
-    for d in decoded {
-        let group = d.large_group(config).filter(|_| count_large);
-        for user in d.push_targets() {
-            for placement in placements.get(user).into_iter().flatten() {
-                if !d.pushed_to(user, placement) {
-                    continue;
-                }
-                pushes.push((d, placement));
-                if let Some(group) = group {
-                    let key = (placement.node_id.as_str(), placement.connection_id);
-                    let owed =
-                        large.entry(key).or_insert_with(|| Owed { placement, by_group: BTreeMap::new() });
-                    *owed.by_group.entry(group).or_default() += 1;
+    let large_messages = decoded.iter().filter(|d| d.large_group(large_group_members).is_some()).count();
+    let mut notices = Vec::new();
+    let mut notified = HashSet::new();
+    if large_messages > config.pull_notice_threshold {
+        // Per connection, keyed by (node, connection id): its large-group
+        // messages by group.
+        let mut large: BTreeMap<(&str, u64), Owed> = BTreeMap::new();
+        for d in decoded {
+            let Some(group) = d.large_group(large_group_members) else { continue };
+            for user in d.push_targets() {
+                for placement in placements.get(user).into_iter().flatten() {
+                    if d.pushed_to(user, placement) {
+                        let key = (placement.node_id.as_str(), placement.connection_id);
+                        let owed =
+                            large.entry(key).or_insert_with(|| Owed { placement, by_group: BTreeMap::new() });
+                        *owed.by_group.entry(group).or_default() += 1;
+                    }
                 }
             }
         }
+        for (key, owed) in large {
+            if owed.by_group.values().sum::<usize>() > config.pull_notice_threshold {
+                notified.insert(key);
+                notices.push((owed.placement, sync_reason(&owed.by_group)));
+            }
+        }
     }
-    large.retain(|_, owed| owed.by_group.values().sum::<usize>() > config.pull_notice_threshold);
-    if !large.is_empty() {
-        pushes.retain(|(d, p)| {
-            d.large_group(config).is_none() || !large.contains_key(&(p.node_id.as_str(), p.connection_id))
-        });
+    let mut plan = Plan { pushes: Vec::new(), notices, placements, notified, large_group_members };
+    let mut pushes = Vec::new();
+    for d in decoded {
+        for user in d.push_targets() {
+            for placement in placements.get(user).into_iter().flatten() {
+                if plan.pushes_to(d, user, placement) {
+                    pushes.push((d, placement));
+                }
+            }
+        }
     }
     if decoded.len() > 1 {
         // A connection's messages of the batch are queued one after the
@@ -402,8 +437,8 @@ fn plan<'a>(
             a.connection_id.cmp(&b.connection_id).then_with(|| a.node_id.cmp(&b.node_id))
         });
     }
-    let notices = large.into_values().map(|owed| (owed.placement, sync_reason(&owed.by_group))).collect();
-    Plan { pushes, notices }
+    plan.pushes = pushes;
+    plan
 }
 
 /// Most groups a SYNC reason names.
@@ -643,17 +678,7 @@ pub async fn run_consumer(
             let copies = if holds { held_copies(&early.pushes, &devices) } else { Vec::new() };
             // Every copy in `copies` is held, by this batch or by one that
             // holds the same message already (within the wait).
-            let held_now: HashSet<(&str, &str, u64)> = copies
-                .iter()
-                .map(|&(d, p)| (p.user_id.as_str(), p.device_id.as_str(), d.entry.msg_id))
-                .collect();
-            let (holding, _held_elsewhere) = backends.held.hold(
-                &hold,
-                copies
-                    .iter()
-                    .map(|(d, p)| (device_inbox(&p.user_id, &p.device_id), d.entry.clone()))
-                    .collect(),
-            );
+            let (holding, _held_elsewhere) = backends.held.hold(&hold, copies);
             // Pushes go out before the offline write, so a receiver online
             // now does not wait for that commit. A push that overtakes a
             // write is harmless: the device's ACK leaves a tombstone that
@@ -668,8 +693,8 @@ pub async fn run_consumer(
             // another batch holds, the same message again within the wait,
             // are that batch's to write).
             let writes = decoded.iter().map(|d| {
-                let msg_id = d.entry.msg_id;
-                let keys = d.inboxes(&devices, |user, device| held_now.contains(&(user, device, msg_id)));
+                let keys =
+                    d.inboxes(&devices, |user, device| holds && early.pushes_to_device(d, user, device));
                 let store = backends.store.clone();
                 async move { insert_skipping_corrupt(&store, &keys, &d.entry).await }
             });
@@ -771,22 +796,33 @@ async fn finish_held(
 struct Held {
     number: u64,
     hold: Arc<BatchHold>,
-    holding: Vec<HeldKey>,
+    holding: Vec<HeldRun<u64>>,
     /// `ack_wait` after the copies were held (before the pushes went out).
     deadline: tokio::time::Instant,
 }
 
-/// The pushes whose device's copy is held back: those to recorded devices
-/// (never a user's shared set: a user online has a recorded device).
-fn held_copies<'a>(
-    pushes: &[(&'a Delivery, &'a Placement)],
-    devices: &HashMap<String, Vec<String>>,
-) -> Vec<(&'a Delivery, &'a Placement)> {
-    pushes
-        .iter()
-        .filter(|(_, p)| devices.get(&p.user_id).is_some_and(|list| list.contains(&p.device_id)))
-        .copied()
-        .collect()
+/// The copies held back for the pushes (which are by connection): those
+/// of recorded devices (never a user's shared set: a user online has a
+/// recorded device), as runs by device offline set.
+fn held_copies(
+    pushes: &[(&Delivery, &Placement)],
+    devices: &tern_store::DevicesByUser,
+) -> Vec<HeldRun<OfflineEntry>> {
+    let mut runs: Vec<HeldRun<OfflineEntry>> = Vec::new();
+    let mut current: Option<&Placement> = None;
+    for &(d, p) in pushes {
+        let same_device = current.is_some_and(|c| c.user_id == p.user_id && c.device_id == p.device_id);
+        if !same_device {
+            if !devices.get(&p.user_id).is_some_and(|list| list.contains(&p.device_id)) {
+                current = None;
+                continue;
+            }
+            current = Some(p);
+            runs.push((device_inbox(&p.user_id, &p.device_id), Vec::new()));
+        }
+        runs.last_mut().expect("a run is open").1.push(d.entry.clone());
+    }
+    runs
 }
 
 /// Pushes the batch (and notices) to the connections of `now` that `seen`
@@ -1040,6 +1076,44 @@ mod tests {
                 (7, "n2", 3)
             ]
         );
+    }
+
+    #[test]
+    fn held_copies_run_by_recorded_device_and_the_plan_knows_each_pushed_device() {
+        let delivery = |msg_id| Delivery {
+            receivers: vec!["bob".into(), "carol".into()],
+            sender: "alice".into(),
+            sender_device: String::new(),
+            group_id: "g".into(),
+            entry: OfflineEntry { msg_id, payload: Bytes::new() },
+        };
+        let batch = vec![delivery(1), delivery(2)];
+        let placement = |user: &str, device: &str, connection_id| Placement {
+            user_id: user.into(),
+            device_id: device.into(),
+            node_id: "n1".into(),
+            connection_id,
+        };
+        let placements: HashMap<String, Vec<Placement>> = [
+            ("bob".to_owned(), vec![placement("bob", "phone", 1), placement("bob", "web", 2)]),
+            ("carol".to_owned(), vec![placement("carol", "phone", 3)]),
+        ]
+        .into_iter()
+        .collect();
+        // bob's web device is not recorded (yet): its copies go to the store.
+        let devices: tern_store::DevicesByUser =
+            [("bob".to_owned(), vec!["phone".to_owned()]), ("carol".to_owned(), vec!["phone".to_owned()])]
+                .into_iter()
+                .collect();
+        let plan = plan(&batch, &placements, &OfflineConfig::default());
+        let runs: Vec<(String, Vec<u64>)> = held_copies(&plan.pushes, &devices)
+            .into_iter()
+            .map(|(inbox, entries)| (inbox, entries.iter().map(|e| e.msg_id).collect()))
+            .collect();
+        assert_eq!(runs, [("bob/phone".to_owned(), vec![1, 2]), ("carol/phone".to_owned(), vec![1, 2])]);
+        assert!(plan.pushes_to_device(&batch[0], "bob", "web"));
+        assert!(!plan.pushes_to_device(&batch[0], "bob", "tablet"), "no connection");
+        assert!(!plan.pushes_to_device(&batch[0], "dave", "phone"), "not online");
     }
 
     #[test]
