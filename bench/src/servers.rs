@@ -123,7 +123,9 @@ fn start_tern_in(
     std::fs::create_dir_all(log_dir)?;
     let log =
         std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join(format!("{name}.log")))?;
-    cmd.env("TERN_LOG", "warn").stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
+    // Warnings only, unless the caller asks for more (TERN_LOG set).
+    let filter = std::env::var("TERN_LOG").unwrap_or_else(|_| "warn".into());
+    cmd.env("TERN_LOG", filter).stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
     let command_line = command_line(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
     let stdout = child.stdout.take().expect("piped stdout");

@@ -139,8 +139,9 @@ async fn a_burst_of_large_group_messages_becomes_one_sync_notice_per_device() {
 
 /// Pulling costs the server an offline write per member and message, so
 /// the default threshold leaves steady large-group traffic pushed: a batch
-/// of 100 messages of a 200-member group (large by default), as a consumer
-/// reads under a load of a few hundred messages per second, is pushed.
+/// of 300 messages of a 200-member group (large by default), more than a
+/// consumer reads at once under a steady 1,000 messages per second to a
+/// group of 1,000, is pushed.
 #[tokio::test]
 async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,7 +155,7 @@ async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
 
     // Everything is on the bus before the consumer starts: one batch.
     let names = BusNames::default();
-    let ids: Vec<u64> = (1..=100).collect();
+    let ids: Vec<u64> = (1..=300).collect();
     for &id in &ids {
         let record = envelope(id, "crowd", "alice", &receivers);
         backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();

@@ -228,7 +228,7 @@ mod tests {
         parsed.validate().unwrap();
         assert_eq!(parsed.access_tcp.listen, "127.0.0.1:7800");
         assert_eq!(parsed.offline_svc.large_group_members, 200);
-        assert_eq!(parsed.offline_svc.pull_notice_threshold, 200);
+        assert_eq!(parsed.offline_svc.pull_notice_threshold, 500);
     }
 
     #[test]
