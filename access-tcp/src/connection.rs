@@ -89,21 +89,32 @@ impl Outbox {
 
     /// Queues a frame for the connection; never waits.
     pub(crate) fn push(&self, frame: Frame) -> Result<(), Refused> {
-        let waiting = {
+        self.push_all([frame])
+    }
+
+    /// Queues frames for the connection, in order, under one lock and with
+    /// one wake-up; never waits. `Full` once the queue is: the frames
+    /// before that one are queued (the connection is closed then anyway).
+    pub(crate) fn push_all(&self, frames: impl IntoIterator<Item = Frame>) -> Result<(), Refused> {
+        let (queued, waiting) = {
             let mut state = self.lock();
             if state.shut {
                 return Err(Refused::Closed);
             }
-            if state.frames.len() >= self.capacity {
-                return Err(Refused::Full);
+            let mut queued = Ok(());
+            for frame in frames {
+                if state.frames.len() >= self.capacity {
+                    queued = Err(Refused::Full);
+                    break;
+                }
+                state.frames.push_back(frame);
             }
-            state.frames.push_back(frame);
-            state.waiting.take()
+            (queued, state.waiting.take())
         };
         if let Some(task) = waiting {
             task.wake();
         }
-        Ok(())
+        queued
     }
 
     /// Asks the connection to send what is queued and close.
@@ -1434,5 +1445,16 @@ mod tests {
         assert!(outbox.push(frame(4, 1)).is_ok(), "a closing connection still flushes what comes");
         assert_eq!(outbox.shut().len(), 1);
         assert!(matches!(outbox.push(frame(5, 1)), Err(Refused::Closed)));
+    }
+
+    #[test]
+    fn a_run_of_frames_is_queued_in_order_up_to_the_bound() {
+        let outbox = Outbox::new(3);
+        assert!(outbox.push_all([frame(1, 1), frame(2, 1)]).is_ok());
+        assert!(matches!(outbox.push_all([frame(3, 1), frame(4, 1)]), Err(Refused::Full)));
+        let sequences: Vec<u32> = outbox.take().iter().map(|f| f.sequence).collect();
+        assert_eq!(sequences, [1, 2, 3], "the frames before the bound are queued, in order");
+        outbox.shut();
+        assert!(matches!(outbox.push_all([frame(5, 1)]), Err(Refused::Closed)));
     }
 }

@@ -330,8 +330,8 @@ impl AccessNode {
     /// connection is closed, and the client pulls the offline store after
     /// reconnecting, which holds every pushed message and everything a
     /// SYNC notice pointed at.
-    fn deliver(conn: &ConnHandle, placement: &Placement, frame: Frame) {
-        match conn.outbox.push(frame) {
+    fn deliver(conn: &ConnHandle, placement: &Placement, frames: impl IntoIterator<Item = Frame>) {
+        match conn.outbox.push_all(frames) {
             Ok(()) => {}
             Err(connection::Refused::Full) => {
                 tracing::warn!(conn = placement.connection_id, user = %placement.user_id, "slow consumer: outbound queue full, disconnecting");
@@ -344,21 +344,33 @@ impl AccessNode {
 
 impl PushGateway for AccessNode {
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes) {
+        self.push_run(placement, &[(msg_id, message)]);
+    }
+
+    /// One connection lookup, one lock of its unACKed pushes and of its
+    /// outbound queue, and one wake-up for the whole run.
+    fn push_run(&self, placement: &Placement, messages: &[(u64, Bytes)]) {
         let Some(conn) = self.placed_connection(placement) else { return };
-        conn.unacked.lock().unwrap_or_else(|e| e.into_inner()).entry(msg_id).or_insert_with(Instant::now);
-        let frame = Frame {
+        {
+            let now = Instant::now();
+            let mut unacked = conn.unacked.lock().unwrap_or_else(|e| e.into_inner());
+            for (msg_id, _) in messages {
+                unacked.entry(*msg_id).or_insert(now);
+            }
+        }
+        let frames = messages.iter().map(|(_, message)| Frame {
             client_version: tern_proto::PROTOCOL_VERSION,
             request_type: RequestType::PushMessage as u32,
             sequence: 0,
-            body: message,
-        };
-        Self::deliver(&conn, placement, frame);
+            body: message.clone(),
+        });
+        Self::deliver(&conn, placement, frames);
     }
 
     fn sync_notice(&self, placement: &Placement, reason: &str) {
         let Some(conn) = self.placed_connection(placement) else { return };
         let notice = pb::Notice { kind: NoticeKind::Sync as i32, reason: reason.to_owned() };
-        Self::deliver(&conn, placement, Frame::new(RequestType::Notice, 0, &notice));
+        Self::deliver(&conn, placement, [Frame::new(RequestType::Notice, 0, &notice)]);
     }
 }
 

@@ -57,6 +57,15 @@ use tern_store::{
 pub trait PushGateway: Send + Sync + 'static {
     /// `message` is an encoded `tern.v1.Message`.
     fn push(&self, placement: &Placement, msg_id: u64, message: Bytes);
+    /// Pushes `messages` (id, encoded message), in order, to one
+    /// connection: the consumer hands over a batch connection by
+    /// connection, and a gateway can find the connection once for all of
+    /// them instead of once per message.
+    fn push_run(&self, placement: &Placement, messages: &[(u64, Bytes)]) {
+        for (msg_id, message) in messages {
+            self.push(placement, *msg_id, message.clone());
+        }
+    }
     /// Tells the connection to pull its offline set: NOTICE SYNC with
     /// `reason`. Best effort, like a push.
     fn sync_notice(&self, placement: &Placement, reason: &str);
@@ -689,9 +698,7 @@ pub async fn run_consumer(
             // write is harmless: the device's ACK leaves a tombstone that
             // drops the late write, and a crash before the write replays
             // the batch (clients drop duplicates by message id).
-            for (d, placement) in &early.pushes {
-                pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-            }
+            push_runs(&*pushes, &early.pushes);
             // Write diffusion per device: every recorded device of every
             // receiver, and the sender's other devices, get their own copy,
             // ACKed and deleted independently; held copies wait (and those
@@ -854,11 +861,23 @@ fn push_to_newcomers(
         return;
     }
     let late = plan(decoded, &newcomers, config);
-    for (d, placement) in late.pushes {
-        pushes.push(placement, d.entry.msg_id, d.entry.payload.clone());
-    }
+    push_runs(pushes, &late.pushes);
     for (placement, reason) in late.notices {
         pushes.sync_notice(placement, &reason);
+    }
+}
+
+/// Hands `planned` (by connection) to the gateway, a connection's run of
+/// messages at a time.
+fn push_runs(gateway: &dyn PushGateway, planned: &[(&Delivery, &Placement)]) {
+    let mut run: Vec<(u64, Bytes)> = Vec::new();
+    for (i, &(d, placement)) in planned.iter().enumerate() {
+        run.push((d.entry.msg_id, d.entry.payload.clone()));
+        let run_ends = planned.get(i + 1).is_none_or(|(_, next)| !same_connection(next, placement));
+        if run_ends {
+            gateway.push_run(placement, &run);
+            run.clear();
+        }
     }
 }
 
