@@ -278,8 +278,9 @@ struct Delivery {
 
 impl Delivery {
     /// The group, if the message went to a group of at least
-    /// `large_group_members` members (`OfflineConfig::large_group_members`). The envelope lists every member but
-    /// the sender as a receiver, so the size costs no lookup.
+    /// `large_group_members` members (`OfflineConfig::large_group_members`).
+    /// The envelope lists every member but the sender as a receiver, so the
+    /// size costs no lookup.
     fn large_group(&self, large_group_members: usize) -> Option<&str> {
         let members = self.receivers.len() + 1;
         (!self.group_id.is_empty() && members >= large_group_members).then_some(self.group_id.as_str())
@@ -363,9 +364,12 @@ impl Plan<'_> {
     /// Whether `d` is pushed to `placement` of `user`: as the sender's
     /// device and the SYNC notices allow.
     fn pushes_to(&self, d: &Delivery, user: &str, placement: &Placement) -> bool {
-        d.pushed_to(user, placement)
-            && !(self.notified.contains(&(placement.node_id.as_str(), placement.connection_id))
-                && d.large_group(self.large_group_members).is_some())
+        // Asked per push: the set is looked up only when there are notices
+        // (rare) and the message is a large group's.
+        let notified = || self.notified.contains(&(placement.node_id.as_str(), placement.connection_id));
+        let pulled_instead =
+            !self.notified.is_empty() && d.large_group(self.large_group_members).is_some() && notified();
+        d.pushed_to(user, placement) && !pulled_instead
     }
 
     /// Whether `d` is pushed to a connection of `device` of `user`. Asked
