@@ -69,8 +69,9 @@ struct HeldCopy {
 ///
 /// A sorted queue rather than a `BTreeMap`: copies come in about in id
 /// order and their ACKs too, so a copy is nearly always added at the back
-/// and settled at the front, without the tree's rebalancing (a fifth of the
-/// consumer's share of the server at a thousand deliveries per message).
+/// and settled at the front, without the tree's node splits and merges
+/// (its inserts and removals were about 7% of the server's time in a
+/// fan-out to a thousand members).
 #[derive(Default)]
 struct HeldSet {
     copies: VecDeque<(u64, HeldCopy)>,
