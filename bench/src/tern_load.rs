@@ -470,6 +470,16 @@ fn place_in_run(flow: Option<&Flow>, stamp: &Stamp) -> Option<u64> {
     })
 }
 
+/// Records a message with `content` that arrived at `receiver`, if it
+/// counts: `mark` notes its arrival (pushed or pulled, [`Seen`]) at its
+/// place in the run. One of an earlier run is recorded (as stale) as is.
+fn record_arrival(flow: Option<&Flow>, receiver: usize, content: &[u8], mark: impl FnOnce(u64) -> Arrival) {
+    let (Some(f), Some(stamp)) = (flow, Stamp::decode(content)) else { return };
+    if place_in_run(flow, &stamp).map_or(Arrival::Count, mark) == Arrival::Count {
+        f.on_delivery(receiver, &stamp);
+    }
+}
+
 /// The fields of a pushed message a receiver reads (`pb::Message` tags 1
 /// and 7): prost skips the others, and the content stays a slice of the
 /// frame. Decoding the whole message validated four strings and copied the
@@ -520,22 +530,14 @@ async fn receive(
                 Some(RequestType::PushMessage) => {
                     let Ok(message) = frame.decode::<PushedMessage>() else { continue };
                     ids.push(message.msg_id);
-                    let Some(stamp) = Stamp::decode(&message.content) else { continue };
-                    let arrival = place_in_run(flow, &stamp).map_or(Arrival::Count, |g| seen.pushed(g));
-                    if let (Some(f), Arrival::Count) = (flow, arrival) {
-                        f.on_delivery(receiver, &stamp);
-                    }
+                    record_arrival(flow, receiver, &message.content, |g| seen.pushed(g));
                 }
                 Some(RequestType::PullOffline) if pulling == Some(frame.sequence) => {
                     pulling = None;
                     let Ok(page) = frame.decode::<pb::PullOfflineResponse>() else { continue };
                     for message in &page.messages {
                         ids.push(message.msg_id);
-                        let Some(stamp) = Stamp::decode(&message.content) else { continue };
-                        let arrival = place_in_run(flow, &stamp).map_or(Arrival::Count, |g| seen.pulled(g));
-                        if let (Some(f), Arrival::Count) = (flow, arrival) {
-                            f.on_delivery(receiver, &stamp);
-                        }
+                        record_arrival(flow, receiver, &message.content, |g| seen.pulled(g));
                     }
                     if page.more {
                         pull_after = page.messages.last().map(|m| m.msg_id);

@@ -165,14 +165,11 @@ impl HeldWrites {
                 }
             }
             count += fresh.len();
-            match (fresh.is_empty(), repeated.is_empty()) {
-                (false, true) => held.push((inbox, fresh)),
-                (true, false) => elsewhere.push((inbox, repeated)),
-                (false, false) => {
-                    held.push((inbox.clone(), fresh));
-                    elsewhere.push((inbox, repeated));
-                }
-                (true, true) => {}
+            if !repeated.is_empty() {
+                elsewhere.push((inbox.clone(), repeated));
+            }
+            if !fresh.is_empty() {
+                held.push((inbox, fresh));
             }
         }
         batch.unacked.fetch_add(count, Ordering::AcqRel);

@@ -411,17 +411,12 @@ fn plan<'a>(
         // Per connection, keyed by (node, connection id): its large-group
         // messages by group.
         let mut large: BTreeMap<(&str, u64), Owed> = BTreeMap::new();
-        for d in decoded {
+        for (d, user, placement) in connections_of(decoded, placements) {
             let Some(group) = d.large_group(large_group_members) else { continue };
-            for user in d.push_targets() {
-                for placement in placements.get(user).into_iter().flatten() {
-                    if d.pushed_to(user, placement) {
-                        let key = (placement.node_id.as_str(), placement.connection_id);
-                        let owed =
-                            large.entry(key).or_insert_with(|| Owed { placement, by_group: BTreeMap::new() });
-                        *owed.by_group.entry(group).or_default() += 1;
-                    }
-                }
+            if d.pushed_to(user, placement) {
+                let key = (placement.node_id.as_str(), placement.connection_id);
+                let owed = large.entry(key).or_insert_with(|| Owed { placement, by_group: BTreeMap::new() });
+                *owed.by_group.entry(group).or_default() += 1;
             }
         }
         for (key, owed) in large {
@@ -432,16 +427,10 @@ fn plan<'a>(
         }
     }
     let mut plan = Plan { pushes: Vec::new(), notices, placements, notified, large_group_members };
-    let mut pushes = Vec::new();
-    for d in decoded {
-        for user in d.push_targets() {
-            for placement in placements.get(user).into_iter().flatten() {
-                if plan.pushes_to(d, user, placement) {
-                    pushes.push((d, placement));
-                }
-            }
-        }
-    }
+    let mut pushes: Vec<(&Delivery, &Placement)> = connections_of(decoded, placements)
+        .filter(|&(d, user, placement)| plan.pushes_to(d, user, placement))
+        .map(|(d, _, placement)| (d, placement))
+        .collect();
     if decoded.len() > 1 {
         // A connection's messages of the batch are queued one after the
         // other, so its task finds them all at once and sends them in one
@@ -457,6 +446,19 @@ fn plan<'a>(
     }
     plan.pushes = pushes;
     plan
+}
+
+/// Each message of the batch with each connection in `placements` of each
+/// user it is pushed to (`Delivery::push_targets`).
+fn connections_of<'a>(
+    decoded: &'a [Delivery],
+    placements: &'a HashMap<String, Vec<Placement>>,
+) -> impl Iterator<Item = (&'a Delivery, &'a str, &'a Placement)> {
+    decoded.iter().flat_map(move |d| {
+        d.push_targets().flat_map(move |user| {
+            placements.get(user).into_iter().flatten().map(move |p| (d, user.as_str(), p))
+        })
+    })
 }
 
 /// Most groups a SYNC reason names.
