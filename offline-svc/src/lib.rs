@@ -553,7 +553,9 @@ fn worth_another_try(error: &tern_store::StoreError, tries: u32) -> bool {
     }
 }
 
-/// Everyone a batch is pushed to, once each.
+/// Everyone a batch is pushed to, once each: its receivers, and the
+/// senders who sent from a known device (for their other devices). These
+/// are also everyone whose devices get a copy.
 fn batch_push_targets(decoded: &[Delivery]) -> Vec<&str> {
     let users: HashSet<&str> = decoded.iter().flat_map(Delivery::push_targets).map(String::as_str).collect();
     users.into_iter().collect()
@@ -577,9 +579,8 @@ async fn look_up(sessions: &Arc<dyn SessionStore>, users: &[&str]) -> Vec<StoreR
 /// pull them at their next sync.
 async fn placements_of(
     sessions: &Arc<dyn SessionStore>,
-    decoded: &[Delivery],
+    users: Vec<&str>,
 ) -> HashMap<String, Vec<Placement>> {
-    let users = batch_push_targets(decoded);
     let found = look_up(sessions, &users).await;
     users
         .into_iter()
@@ -683,12 +684,15 @@ pub async fn run_consumer(
         let (pushes, config) = (pushes.clone(), config.clone());
         async move {
             let decoded = Arc::new(decode(&batch));
-            let devices = devices_of(&backends.meta, &decoded).await?;
+            // Everyone the batch concerns, once each: whose devices it is
+            // written for and whose connections it is pushed to.
+            let users = batch_push_targets(&decoded);
+            let devices = devices_of(&backends.meta, &users).await?;
             let number = pushes.batch_started();
             // Read before the lookups, so any login it does not count
             // placed its connection after it (see placements_after_writes).
             let epoch = backends.sessions.placements_epoch();
-            let before = placements_of(&backends.sessions, &decoded).await;
+            let before = placements_of(&backends.sessions, users).await;
             let early = plan(&decoded, &before, &config);
             // The copies of the devices pushed now are held back before the
             // pushes go out, so that no ACK can come first.
@@ -943,16 +947,9 @@ fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
 /// failing the batch on it would stall the consumer for everyone.
 async fn devices_of(
     meta: &Arc<dyn MetaStore>,
-    decoded: &[Delivery],
+    users: &[&str],
 ) -> Result<tern_store::DevicesByUser, tern_store::StoreError> {
-    let users: Vec<&str> = decoded
-        .iter()
-        .flat_map(|d| d.receivers.iter().chain((!d.sender_device.is_empty()).then_some(&d.sender)))
-        .map(String::as_str)
-        .collect::<HashSet<&str>>()
-        .into_iter()
-        .collect();
-    match meta.devices_of_users(&users).await {
+    match meta.devices_of_users(users).await {
         Err(tern_store::StoreError::Corrupt(e)) => {
             tracing::warn!(error = %e, users = users.len(), "a device list is corrupt; looking users up one by one");
             let lookups = users.iter().map(|&user| async move { (user, meta.devices(user).await) });
