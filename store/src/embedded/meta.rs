@@ -360,8 +360,10 @@ impl MetaStore for EmbeddedMetaStore {
         let Some(group) = self.get_json::<GroupRecord>(GROUPS, group_id).await? else {
             return Ok(None);
         };
-        let group = Arc::new(group);
-        cache.remember(generation, std::iter::once((&group.group_id, &group)));
+        // Kept under the key it was read by (the same id, unless the stored
+        // record is inconsistent: then the lookup by that key is what repeats).
+        let (key, group) = (group_id.to_owned(), Arc::new(group));
+        cache.remember(generation, std::iter::once((&key, &group)));
         Ok(Some(GroupRecord::clone(&group)))
     }
 
