@@ -324,12 +324,7 @@ impl Delivery {
                 keys.extend(unheld.get(receiver.as_str()).into_iter().flatten().cloned());
                 continue;
             }
-            match devices.get(receiver).filter(|d| !d.is_empty()) {
-                Some(list) => {
-                    keys.extend(list.iter().filter(|d| !held(receiver, d)).map(|d| device_inbox(receiver, d)))
-                }
-                None => keys.push(user_inbox(receiver)),
-            }
+            receiver_inboxes(receiver, devices, |device| held(receiver, device), &mut keys);
         }
         if !self.sender_device.is_empty() && !self.receivers.contains(&self.sender) {
             let own = devices.get(&self.sender).into_iter().flatten();
@@ -339,6 +334,21 @@ impl Delivery {
             );
         }
         keys
+    }
+}
+
+/// Adds to `keys` the offline sets a receiver's copy goes to: those of its
+/// recorded devices whose copy is not `held`, or the shared set of a
+/// receiver with no recorded device yet.
+fn receiver_inboxes(
+    receiver: &str,
+    devices: &HashMap<String, Vec<String>>,
+    held: impl Fn(&str) -> bool,
+    keys: &mut Vec<String>,
+) {
+    match devices.get(receiver).filter(|d| !d.is_empty()) {
+        Some(list) => keys.extend(list.iter().filter(|d| !held(d)).map(|d| device_inbox(receiver, d))),
+        None => keys.push(user_inbox(receiver)),
     }
 }
 
@@ -374,14 +384,8 @@ fn unheld_inboxes<'a>(
         .iter()
         .filter_map(|&user| {
             let placed = placements.get(user).map_or(&[][..], Vec::as_slice);
-            let keys: Vec<String> = match devices.get(user).filter(|d| !d.is_empty()) {
-                Some(list) => list
-                    .iter()
-                    .filter(|device| !placed.iter().any(|p| p.device_id == **device))
-                    .map(|device| device_inbox(user, device))
-                    .collect(),
-                None => vec![user_inbox(user)],
-            };
+            let mut keys = Vec::new();
+            receiver_inboxes(user, devices, |device| placed.iter().any(|p| p.device_id == device), &mut keys);
             (!keys.is_empty()).then_some((user, keys))
         })
         .collect()
@@ -1082,27 +1086,39 @@ mod tests {
         .encode_to_vec()
     }
 
+    /// Message `msg_id` of group `group_id` (empty for 1:1) from `sender`
+    /// on `sender_device` (empty if unknown) to `receivers`.
+    fn delivery(
+        msg_id: u64,
+        sender: &str,
+        sender_device: &str,
+        group_id: &str,
+        receivers: &[&str],
+    ) -> Delivery {
+        Delivery {
+            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
+            sender: sender.into(),
+            sender_device: sender_device.into(),
+            group_id: group_id.into(),
+            entry: OfflineEntry { msg_id, payload: Bytes::new() },
+        }
+    }
+
+    fn placement(user: &str, device: &str, node: &str, connection_id: u64) -> Placement {
+        Placement { user_id: user.into(), device_id: device.into(), node_id: node.into(), connection_id }
+    }
+
     /// Batches of large-group messages to bob (on one connection) and a
     /// 1:1 message to carol, planned with a threshold of two.
     fn planned(large_messages: u64) -> (usize, Vec<String>) {
         let config =
             OfflineConfig { large_group_members: 3, pull_notice_threshold: 2, ..OfflineConfig::default() };
-        let delivery = |msg_id, receivers: &[&str], group_id: &str| Delivery {
-            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
-            sender: "alice".into(),
-            sender_device: String::new(),
-            group_id: group_id.into(),
-            entry: OfflineEntry { msg_id, payload: Bytes::new() },
-        };
+        let delivery =
+            |msg_id, receivers: &[&str], group_id: &str| delivery(msg_id, "alice", "", group_id, receivers);
         let mut batch: Vec<Delivery> =
             (1..=large_messages).map(|id| delivery(id, &["bob", "dave"], "g")).collect();
         batch.push(delivery(100, &["carol"], ""));
-        let placement = |user: &str, connection_id| Placement {
-            user_id: user.into(),
-            device_id: "phone".into(),
-            node_id: "n1".into(),
-            connection_id,
-        };
+        let placement = |user: &str, connection_id| placement(user, "phone", "n1", connection_id);
         let placements: HashMap<String, Vec<Placement>> = [
             ("bob".to_owned(), vec![placement("bob", 1)]),
             ("carol".to_owned(), vec![placement("carol", 2)]),
@@ -1116,21 +1132,10 @@ mod tests {
 
     #[test]
     fn a_batch_is_pushed_connection_by_connection_in_message_order() {
-        let delivery = |msg_id, receivers: &[&str]| Delivery {
-            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
-            sender: "alice".into(),
-            sender_device: String::new(),
-            group_id: "g".into(),
-            entry: OfflineEntry { msg_id, payload: Bytes::new() },
-        };
+        let delivery = |msg_id, receivers: &[&str]| delivery(msg_id, "alice", "", "g", receivers);
         let batch =
             vec![delivery(1, &["bob", "carol"]), delivery(2, &["carol"]), delivery(3, &["bob", "carol"])];
-        let placement = |user: &str, node: &str, connection_id| Placement {
-            user_id: user.into(),
-            device_id: "phone".into(),
-            node_id: node.into(),
-            connection_id,
-        };
+        let placement = |user: &str, node: &str, connection_id| placement(user, "phone", node, connection_id);
         // carol on two nodes, one with the same connection id as bob's.
         let placements: HashMap<String, Vec<Placement>> = [
             ("bob".to_owned(), vec![placement("bob", "n2", 7)]),
@@ -1158,20 +1163,12 @@ mod tests {
 
     #[test]
     fn held_copies_run_by_recorded_device_and_the_plan_knows_each_pushed_device() {
-        let delivery = |msg_id| Delivery {
-            receivers: vec!["bob".into(), "carol".into()],
-            sender: "alice".into(),
-            sender_device: String::new(),
-            group_id: "g".into(),
-            entry: OfflineEntry { msg_id, payload: Bytes::new() },
-        };
-        let batch = vec![delivery(1), delivery(2)];
-        let placement = |user: &str, device: &str, connection_id| Placement {
-            user_id: user.into(),
-            device_id: device.into(),
-            node_id: "n1".into(),
-            connection_id,
-        };
+        let batch = vec![
+            delivery(1, "alice", "", "g", &["bob", "carol"]),
+            delivery(2, "alice", "", "g", &["bob", "carol"]),
+        ];
+        let placement =
+            |user: &str, device: &str, connection_id| placement(user, device, "n1", connection_id);
         let placements: HashMap<String, Vec<Placement>> = [
             ("bob".to_owned(), vec![placement("bob", "phone", 1), placement("bob", "web", 2)]),
             ("carol".to_owned(), vec![placement("carol", "phone", 3)]),
@@ -1196,12 +1193,8 @@ mod tests {
 
     #[test]
     fn unheld_inboxes_write_what_the_per_message_check_writes() {
-        let delivery = |msg_id, sender: &str, sender_device: &str, receivers: &[&str]| Delivery {
-            receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
-            sender: sender.into(),
-            sender_device: sender_device.into(),
-            group_id: "g".into(),
-            entry: OfflineEntry { msg_id, payload: Bytes::new() },
+        let delivery = |msg_id, sender: &str, sender_device: &str, receivers: &[&str]| {
+            delivery(msg_id, sender, sender_device, "g", receivers)
         };
         let batch = vec![
             delivery(1, "alice", "phone", &["bob", "carol", "dave", "erin"]),
@@ -1210,12 +1203,8 @@ mod tests {
             delivery(3, "alice", "web", &["alice"]),
             delivery(4, "carol", "", &["bob"]),
         ];
-        let placement = |user: &str, device: &str, connection_id| Placement {
-            user_id: user.into(),
-            device_id: device.into(),
-            node_id: "n1".into(),
-            connection_id,
-        };
+        let placement =
+            |user: &str, device: &str, connection_id| placement(user, device, "n1", connection_id);
         // alice online on both devices, bob on one of two, carol on an
         // unrecorded device, dave offline, erin never logged in.
         let placements: HashMap<String, Vec<Placement>> = [
