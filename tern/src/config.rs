@@ -238,7 +238,7 @@ mod tests {
         config.validate().unwrap();
         let offline = config.offline_svc.offline_config(config.access_tcp.push_ack_timeout_ms);
         assert_eq!((offline.large_group_members, offline.pull_notice_threshold), (3, 2));
-        assert_eq!(offline.ack_wait, std::time::Duration::from_secs(1), "the default wait");
+        assert_eq!(offline.ack_wait, std::time::Duration::from_secs(4), "the default wait");
         let short = config.offline_svc.offline_config(800);
         assert_eq!(
             short.ack_wait,
