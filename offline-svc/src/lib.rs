@@ -144,7 +144,7 @@ pub struct OfflineConfig {
     /// slow the server further, so the next ACKs come later still. A
     /// server behind on its sends makes ACKs late through no fault of the
     /// clients (at 1 M deliveries/s to 1,000 members over TLS the last
-    /// member's p99 was 500-900 ms, maxima up to a second). At 1 s, 2 of 5
+    /// member's p99 was 440-970 ms, maxima up to a second). At 1 s, 2 of 5
     /// such runs collapsed (about 200 k deliveries/s, millions never
     /// delivered); at 4 s none of 5 did. Holding longer costs no delivery
     /// (a device that reconnects pulls, and a pull writes its held copies
