@@ -36,7 +36,8 @@
 //! [`KafkaOptions::single_record_batches`] (on by default) avoids.
 //!
 //! librdkafka's log lines and errors go to `tracing` under the target
-//! `librdkafka` (informational lines at `debug`, so it is quiet by default).
+//! `librdkafka` (informational lines at `debug`, so it is quiet by default;
+//! partition assignments and revocations at `info`).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -617,14 +618,22 @@ impl ClientContext for TracingContext {
     }
 }
 
+// Rebalances are logged at `info`: they are rare, and a revoked partition's
+// records that were received but not committed are delivered again (to this
+// consumer or another), so a receiver can be pushed them a second time;
+// the log is where such a repeat can be traced back to.
 impl ConsumerContext for TracingContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
-                tracing::debug!(target: "librdkafka", assigned = ?partitions.to_topic_map(), "kafka rebalance");
+                tracing::info!(target: "librdkafka", assigned = ?partitions.to_topic_map(), "kafka partitions assigned");
             }
             Rebalance::Revoke(partitions) => {
-                tracing::debug!(target: "librdkafka", revoked = ?partitions.to_topic_map(), "kafka rebalance");
+                tracing::info!(
+                    target: "librdkafka",
+                    revoked = ?partitions.to_topic_map(),
+                    "kafka partitions revoked; records not yet committed will be delivered again"
+                );
             }
             Rebalance::Error(e) => tracing::warn!(target: "librdkafka", error = %e, "kafka rebalance failed"),
         }
