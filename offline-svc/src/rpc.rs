@@ -126,7 +126,8 @@ const PUSH_QUEUE: usize = 65_536;
 /// Most pushes and bytes in one batch to one access node.
 const MAX_BATCH: usize = 1_024;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Batches in flight per access node before the sender waits.
+/// Batches queued per access node; a batch finding the queue full is
+/// dropped and its connections are told to pull.
 const NODE_QUEUE: usize = 64;
 /// How often connections owed a SYNC notice are looked at.
 const OWED_NOTICE_INTERVAL: Duration = Duration::from_millis(100);
