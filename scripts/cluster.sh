@@ -73,7 +73,9 @@ CFG
         grep -h " ready: " "$dir/$role.out" >&2
     done
     log "up. Chat with: $bin chat --auth http://127.0.0.1:17880 --ca $dir/data/tls/ca.pem --user alice --password alice-pw"
-    log "look inside: redis-cli -p ${TERN_REDIS_URL##*:} --scan | head; echo 'ls -R /tern' | zkCli (or: java -cp '/usr/share/java/*' org.apache.zookeeper.ZooKeeperMain -server $TERN_ZK_ADDR ls -R /tern)"
+    local redis_port="${TERN_REDIS_URL##*:}"
+    redis_port="${redis_port%/}"
+    log "look inside: redis-cli -p $redis_port --scan | head; echo 'ls -R /tern' | zkCli (or: java -cp '/usr/share/java/*' org.apache.zookeeper.ZooKeeperMain -server $TERN_ZK_ADDR ls -R /tern)"
 }
 
 down() {

@@ -626,18 +626,36 @@ impl ConsumerContext for TracingContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
-                tracing::info!(target: "librdkafka", assigned = ?partitions.to_topic_map(), "kafka partitions assigned");
+                tracing::info!(target: "librdkafka", assigned = %partition_names(partitions), "kafka partitions assigned");
             }
             Rebalance::Revoke(partitions) => {
                 tracing::info!(
                     target: "librdkafka",
-                    revoked = ?partitions.to_topic_map(),
+                    revoked = %partition_names(partitions),
                     "kafka partitions revoked; records not yet committed will be delivered again"
                 );
             }
             Rebalance::Error(e) => tracing::warn!(target: "librdkafka", error = %e, "kafka rebalance failed"),
         }
     }
+}
+
+/// `topic[0,1,2]` per topic of `partitions`, partitions in order (a
+/// rebalance's list carries no offsets worth printing).
+fn partition_names(partitions: &TopicPartitionList) -> String {
+    let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for element in partitions.elements() {
+        by_topic.entry(element.topic().to_owned()).or_default().push(element.partition());
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, mut numbers)| {
+            numbers.sort_unstable();
+            let numbers: Vec<String> = numbers.iter().map(i32::to_string).collect();
+            format!("{topic}[{}]", numbers.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Codes that mean "the cluster cannot be reached or is not ready yet":
@@ -687,4 +705,20 @@ fn code_err(what: &str, code: RDKafkaErrorCode) -> StoreError {
 
 fn join_err(error: tokio::task::JoinError) -> StoreError {
     StoreError::Backend(format!("kafka: blocking call failed: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_group_by_topic_in_order() {
+        let mut list = TopicPartitionList::new();
+        list.add_partition("tern.messages", 3);
+        list.add_partition("other", 1);
+        list.add_partition("tern.messages", 0);
+        list.add_partition("tern.messages", 2);
+        assert_eq!(partition_names(&list), "other[1] tern.messages[0,2,3]");
+        assert_eq!(partition_names(&TopicPartitionList::new()), "");
+    }
 }
