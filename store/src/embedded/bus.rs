@@ -3,10 +3,16 @@
 //!
 //! Tables:
 //! - `bus_records`: (topic, offset) → (key, payload); offsets start at 0;
-//! - `bus_heads`: topic → next offset to assign;
 //! - `bus_group_offsets`: (topic, group) → next offset the group has not yet
-//!   committed (0 when nothing was committed). A group gets a row as soon as
-//!   it subscribes, so records it has not consumed are never trimmed.
+//!   committed (0 when nothing was committed, never past the topic's
+//!   head). A group gets a row as soon as it subscribes, so records it has
+//!   not consumed are never trimmed.
+//!
+//! No row holds a topic's head (the next offset to assign): it is one past
+//! the topic's last record or, once every record was trimmed, the furthest
+//! offset a group committed (see [`BusTables::head`]). Storing it cost each
+//! group commit one more page to write and sync. Earlier versions kept it
+//! in `bus_heads`, which opening such a database deletes.
 //!
 //! `publish` returns once its record is committed (group commit, see
 //! [`super::writer`]). Each topic has a `watch` channel holding its committed
@@ -24,6 +30,7 @@
 //! live consumer per topic (standalone runs one per service).
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +52,7 @@ type RecordKey = (&'static str, u64);
 type RecordValue = (&'static [u8], &'static [u8]);
 
 pub(crate) const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("bus_records");
+/// Where earlier versions stored each topic's head (deleted on open).
 pub(crate) const HEADS: TableDefinition<&str, u64> = TableDefinition::new("bus_heads");
 pub(crate) const GROUP_OFFSETS: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("bus_group_offsets");
@@ -56,7 +64,6 @@ pub const TRIM_EVERY_RECORDS: u64 = 4096;
 
 pub(crate) struct BusTables<'t> {
     records: Table<'t, RecordKey, RecordValue>,
-    heads: Table<'t, &'static str, u64>,
     group_offsets: Table<'t, (&'static str, &'static str), u64>,
 }
 
@@ -64,7 +71,6 @@ impl<'t> BusTables<'t> {
     pub(crate) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
         Ok(Self {
             records: txn.open_table(RECORDS).map_err(db_err)?,
-            heads: txn.open_table(HEADS).map_err(db_err)?,
             group_offsets: txn.open_table(GROUP_OFFSETS).map_err(db_err)?,
         })
     }
@@ -72,22 +78,15 @@ impl<'t> BusTables<'t> {
     /// Appends a record to `topic` and returns its offset. Consumers learn
     /// of it through [`HeadSignal::committed`] once the transaction committed.
     pub(crate) fn append(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> StoreResult<u64> {
-        let offset = self.reserve(topic, 1)?;
+        let offset = self.head(topic)?;
         self.put_record(topic, offset, key, payload)?;
         Ok(offset)
     }
 
-    /// Moves `topic`'s head past the next `count` offsets (one read and one
-    /// write however many) and returns the first; the caller stores a
-    /// record at each with [`BusTables::put_record`] in the same
-    /// transaction.
-    pub(crate) fn reserve(&mut self, topic: &str, count: u64) -> StoreResult<u64> {
-        let offset = self.head(topic)?;
-        self.heads.insert(topic, offset + count).map_err(db_err)?;
-        Ok(offset)
-    }
-
-    /// Stores the record at `offset`, reserved by [`BusTables::reserve`].
+    /// Stores the record at `offset`. A caller storing several records
+    /// reads the [`BusTables::head`] once and stores them at consecutive
+    /// offsets from it, in the same transaction: each record stored moves
+    /// the head past it.
     pub(crate) fn put_record(
         &mut self,
         topic: &str,
@@ -99,8 +98,13 @@ impl<'t> BusTables<'t> {
         Ok(())
     }
 
-    fn head(&self, topic: &str) -> StoreResult<u64> {
-        Ok(self.heads.get(topic).map_err(db_err)?.map_or(0, |v| v.value()))
+    /// The next offset to assign in `topic`: one past its last record.
+    /// With no record left, the furthest offset any group committed: a
+    /// trim deletes only records below every group's committed offset, and
+    /// no group commits past the head, so when the trim took the last
+    /// record every group stood at the head. Offsets are never reused.
+    pub(crate) fn head(&self, topic: &str) -> StoreResult<u64> {
+        head(&self.records, &self.group_offsets, topic)
     }
 
     /// [`BusTables::trim_topic`] for every topic a group subscribed to.
@@ -143,6 +147,58 @@ impl<'t> BusTables<'t> {
             .map_err(db_err)?;
         Ok(removed)
     }
+}
+
+/// [`BusTables::head`] on tables of any transaction.
+fn head(
+    records: &impl ReadableTable<RecordKey, RecordValue>,
+    group_offsets: &impl ReadableTable<(&'static str, &'static str), u64>,
+    topic: &str,
+) -> StoreResult<u64> {
+    if let Some(last) = records.range((topic, 0)..=(topic, u64::MAX)).map_err(db_err)?.next_back() {
+        let (key, _) = last.map_err(db_err)?;
+        return Ok(key.value().1 + 1);
+    }
+    let mut head = 0;
+    for entry in group_offsets.range((topic, "")..).map_err(db_err)? {
+        let (key, offset) = entry.map_err(db_err)?;
+        if key.value().0 != topic {
+            break;
+        }
+        head = head.max(offset.value());
+    }
+    Ok(head)
+}
+
+/// Every topic with a record or a group, in order.
+fn topics(
+    records: &impl ReadableTable<RecordKey, RecordValue>,
+    group_offsets: &impl ReadableTable<(&'static str, &'static str), u64>,
+) -> StoreResult<Vec<String>> {
+    let mut topics = std::collections::BTreeSet::new();
+    for entry in group_offsets.iter().map_err(db_err)? {
+        let (key, _) = entry.map_err(db_err)?;
+        topics.insert(key.value().0.to_owned());
+    }
+    // One lookup per topic of the log, not one per record: each jumps past
+    // the last offset of the topic before.
+    let mut next = records.first().map_err(db_err)?.map(|(key, _)| key.value().0.to_owned());
+    while let Some(topic) = next {
+        next = {
+            let past_topic = Bound::Excluded((topic.as_str(), u64::MAX));
+            let mut rest = records.range::<(&str, u64)>((past_topic, Bound::Unbounded)).map_err(db_err)?;
+            rest.next().transpose().map_err(db_err)?.map(|(key, _)| key.value().0.to_owned())
+        };
+        topics.insert(topic);
+    }
+    Ok(topics.into_iter().collect())
+}
+
+/// Opening a database of an earlier version: drops the table that held
+/// each topic's head (the head is now read off the records).
+pub(crate) fn recover(txn: &WriteTransaction) -> StoreResult<()> {
+    txn.delete_table(HEADS).map_err(db_err)?;
+    Ok(())
 }
 
 /// State shared by the bus and its consumers.
@@ -190,11 +246,12 @@ impl EmbeddedBus {
     /// The bus in a shared message database. Blocking (reads the heads).
     pub(crate) fn on(store: SharedMessageDb) -> StoreResult<Self> {
         let heads = store.read_blocking(|txn| {
-            let table = txn.open_table(HEADS).map_err(db_err)?;
+            let records = txn.open_table(RECORDS).map_err(db_err)?;
+            let group_offsets = txn.open_table(GROUP_OFFSETS).map_err(db_err)?;
             let mut heads = HashMap::new();
-            for entry in table.iter().map_err(db_err)? {
-                let (k, v) = entry.map_err(db_err)?;
-                heads.insert(k.value().to_owned(), watch::channel(v.value()).0);
+            for topic in topics(&records, &group_offsets)? {
+                let head = head(&records, &group_offsets, &topic)?;
+                heads.insert(topic, watch::channel(head).0);
             }
             Ok(heads)
         })?;

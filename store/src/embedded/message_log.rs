@@ -55,13 +55,13 @@ impl MessageLog for EmbeddedMessageLog {
             .store
             .write_then(
                 move |t: &mut MessageTables<'_>| {
-                    // One counter update per conversation and one head update
+                    // One counter update per conversation and one head read
                     // per topic for the whole batch, not one per message.
                     let seqs = take_in_order(messages.iter().map(|m| m.conversation.as_str()), |key, n| {
                         t.sequences.take(key, n)
                     })?;
-                    let offsets = take_in_order(messages.iter().map(|m| m.topic.as_str()), |topic, n| {
-                        t.bus.reserve(topic, n)
+                    let offsets = take_in_order(messages.iter().map(|m| m.topic.as_str()), |topic, _| {
+                        t.bus.head(topic)
                     })?;
                     let mut ids = Vec::with_capacity(messages.len());
                     let mut last_offsets = vec![None; topics];

@@ -47,6 +47,7 @@ impl Schema for MessageDb {
 
     fn recover(txn: &WriteTransaction) -> StoreResult<DedupIndex> {
         let index = super::dedup::recover(txn)?;
+        super::bus::recover(txn)?;
         drop(Self::open_tables(txn, &index)?);
         Ok(index)
     }
@@ -97,8 +98,8 @@ pub(crate) const LEGACY_FILES: [(&str, LegacyCopy); 5] = [
         copy(from, "expiry", to, super::dedup::EXPIRY)
     }),
     ("bus.redb", |from, to| {
+        // Its `heads` table is not copied: heads are read off the records.
         copy(from, "records", to, super::bus::RECORDS)?;
-        copy(from, "heads", to, super::bus::HEADS)?;
         copy(from, "group_offsets", to, super::bus::GROUP_OFFSETS)
     }),
     ("offline.redb", |from, to| {
@@ -181,7 +182,7 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use redb::{Database, TableDefinition};
+    use redb::{Database, ReadableDatabase, TableDefinition};
 
     use crate::embedded::EmbeddedBackends;
     use crate::{Bus, DedupRecord, DedupStore, HistoryStore, OfflineStore, SequenceStore};
@@ -252,6 +253,9 @@ mod tests {
         let records = consumer.poll(10, Duration::from_secs(1)).await.expect("poll");
         assert_eq!(records.len(), 1, "the group resumes at its committed offset");
         assert_eq!(records[0].payload, Bytes::from_static(b"second"));
+        b.bus.publish("tern.messages", Bytes::new(), Bytes::from_static(b"third")).await.expect("publish");
+        let records = consumer.poll(10, Duration::from_secs(1)).await.expect("poll");
+        assert_eq!(records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![2], "offsets continue");
         let pulled = b.offline.pull("bob/phone", 0, 10).await.expect("pull");
         assert_eq!(pulled.iter().map(|e| e.msg_id).collect::<Vec<_>>(), vec![42]);
         assert_eq!(b.history.page("g1", 0, 10).await.expect("page"), vec![(42, Bytes::from_static(b"h42"))]);
@@ -265,5 +269,38 @@ mod tests {
         // Reopening uses messages.redb and does not migrate again.
         let b = EmbeddedBackends::open(d).expect("reopen");
         assert_eq!(b.sequences.current("p:alice:bob").await.expect("current"), 8);
+    }
+
+    /// A database of a version that stored each bus topic's head in
+    /// `bus_heads` opens without it: the table is dropped and offsets
+    /// continue after the last record.
+    #[tokio::test]
+    async fn a_bus_heads_table_of_an_earlier_version_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("messages.redb");
+        {
+            let db = Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("begin");
+            {
+                let mut records = txn.open_table(crate::embedded::bus::RECORDS).expect("records");
+                records.insert(("t", 0), (b"k".as_slice(), b"first".as_slice())).expect("insert");
+                records.insert(("t", 1), (b"k".as_slice(), b"second".as_slice())).expect("insert");
+                let mut heads = txn.open_table(crate::embedded::bus::HEADS).expect("heads");
+                heads.insert("t", 2).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        {
+            let b = EmbeddedBackends::open(dir.path()).expect("open");
+            b.bus.publish("t", Bytes::new(), Bytes::from_static(b"third")).await.expect("publish");
+            let mut consumer = b.bus.subscribe("t", "g").await.expect("subscribe");
+            let records = consumer.poll(10, Duration::from_secs(1)).await.expect("poll");
+            assert_eq!(records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![0, 1, 2]);
+        }
+        let db = Database::open(&path).expect("reopen");
+        let txn = db.begin_read().expect("read");
+        let tables: Vec<String> =
+            txn.list_tables().expect("list").map(|t| redb::TableHandle::name(&t).to_owned()).collect();
+        assert!(!tables.iter().any(|t| t == "bus_heads"), "bus_heads is gone: {tables:?}");
     }
 }
