@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock;
 use crate::payload::Stamp;
-use crate::procfs::ProcCpu;
+use crate::procfs::{MachineCpu, ProcCpu};
 use crate::sched::Schedule;
 use crate::stats::{Recorder, Summary};
 use crate::verify::{DeliveryLog, Verdict};
@@ -269,6 +269,10 @@ pub struct RateRun {
     pub latency: Summary,
     pub last_member_latency: Option<Summary>,
     pub cpu: Vec<ProcCpu>,
+    /// The whole machine over the same window (absent in results of
+    /// earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_cpu: Option<MachineCpu>,
     pub errors: Vec<String>,
 }
 
@@ -305,6 +309,7 @@ impl RateRun {
             self.latency.line(),
             if self.sustainable { "sustainable" } else { "NOT sustainable" }
         );
+        eprintln!("  cpu: {}", crate::report::cpu_cell(&self.cpu, self.machine_cpu.as_ref()));
     }
 }
 

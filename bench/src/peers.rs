@@ -58,6 +58,7 @@ impl PeerRun {
             offered_rate: self.rate,
             payload_bytes: self.payload,
             cpu: cpu.finish(),
+            machine_cpu: cpu.machine(),
             ..RateRun::default()
         };
         run.measured(flow, has_acks, drained, self.slo_ms, self.duration);

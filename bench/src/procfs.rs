@@ -1,5 +1,6 @@
 //! Memory and CPU of a process, read from `/proc/<pid>/status` and
-//! `/proc/<pid>/stat` (Linux only; other systems get zeros).
+//! `/proc/<pid>/stat`, and CPU of the whole machine, from `/proc/stat`
+//! (Linux only; other systems get zeros and no machine figure).
 
 use std::time::Instant;
 
@@ -70,16 +71,109 @@ pub struct ProcCpu {
     pub rss_kib: u64,
 }
 
-/// Samples the CPU time of some processes at the start of a window.
+/// CPU use of the whole machine over a measured window: every process
+/// (the load generator too) and the kernel's interrupt work.
+///
+/// Why beside [`ProcCpu`]: it counts whatever kept the cores busy, also
+/// outside the measured processes (interrupt work on idle cores, kernel
+/// threads, anything else running), so it tells how close to saturation
+/// the machine was, which the processes' figures alone do not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineCpu {
+    pub cores: u32,
+    /// Not idle (user, system, interrupts). 100 = one core busy, as in
+    /// [`ProcCpu::cpu_pct`], so at most 100 × `cores`.
+    pub busy_pct: f64,
+    /// The part of `busy_pct` spent in hard and soft interrupts (on
+    /// loopback, much of the TCP processing). What ran in a measured
+    /// process's context is in its figure too.
+    pub irq_pct: f64,
+    /// Time the hypervisor ran something else while this machine had work.
+    pub steal_pct: f64,
+}
+
+impl MachineCpu {
+    /// `busy 185% of 200% (irq 27%, steal 1%)`.
+    pub fn line(&self) -> String {
+        format!(
+            "busy {:.0}% of {}% (irq {:.0}%, steal {:.0}%)",
+            self.busy_pct,
+            self.cores * 100,
+            self.irq_pct,
+            self.steal_pct
+        )
+    }
+}
+
+/// The machine's CPU time so far, in clock ticks summed over its cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MachineTicks {
+    cores: u32,
+    busy: u64,
+    irq: u64,
+    steal: u64,
+    total: u64,
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_proc_stat(text: &str) -> Option<MachineTicks> {
+    // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    // (guest time is already counted in user).
+    let mut lines = text.lines();
+    let all: Vec<u64> = lines
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = all[..] else { return None };
+    let cores = lines.filter(|l| l.starts_with("cpu")).count() as u32;
+    Some(MachineTicks {
+        cores: cores.max(1),
+        busy: user + nice + system + irq + softirq,
+        irq: irq + softirq,
+        steal,
+        total: user + nice + system + idle + iowait + irq + softirq + steal,
+    })
+}
+
+impl MachineTicks {
+    /// What the machine did between `self` and `later`.
+    fn until(&self, later: &MachineTicks) -> MachineCpu {
+        let total = later.total.saturating_sub(self.total).max(1) as f64;
+        let share = |now: u64, then: u64| {
+            (now.saturating_sub(then) as f64 / total * 100.0 * f64::from(later.cores) * 10.0).round() / 10.0
+        };
+        MachineCpu {
+            cores: later.cores,
+            busy_pct: share(later.busy, self.busy),
+            irq_pct: share(later.irq, self.irq),
+            steal_pct: share(later.steal, self.steal),
+        }
+    }
+}
+
+/// Samples the CPU time of some processes, and of the machine, at the
+/// start of a window.
 pub struct CpuWindow {
     start: Instant,
     procs: Vec<(String, u32, u64)>,
+    machine: Option<MachineTicks>,
 }
 
 impl CpuWindow {
     pub fn start(procs: &[(String, u32)]) -> Self {
         let procs = procs.iter().map(|(n, p)| (n.clone(), *p, cpu_ticks(*p))).collect();
-        Self { start: Instant::now(), procs }
+        Self { start: Instant::now(), procs, machine: machine_ticks() }
+    }
+
+    /// CPU use of the whole machine since [`CpuWindow::start`].
+    pub fn machine(&self) -> Option<MachineCpu> {
+        Some(self.machine?.until(&machine_ticks()?))
     }
 
     /// CPU % and RSS of each process since [`CpuWindow::start`].
@@ -115,6 +209,21 @@ mod tests {
     }
 
     #[test]
+    fn parses_proc_stat_and_shares_the_window() {
+        let before = "cpu  100 0 50 800 10 5 20 2 0 0\ncpu0 50 0 25 400 5 2 10 1 0 0\ncpu1 50 0 25 400 5 3 10 1 0 0\nintr 1\n";
+        let b = parse_proc_stat(before).expect("parses");
+        assert_eq!(b, MachineTicks { cores: 2, busy: 175, irq: 25, steal: 2, total: 987 });
+        // 200 ticks later (a second on two cores at 100 ticks/s): 120 busy
+        // (30 of them interrupts), 2 stolen, 78 idle.
+        let after = "cpu  170 0 70 878 10 10 45 4 0 0\ncpu0 1\ncpu1 1\n";
+        let a = parse_proc_stat(after).expect("parses");
+        assert_eq!(b.until(&a), MachineCpu { cores: 2, busy_pct: 120.0, irq_pct: 30.0, steal_pct: 2.0 });
+        assert_eq!(b.until(&a).line(), "busy 120% of 200% (irq 30%, steal 2%)");
+        assert_eq!(parse_proc_stat("intr 1\n"), None);
+        assert_eq!(parse_proc_stat("cpu  1 2 3\n"), None, "too few fields");
+    }
+
+    #[test]
     fn reads_this_process() {
         let me = std::process::id();
         assert!(memory(me).rss_kib > 0);
@@ -127,5 +236,8 @@ mod tests {
         let r = w.finish();
         assert_eq!(r.len(), 1);
         assert!(r[0].cpu_pct >= 0.0);
+        let machine = w.machine().expect("/proc/stat");
+        assert!(machine.cores >= 1);
+        assert!(machine.busy_pct <= f64::from(machine.cores) * 100.0, "{machine:?}");
     }
 }

@@ -128,8 +128,13 @@ fn rate(x: f64) -> String {
     }
 }
 
-fn cpu_cell(cpu: &[crate::procfs::ProcCpu]) -> String {
-    cpu.iter().map(|c| format!("{} {:.0}%", c.name, c.cpu_pct)).collect::<Vec<_>>().join(", ")
+/// `tern standalone 117%, tern-bench 45%; machine busy 185% of 200% (irq 27%, steal 0%)`.
+pub fn cpu_cell(cpu: &[crate::procfs::ProcCpu], machine: Option<&crate::procfs::MachineCpu>) -> String {
+    let procs = cpu.iter().map(|c| format!("{} {:.0}%", c.name, c.cpu_pct)).collect::<Vec<_>>().join(", ");
+    match machine {
+        Some(m) => format!("{procs}; machine {}", m.line()),
+        None => procs,
+    }
 }
 
 /// Target rows: what the issue asks, what this run reached.
@@ -300,7 +305,7 @@ fn rate_rows(runs: &[RateRun]) -> Vec<Vec<String>> {
                     .unwrap_or_else(|| "no ACKs".into()),
                 x.latency.line(),
                 x.last_member_latency.as_ref().map(|l| l.line()).unwrap_or_default(),
-                cpu_cell(&x.cpu),
+                cpu_cell(&x.cpu, x.machine_cpu.as_ref()),
             ]
         })
         .collect()
@@ -367,6 +372,10 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
          which has no ACKs at all (at most once), so it is a ceiling rather than a like-for-like peer.\n\
          - **Sustainable** = verdict OK, everything delivered within the drain timeout and p99 ≤ the latency \
          objective. The search doubles the rate until a run is not sustainable, then bisects.\n\
+         - **CPU**: per process, 100% = one core busy over the run; *machine* is how busy all the cores were \
+         over the same window (`/proc/stat`), whatever ran: it also counts interrupt work on otherwise idle \
+         cores and anything outside the measured processes; *irq* is its share in interrupts (on loopback, much \
+         of the TCP processing).\n\
          - **S1 memory** = (RSS of the access-node process with N idle connections − RSS before the first \
          connection) / N; `anon` is the same for `RssAnon` (heap). Kernel socket buffers are not in RSS.\n\n",
     );
@@ -426,7 +435,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
                     rate(s.ramp.logins_per_s),
                     s.ramp.latency.line(),
                     format!("{} × {}", s.ramp.workers, s.ramp.sources),
-                    cpu_cell(&s.ramp.cpu),
+                    cpu_cell(&s.ramp.cpu, s.ramp.machine_cpu.as_ref()),
                 ]
             }),
         );

@@ -203,6 +203,10 @@ pub struct Ramp {
     pub workers: usize,
     pub sources: usize,
     pub cpu: Vec<ProcCpu>,
+    /// The whole machine over the same window (absent in results of
+    /// earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_cpu: Option<procfs::MachineCpu>,
     pub errors_seen: Vec<String>,
 }
 
@@ -331,6 +335,7 @@ impl Fleet {
             }
         }
         r.cpu = cpu.finish();
+        r.machine_cpu = cpu.machine();
         r.logins_per_s = r.ok as f64 / r.elapsed_s.max(1e-3);
         r.latency = Summary::of(&latency);
         self.workers.extend(fresh);

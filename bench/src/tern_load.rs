@@ -236,6 +236,7 @@ impl TernBed {
             offered_rate: rate,
             payload_bytes: payload,
             cpu: cpu.finish(),
+            machine_cpu: cpu.machine(),
             ..RateRun::default()
         };
         run.measured(&flow, true, drained, slo_ms, duration);
