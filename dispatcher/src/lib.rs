@@ -632,13 +632,12 @@ impl DispatchService for Dispatcher {
         requests: Vec<SendRequest>,
     ) -> Vec<ServiceResult<pb::SendAck>> {
         let mut results = Vec::with_capacity(requests.len());
-        let mut segment = Vec::with_capacity(requests.len());
-        let mut ids = HashSet::new();
+        let mut segment: Vec<SendRequest> = Vec::with_capacity(requests.len());
         for request in requests {
-            if !ids.insert(request.client_msg_id().to_owned()) {
+            // A scan, not a set of copied ids: this runs for every message,
+            // and bursts are short (an access node sends at most 64).
+            if segment.iter().any(|earlier| earlier.client_msg_id() == request.client_msg_id()) {
                 results.extend(self.send_segment(sender, device, std::mem::take(&mut segment)).await);
-                ids.clear();
-                ids.insert(request.client_msg_id().to_owned());
             }
             segment.push(request);
         }
