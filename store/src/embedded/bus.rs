@@ -109,16 +109,8 @@ impl<'t> BusTables<'t> {
 
     /// [`BusTables::trim_topic`] for every topic a group subscribed to.
     fn trim_all(&mut self) -> StoreResult<u64> {
-        let mut topics = Vec::new();
-        for entry in self.group_offsets.iter().map_err(db_err)? {
-            let (k, _) = entry.map_err(db_err)?;
-            let topic = k.value().0;
-            if topics.last().is_none_or(|last: &String| last != topic) {
-                topics.push(topic.to_owned());
-            }
-        }
         let mut removed = 0;
-        for topic in &topics {
+        for topic in &group_topics(&self.group_offsets)? {
             removed += self.trim_topic(topic)?;
         }
         Ok(removed)
@@ -170,16 +162,27 @@ fn head(
     Ok(head)
 }
 
+/// Every topic some group subscribed to, in order.
+fn group_topics(
+    group_offsets: &impl ReadableTable<(&'static str, &'static str), u64>,
+) -> StoreResult<Vec<String>> {
+    let mut topics = Vec::new();
+    for entry in group_offsets.iter().map_err(db_err)? {
+        let (key, _) = entry.map_err(db_err)?;
+        let topic = key.value().0;
+        if topics.last().is_none_or(|last: &String| last != topic) {
+            topics.push(topic.to_owned());
+        }
+    }
+    Ok(topics)
+}
+
 /// Every topic with a record or a group, in order.
 fn topics(
     records: &impl ReadableTable<RecordKey, RecordValue>,
     group_offsets: &impl ReadableTable<(&'static str, &'static str), u64>,
 ) -> StoreResult<Vec<String>> {
-    let mut topics = std::collections::BTreeSet::new();
-    for entry in group_offsets.iter().map_err(db_err)? {
-        let (key, _) = entry.map_err(db_err)?;
-        topics.insert(key.value().0.to_owned());
-    }
+    let mut topics: std::collections::BTreeSet<String> = group_topics(group_offsets)?.into_iter().collect();
     // One lookup per topic of the log, not one per record: each jumps past
     // the last offset of the topic before.
     let mut next = records.first().map_err(db_err)?.map(|(key, _)| key.value().0.to_owned());
