@@ -7,8 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let mut config = prost_build::Config::new();
     config.protoc_executable(&protoc);
-    // A view's message is a slice of the bus record, not a copy.
-    config.bytes([".tern.v1.BusEnvelopeView.message"]);
     config.compile_protos(&["proto/tern.proto"], &["proto"])?;
 
     #[cfg(feature = "rpc")]

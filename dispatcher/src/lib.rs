@@ -24,7 +24,6 @@ pub mod link;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use prost::Message as _;
 use tern_idgen::Snowflake;
 use tern_proto::pb::{self, ConversationKind};
 use tern_proto::{
@@ -196,13 +195,37 @@ struct Draft {
     group_id: String,
     client_msg_id: String,
     content: Vec<u8>,
-    receivers: Vec<String>,
+    receivers: Receivers,
+}
+
+/// Whom a message's envelope lists as its receivers (write diffusion).
+#[derive(Clone)]
+enum Receivers {
+    /// The receiver of a 1:1 message.
+    Receiver,
+    /// Every member of the group but the sender, read off the shared
+    /// record as the envelope is encoded (copying the list for each
+    /// message was a thousand strings per send to a large group).
+    MembersBut(Arc<GroupRecord>),
+}
+
+/// The bus envelope of `message` to `receivers`.
+fn encode_envelope(message: &pb::Message, receivers: &Receivers, sender_device: &str) -> Vec<u8> {
+    match receivers {
+        Receivers::Receiver => {
+            tern_proto::encode_envelope(message, std::iter::once(message.receiver.as_str()), sender_device)
+        }
+        Receivers::MembersBut(group) => {
+            let others = group.members.iter().map(String::as_str).filter(|m| *m != message.sender);
+            tern_proto::encode_envelope(message, others, sender_device)
+        }
+    }
 }
 
 impl Draft {
-    /// The bus envelope of this draft with the ids it was given, made of
-    /// the draft's own fields.
-    fn into_envelope(self, ids: DedupRecord) -> pb::BusEnvelope {
+    /// The message of this draft with the ids it was given, its receivers
+    /// and the device it was sent from: what its bus envelope holds.
+    fn into_parts(self, ids: DedupRecord) -> (pb::Message, Receivers, String) {
         let Draft {
             kind,
             conversation: _,
@@ -225,7 +248,7 @@ impl Draft {
             sent_at_ms: ids.sent_at_ms,
             client_msg_id,
         };
-        pb::BusEnvelope { message: Some(message), receivers, sender_device }
+        (message, receivers, sender_device)
     }
 
     /// What the message log stores for this draft, given its ids. The bus
@@ -236,7 +259,8 @@ impl Draft {
         let conversation = std::mem::take(&mut self.conversation);
         let key = Bytes::from(conversation.clone().into_bytes());
         let (sender, client_msg_id) = (self.sender.clone(), self.client_msg_id.clone());
-        let mut envelope = self.into_envelope(DedupRecord { msg_id, seq: 0, sent_at_ms });
+        let (mut message, receivers, sender_device) =
+            self.into_parts(DedupRecord { msg_id, seq: 0, sent_at_ms });
         NewMessage {
             conversation,
             sender,
@@ -247,10 +271,8 @@ impl Draft {
             topic: config.bus.messages_topic.clone(),
             key,
             payload: Box::new(move |seq| {
-                if let Some(message) = envelope.message.as_mut() {
-                    message.seq = seq;
-                }
-                Bytes::from(envelope.encode_to_vec())
+                message.seq = seq;
+                Bytes::from(encode_envelope(&message, &receivers, &sender_device))
             }),
         }
     }
@@ -294,7 +316,7 @@ impl Dispatcher {
         }
     }
 
-    async fn require_group(&self, group_id: &str) -> ServiceResult<GroupRecord> {
+    async fn require_group(&self, group_id: &str) -> ServiceResult<Arc<GroupRecord>> {
         validate_id("group_id", group_id)?;
         self.backends
             .meta
@@ -312,7 +334,8 @@ impl Dispatcher {
     async fn publish(&self, draft: &Draft, ids: DedupRecord) -> ServiceResult<()> {
         let key = Bytes::from(draft.conversation.clone().into_bytes());
         let topic = &self.config.bus.messages_topic;
-        let payload = Bytes::from(draft.clone().into_envelope(ids).encode_to_vec());
+        let (message, receivers, sender_device) = draft.clone().into_parts(ids);
+        let payload = Bytes::from(encode_envelope(&message, &receivers, &sender_device));
         self.backends.bus.publish(topic, key, payload).await.map_err(|e| {
             // The ids stay reserved: a retry publishes the same message.
             ServiceError::new(ErrorCode::Unavailable, format!("message not stored, retry: {e}"))
@@ -504,11 +527,11 @@ impl Dispatcher {
             conversation: single_conversation_key(sender, &req.receiver),
             sender: sender.to_owned(),
             sender_device: device.to_owned(),
-            receiver: req.receiver.clone(),
+            receiver: req.receiver,
             group_id: String::new(),
             client_msg_id: req.client_msg_id,
             content: req.content,
-            receivers: vec![req.receiver],
+            receivers: Receivers::Receiver,
         };
         if let Err(e) = self.require_user(&draft.receiver).await {
             return self.retry_or(draft, e).await;
@@ -527,7 +550,6 @@ impl Dispatcher {
         check_send(sender, &req.sender, &req.client_msg_id, &req.content)?;
         let group = self.require_group(&req.group_id).await?;
         let is_member = group.members.binary_search_by(|m| m.as_str().cmp(sender)).is_ok();
-        let receivers = group.members.into_iter().filter(|m| m != sender).collect();
         let draft = Draft {
             kind: ConversationKind::Group,
             conversation: group_conversation_key(&req.group_id),
@@ -537,7 +559,7 @@ impl Dispatcher {
             group_id: req.group_id,
             client_msg_id: req.client_msg_id,
             content: req.content,
-            receivers,
+            receivers: Receivers::MembersBut(group),
         };
         if !is_member {
             let e = Self::not_member(&draft.group_id);
@@ -684,7 +706,7 @@ impl DispatchService for Dispatcher {
     async fn join_group(&self, user: &str, group_id: &str) -> ServiceResult<pb::GroupInfo> {
         let group = self.require_group(group_id).await?;
         if group.members.iter().any(|m| m == user) {
-            return Ok(group_info(group));
+            return Ok(group_info(Arc::unwrap_or_clone(group)));
         }
         self.check_group_size(group.members.len() + 1)?;
         let updated = self.backends.meta.add_member(group_id, user).await.map_err(ServiceError::backend)?;
@@ -706,7 +728,7 @@ impl DispatchService for Dispatcher {
         if !group.members.iter().any(|m| m == user) {
             return Err(Self::not_member(group_id));
         }
-        Ok(group_info(group))
+        Ok(group_info(Arc::unwrap_or_clone(group)))
     }
 
     async fn list_groups(&self, user: &str) -> ServiceResult<Vec<pb::GroupInfo>> {
@@ -716,7 +738,7 @@ impl DispatchService for Dispatcher {
         let mut groups = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(group) = self.backends.meta.get_group(&id).await.map_err(ServiceError::backend)? {
-                groups.push(group_info(group));
+                groups.push(group_info(Arc::unwrap_or_clone(group)));
             }
         }
         Ok(groups)

@@ -9,7 +9,6 @@ use std::sync::Arc;
 pub mod rpc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use prost::Message as _;
 use tern_proto::pb::{self, ConversationKind};
 use tern_proto::{BusNames, ErrorCode, ServiceError, ServiceResult, validate_id};
@@ -97,16 +96,20 @@ pub async fn run_consumer(
             let mut rows = Vec::new();
             // 1:1 records are skipped by their key, undecoded.
             for record in batch.iter().filter(|r| tern_proto::is_group_conversation_key(&r.key)) {
-                match pb::BusEnvelope::decode(record.payload.clone()) {
-                    Ok(pb::BusEnvelope { message: Some(message), .. }) => {
-                        if message.kind == ConversationKind::Group as i32 {
-                            let payload = Bytes::from(message.encode_to_vec());
-                            rows.push((message.group_id, message.msg_id, payload));
+                // Only the message is read: the receivers (every member
+                // but the sender) stay encoded, and the message is stored
+                // as the dispatcher encoded it, a slice of the record.
+                let routing = tern_proto::EnvelopeParts::split(&record.payload).ok().and_then(|parts| {
+                    let routing = pb::MessageRouting::decode(&parts.message[..]).ok()?;
+                    (!parts.message.is_empty()).then_some((routing, parts.message))
+                });
+                match routing {
+                    Some((routing, message)) => {
+                        if routing.kind == ConversationKind::Group as i32 {
+                            rows.push((routing.group_id, routing.msg_id, message));
                         }
                     }
-                    Ok(_) | Err(_) => {
-                        tracing::error!(offset = record.offset, "undecodable bus record skipped")
-                    }
+                    None => tracing::error!(offset = record.offset, "undecodable bus record skipped"),
                 }
             }
             let writes = rows.iter().map(|(group, id, payload)| {

@@ -283,7 +283,8 @@ impl OfflineApi for OfflineService {
 
 /// One message and who gets a copy.
 struct Delivery {
-    receivers: Vec<String>,
+    /// Shared by the messages of a batch that list the same receivers.
+    receivers: Arc<[String]>,
     sender: String,
     /// The device the message was sent from; empty if unknown.
     sender_device: String,
@@ -333,7 +334,7 @@ impl Delivery {
         unheld: Option<&HashMap<&str, Vec<String>>>,
     ) -> Vec<String> {
         let mut keys = Vec::new();
-        for receiver in &self.receivers {
+        for receiver in self.receivers.iter() {
             if let Some(unheld) = unheld.filter(|_| *receiver != self.sender) {
                 // An empty map answers without hashing: the usual case of
                 // a batch whose receivers are all online.
@@ -971,33 +972,58 @@ fn merged(
 /// The batch's records as deliveries; an undecodable record is logged and
 /// skipped. The message stays as the dispatcher encoded it, a slice of the
 /// record: only its routing fields are decoded, never its content (copying
-/// and re-encoding every message was 4.5% of the server's CPU in S3).
+/// and re-encoding every message was 4.5% of the server's CPU in S3). Each
+/// distinct list of receivers is decoded once and shared by the messages
+/// that carry it (the messages of a group, see [`tern_proto::EnvelopeParts`]).
 fn decode(batch: &[BusRecord]) -> Vec<Delivery> {
     let mut decoded = Vec::with_capacity(batch.len());
+    // The lists decoded so far, most recent last: a batch's group messages
+    // come group by group, so the match is nearly always the last one.
+    let mut lists: Vec<(Bytes, Arc<[String]>)> = Vec::new();
     for record in batch {
-        let view = match pb::BusEnvelopeView::decode(record.payload.clone()) {
-            Ok(view) if !view.message.is_empty() => view,
+        let parts = match tern_proto::EnvelopeParts::split(&record.payload) {
+            Ok(parts) if !parts.message.is_empty() => parts,
             Ok(_) | Err(_) => {
                 tracing::error!(offset = record.offset, "undecodable bus record skipped");
                 continue;
             }
         };
-        let Ok(routing) = pb::MessageRouting::decode(&view.message[..]) else {
+        let Ok(routing) = pb::MessageRouting::decode(&parts.message[..]) else {
             tracing::error!(offset = record.offset, "undecodable message in bus record skipped");
             continue;
+        };
+        let known = lists.iter().rev().take(SHARED_LISTS).find(|(encoded, _)| *encoded == parts.receivers);
+        let receivers = match known {
+            Some((_, list)) => list.clone(),
+            None => match tern_proto::decode_receivers(&parts.receivers) {
+                Ok(list) => {
+                    let list: Arc<[String]> = list.into();
+                    lists.push((parts.receivers, list.clone()));
+                    list
+                }
+                Err(_) => {
+                    tracing::error!(offset = record.offset, "undecodable receivers in bus record skipped");
+                    continue;
+                }
+            },
         };
         let group_id =
             if routing.kind == pb::ConversationKind::Group as i32 { routing.group_id } else { String::new() };
         decoded.push(Delivery {
-            receivers: view.receivers,
+            receivers,
             sender: routing.sender,
-            sender_device: view.sender_device,
+            sender_device: parts.sender_device,
             group_id,
-            entry: OfflineEntry { msg_id: routing.msg_id, payload: view.message },
+            entry: OfflineEntry { msg_id: routing.msg_id, payload: parts.message },
         });
     }
     decoded
 }
+
+/// How many of the latest distinct receiver lists [`decode`] compares a
+/// message's with (1:1 messages each have their own, so looking further
+/// back would cost a comparison per message for nothing).
+const SHARED_LISTS: usize = 4;
 
 /// The recorded devices of every user involved, in one call (one read
 /// transaction in standalone; one pipeline on Redis). If that call finds a
@@ -1286,12 +1312,31 @@ mod tests {
         for (delivery, original) in decoded.iter().zip([&single, &group]) {
             assert_eq!(delivery.entry.msg_id, original.msg_id);
             assert_eq!(pb::Message::decode(delivery.entry.payload.clone()).unwrap(), *original);
-            assert_eq!(delivery.receivers, ["bob", "carol"]);
+            assert_eq!(delivery.receivers[..], ["bob", "carol"]);
             assert_eq!(delivery.sender, "alice");
             assert_eq!(delivery.sender_device, "phone");
         }
         assert_eq!(decoded[0].group_id, "", "a 1:1 message has no group");
         assert_eq!(decoded[1].group_id, "team");
+    }
+
+    #[test]
+    fn messages_listing_the_same_receivers_share_one_decoded_list() {
+        let to = |msg_id, receivers: &[&str]| {
+            let envelope = pb::BusEnvelope {
+                message: Some(message(pb::ConversationKind::Group, msg_id)),
+                receivers: receivers.iter().map(|&r| r.to_owned()).collect(),
+                sender_device: String::new(),
+            };
+            record(msg_id, envelope.encode_to_vec())
+        };
+        let batch =
+            vec![to(1, &["bob", "carol"]), to(2, &["dave"]), to(3, &["bob", "carol"]), to(4, &["bob"])];
+        let decoded = decode(&batch);
+        let lists: Vec<&[String]> = decoded.iter().map(|d| &d.receivers[..]).collect();
+        assert_eq!(lists, [&["bob", "carol"][..], &["dave"], &["bob", "carol"], &["bob"]]);
+        assert!(Arc::ptr_eq(&decoded[0].receivers, &decoded[2].receivers));
+        assert!(!Arc::ptr_eq(&decoded[0].receivers, &decoded[3].receivers));
     }
 
     #[test]
@@ -1301,12 +1346,14 @@ mod tests {
             record(0, vec![0xff, 0xff, 0xff]),
             record(1, envelope(None)),
             // An envelope whose message field holds bytes that are no Message.
-            record(
-                2,
-                pb::BusEnvelopeView { message: Bytes::from_static(&[0x0a, 0x05]), ..Default::default() }
-                    .encode_to_vec(),
-            ),
-            record(3, envelope(Some(good.clone()))),
+            record(2, vec![0x0a, 0x02, 0x0a, 0x05]),
+            // Receivers that are not UTF-8.
+            record(3, {
+                let mut payload = envelope(Some(good.clone()));
+                payload.extend_from_slice(&[0x12, 0x01, 0xff]);
+                payload
+            }),
+            record(4, envelope(Some(good.clone()))),
         ];
         let decoded = decode(&batch);
         assert_eq!(decoded.len(), 1);

@@ -48,7 +48,7 @@ impl MetaStore for CorruptDevices {
     async fn create_group(&self, group: &GroupRecord) -> StoreResult<bool> {
         self.inner.create_group(group).await
     }
-    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>> {
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<std::sync::Arc<GroupRecord>>> {
         self.inner.get_group(group_id).await
     }
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {

@@ -10,11 +10,13 @@
 //! what goes into ERROR frames and what service errors map to.
 
 mod codec;
+mod envelope;
 mod error;
 #[cfg(feature = "rpc")]
 pub mod rpc;
 
 pub use codec::{DEFAULT_MAX_BODY_LEN, Frame, FrameCodec, FrameError, FrameHeader, HEADER_LEN};
+pub use envelope::{EnvelopeError, EnvelopeParts, decode_receivers, encode_envelope};
 pub use error::{ErrorCode, ServiceError, ServiceResult};
 
 /// Generated protobuf bodies (package `tern.v1`).

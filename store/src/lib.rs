@@ -24,6 +24,7 @@ pub mod zookeeper;
 pub use message_log::{MessageLog, NewMessage, PayloadFn, SeparateStores};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -210,7 +211,9 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>>;
     /// Creates the group; `false` if the id is taken.
     async fn create_group(&self, group: &GroupRecord) -> StoreResult<bool>;
-    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>>;
+    /// The group, shared: a store that caches groups hands out its copy,
+    /// so a send to a large group copies no member list.
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<Arc<GroupRecord>>>;
     /// Adds a member; returns the updated group, `None` if there is no group.
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>>;
     /// Removes a member; returns the updated group, `None` if there is no group.

@@ -49,6 +49,7 @@
 //! classification are unit-tested.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -186,11 +187,11 @@ impl MetaStore for MongoMetaStore {
         self.run("create_group", async move { created(groups.insert_one(document).await) }).await
     }
 
-    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>> {
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<Arc<GroupRecord>>> {
         let groups = self.groups.clone();
         let filter = doc! { "_id": group_id };
         let found = self.run("get_group", async move { groups.find_one(filter).await }).await?;
-        found.as_ref().map(group_from_doc).transpose()
+        Ok(found.as_ref().map(group_from_doc).transpose()?.map(Arc::new))
     }
 
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {

@@ -351,10 +351,10 @@ impl MetaStore for EmbeddedMetaStore {
             .await
     }
 
-    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>> {
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<Arc<GroupRecord>>> {
         let cache = &self.store.state().groups;
         let generation = match cache.get(group_id) {
-            Ok(group) => return Ok(Some(GroupRecord::clone(&group))),
+            Ok(group) => return Ok(Some(group)),
             Err(generation) => generation,
         };
         let Some(group) = self.get_json::<GroupRecord>(GROUPS, group_id).await? else {
@@ -364,7 +364,7 @@ impl MetaStore for EmbeddedMetaStore {
         // record is inconsistent: then the lookup by that key is what repeats).
         let (key, group) = (group_id.to_owned(), Arc::new(group));
         cache.remember(generation, std::iter::once((&key, &group)));
-        Ok(Some(GroupRecord::clone(&group)))
+        Ok(Some(group))
     }
 
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {
@@ -533,7 +533,7 @@ mod tests {
         };
         assert!(store.create_group(&created).await.expect("create"));
         let read = store.get_group("g").await.expect("get").expect("exists");
-        assert_eq!(read, created);
+        assert_eq!(*read, created);
         assert!(store.store.state().groups.get("g").is_ok(), "the read was cached");
         store.add_member("g", "cid").await.expect("add");
         assert_eq!(store.get_group("g").await.expect("get").expect("exists").members, ["ann", "bob", "cid"]);

@@ -18,7 +18,7 @@
 //! (score 0), so `ZADD` is idempotent and `ZRANGE` returns them sorted.
 
 use std::collections::BTreeSet;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
@@ -209,7 +209,7 @@ impl MetaStore for RedisMetaStore {
         Ok(created == 1)
     }
 
-    async fn get_group(&self, group_id: &str) -> StoreResult<Option<GroupRecord>> {
+    async fn get_group(&self, group_id: &str) -> StoreResult<Option<Arc<GroupRecord>>> {
         let (header_key, members_key) = self.group_keys(group_id);
         // MULTI/EXEC: header and members from the same instant.
         let (header, members): (Option<Vec<u8>>, Vec<Vec<u8>>) = redis::pipe()
@@ -223,7 +223,7 @@ impl MetaStore for RedisMetaStore {
             .query_async(&mut self.shared.conn())
             .await
             .map_err(redis_err)?;
-        header.map(|h| group_record(group_id, &h, members)).transpose()
+        Ok(header.map(|h| group_record(group_id, &h, members)).transpose()?.map(Arc::new))
     }
 
     async fn add_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupRecord>> {
