@@ -502,8 +502,13 @@ fn plan<'a>(
         // a large group a connection's task ran between two of its
         // messages, and each message cost a wake-up, a write and an ACK of
         // its own however many the batch held. (Stable: the order within a
-        // connection stays the message order.)
+        // connection stays the message order. A connection's pushes share
+        // its placement, so they compare equal without a comparison of
+        // node ids.)
         pushes.sort_by(|(_, a), (_, b)| {
+            if std::ptr::eq(*a, *b) {
+                return std::cmp::Ordering::Equal;
+            }
             a.connection_id.cmp(&b.connection_id).then_with(|| a.node_id.cmp(&b.node_id))
         });
     }
