@@ -908,9 +908,9 @@ impl Connection {
         let timeout = self.node.config.push_ack_timeout;
         let overdue = {
             let mut unacked = self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner());
-            let overdue = unacked.values().any(|pushed| pushed.elapsed() >= timeout);
+            let overdue = unacked.overdue(timeout);
             if overdue {
-                *unacked = Default::default();
+                unacked.clear();
             }
             overdue
         };
@@ -1063,14 +1063,7 @@ impl Connection {
                 let result = async {
                     let req: pb::AckMessagesRequest = decode(frame)?;
                     services.offline.ack(user, device, &req.msg_ids).await?;
-                    let mut unacked = self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner());
-                    for id in &req.msg_ids {
-                        unacked.remove(id);
-                    }
-                    if unacked.is_empty() {
-                        // An emptied map keeps its table; an idle connection should not.
-                        *unacked = Default::default();
-                    }
+                    self.handle.unacked.lock().unwrap_or_else(|e| e.into_inner()).acked(&req.msg_ids);
                     Ok(pb::Empty {})
                 }
                 .await;

@@ -15,6 +15,7 @@
 mod connection;
 pub mod rpc;
 pub mod tls;
+mod unacked;
 
 /// Connections the kernel queues for `accept` on the client listener.
 /// tokio's default (1,024) overflows in a reconnect storm (every client of a
@@ -139,7 +140,7 @@ struct ConnHandle {
     outbox: connection::Outbox,
     identity: Mutex<Option<Identity>>,
     /// Pushed message ids not yet ACKed, with the time of the push.
-    unacked: Mutex<HashMap<u64, Instant>>,
+    unacked: Mutex<unacked::Unacked>,
 }
 
 impl ConnHandle {
@@ -147,7 +148,7 @@ impl ConnHandle {
         Self {
             outbox: connection::Outbox::new(outbound_queue),
             identity: Mutex::new(None),
-            unacked: Mutex::new(HashMap::new()),
+            unacked: Mutex::default(),
         }
     }
 }
@@ -351,13 +352,8 @@ impl PushGateway for AccessNode {
     /// outbound queue, and one wake-up for the whole run.
     fn push_run(&self, placement: &Placement, messages: &[(u64, Bytes)]) {
         let Some(conn) = self.placed_connection(placement) else { return };
-        {
-            let now = Instant::now();
-            let mut unacked = conn.unacked.lock().unwrap_or_else(|e| e.into_inner());
-            for (msg_id, _) in messages {
-                unacked.entry(*msg_id).or_insert(now);
-            }
-        }
+        let pushed = messages.iter().map(|(msg_id, _)| *msg_id);
+        conn.unacked.lock().unwrap_or_else(|e| e.into_inner()).pushed(pushed, Instant::now());
         let frames = messages.iter().map(|(_, message)| Frame {
             client_version: tern_proto::PROTOCOL_VERSION,
             request_type: RequestType::PushMessage as u32,
