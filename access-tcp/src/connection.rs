@@ -261,6 +261,20 @@ fn put_frame(dst: &mut BytesMut, frame: &Frame) {
     dst.extend_from_slice(&frame.body);
 }
 
+/// Appends `frames` to `dst`, with room made once for as many frames the
+/// size of the first as the iterator knows of: the pushes of a batch are
+/// copies of a few messages, and growing the buffer frame by frame copied
+/// what it held at every doubling.
+fn put_frames(dst: &mut BytesMut, frames: impl IntoIterator<Item = Frame>) {
+    let mut frames = frames.into_iter().peekable();
+    if let Some(first_len) = frames.peek().map(|first| HEADER_LEN + first.body.len()) {
+        dst.reserve(frames.size_hint().0.saturating_mul(first_len));
+    }
+    for frame in frames {
+        put_frame(dst, &frame);
+    }
+}
+
 /// Plaintext TCP (trusted networks only).
 struct Plain;
 
@@ -279,9 +293,7 @@ impl Wire for Plain {
         _input: &mut BytesMut,
         output: &mut BytesMut,
     ) -> io::Result<()> {
-        for frame in frames {
-            put_frame(output, &frame);
-        }
+        put_frames(output, frames);
         Ok(())
     }
 
@@ -481,9 +493,7 @@ impl Wire for Tls {
     ) -> io::Result<()> {
         // Every frame of a batch in as few records as possible.
         let mut plain = BytesMut::new();
-        for frame in frames {
-            put_frame(&mut plain, &frame);
-        }
+        put_frames(&mut plain, frames);
         if plain.is_empty() {
             return Ok(());
         }
@@ -1390,6 +1400,20 @@ mod tests {
         ) -> Option<rustls::client::Tls13ClientSessionValue> {
             self.inner.take_tls13_ticket(server)
         }
+    }
+
+    #[test]
+    fn a_batch_of_frames_goes_into_room_made_once() {
+        let batch: VecDeque<Frame> = (1..=10).map(|sequence| frame(sequence, 100)).collect();
+        let mut one_by_one = BytesMut::new();
+        batch.iter().for_each(|f| put_frame(&mut one_by_one, f));
+        let mut whole = BytesMut::new();
+        put_frames(&mut whole, batch);
+        assert_eq!(whole, one_by_one);
+        assert_eq!(whole.capacity(), whole.len(), "room for the ten frames, made once");
+        let mut mixed = BytesMut::new();
+        put_frames(&mut mixed, [frame(1, 10), frame(2, 500)]);
+        assert_eq!(mixed.len(), 2 * HEADER_LEN + 510, "frames of other sizes all go in");
     }
 
     /// A read that leaves room in the buffer drained the socket: the
