@@ -45,9 +45,10 @@ pub struct EnvelopeParts {
 }
 
 impl EnvelopeParts {
-    /// Splits an encoded envelope. Unknown fields are skipped, as a
-    /// protobuf decoder would; a repeated message field keeps its last
-    /// occurrence (the envelopes tern writes have one).
+    /// Splits an encoded envelope. Unknown fields are skipped and a known
+    /// field of the wrong wire type is an error, as with a protobuf
+    /// decoder; a repeated message field keeps its last occurrence (the
+    /// envelopes tern writes have one).
     pub fn split(payload: &Bytes) -> Result<Self, EnvelopeError> {
         let mut parts = Self::default();
         // Where the receivers' records seen so far start and end, while
@@ -59,9 +60,12 @@ impl EnvelopeParts {
         while buf.has_remaining() {
             let start = payload.len() - buf.len();
             let (tag, wire_type) = decode_key(&mut buf)?;
-            if wire_type != WireType::LengthDelimited || !matches!(tag, MESSAGE | RECEIVERS | SENDER_DEVICE) {
+            if !matches!(tag, MESSAGE | RECEIVERS | SENDER_DEVICE) {
                 skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
                 continue;
+            }
+            if wire_type != WireType::LengthDelimited {
+                return Err(EnvelopeError::Malformed("a field has the wrong wire type"));
             }
             let len = usize::try_from(decode_varint(&mut buf)?).unwrap_or(usize::MAX);
             if len > buf.len() {
@@ -241,6 +245,7 @@ mod tests {
         let mut bad = Vec::new();
         field(&mut bad, SENDER_DEVICE, &[0xff]);
         assert!(EnvelopeParts::split(&Bytes::from(bad)).is_err(), "a sender_device that is not UTF-8");
+        assert!(EnvelopeParts::split(&Bytes::from_static(&[0x10, 0x01])).is_err(), "receivers as a varint");
         assert!(decode_receivers(&[0x0a, 0x01, b'x']).is_err(), "a record of another field");
         assert!(decode_receivers(&[0x12, 0x05, b'x']).is_err(), "a receiver past the end");
     }
