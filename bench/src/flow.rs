@@ -124,11 +124,16 @@ impl Flow {
 
     /// Receiver `receiver` got a message carrying `stamp` now.
     pub fn on_delivery(&self, receiver: usize, stamp: &Stamp) {
+        self.on_delivery_at(receiver, stamp, clock::now_ns());
+    }
+
+    /// Receiver `receiver` got a message carrying `stamp` at `now` (a
+    /// [`clock::now_ns`] reading: one per read burst serves all its frames).
+    pub fn on_delivery_at(&self, receiver: usize, stamp: &Stamp, now: u64) {
         if stamp.run != self.run || receiver >= self.receivers {
             self.stale.fetch_add(1, Relaxed);
             return;
         }
-        let now = clock::now_ns();
         let latency = now.saturating_sub(stamp.due_ns);
         let fresh =
             self.logs[receiver].lock().unwrap_or_else(|e| e.into_inner()).record(stamp.stream, stamp.index);

@@ -361,8 +361,9 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     out.push_str(
         "- **Open loop, constant rate.** Message *g* is due at start + *g*/rate and is sent then, or as soon as \
          possible after if the generator is late; nothing is skipped. The due time travels in the message \
-         (monotonic clock of the generator, which also receives), and latency = receive time − due time, so a \
-         stall shows in the percentiles (no coordinated omission). HdrHistogram, 3 significant digits.\n\
+         (monotonic clock of the generator, which also receives), and latency = receive time − due time (read \
+         once per burst of frames taken from a connection), so a stall shows in the percentiles (no \
+         coordinated omission). HdrHistogram, 3 significant digits.\n\
          - **Delivery verified in every run**: each receiver keeps a bit per message; a run reports sent, \
          server-ACKed, received, duplicates and missing, and counts only if sent = ACKed = received / fan-out \
          with no duplicate.\n\
