@@ -471,10 +471,10 @@ fn place_in_run(flow: Option<&Flow>, stamp: &Stamp) -> Option<u64> {
     })
 }
 
-/// Records a message with `content` that arrived at `receiver`, if it
-/// counts: `mark` notes its arrival (pushed or pulled, [`Seen`]) at its
-/// place in the run. One of an earlier run is recorded (as stale) as is.
-/// Counts a message that arrived `now` (see [`Flow::on_delivery_at`]).
+/// Records a message with `content` that arrived at `receiver` at `now`
+/// (see [`Flow::on_delivery_at`]), if it counts: `mark` notes its arrival
+/// (pushed or pulled, [`Seen`]) at its place in the run. One of an earlier
+/// run is recorded (as stale) as is.
 fn record_arrival(
     flow: Option<&Flow>,
     receiver: usize,
