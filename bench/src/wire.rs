@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use prost::encoding::encoded_len_varint;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tern_proto::{ErrorCode, FrameCodec, FrameHeader, HEADER_LEN, PROTOCOL_VERSION, RequestType, pb};
@@ -112,6 +113,45 @@ pub fn encode(kind: RequestType, sequence: u32, body: &impl prost::Message) -> B
     buf.freeze()
 }
 
+/// An ACK_MESSAGES frame for `ids` with sequence 0 (an ACK the server does
+/// not answer, as the SDK's): byte for byte what [`encode`] makes of
+/// `pb::AckMessagesRequest` (tested), written a varint at a time where
+/// prost writes a byte at a time. A receiver ACKs every message it gets,
+/// and prost's writes were a tenth of the generator's CPU in S4.
+pub fn encode_ack(ids: &[u64]) -> Bytes {
+    let packed: usize = ids.iter().map(|&id| encoded_len_varint(id)).sum();
+    // proto3 leaves an empty repeated field out.
+    let body_len = if ids.is_empty() { 0 } else { 1 + encoded_len_varint(packed as u64) + packed };
+    let mut buf = Vec::with_capacity(HEADER_LEN + body_len);
+    FrameHeader {
+        head_length: HEADER_LEN as u32,
+        client_version: PROTOCOL_VERSION,
+        request_type: RequestType::AckMessages as u32,
+        sequence: 0,
+        body_length: body_len as u32,
+    }
+    .write(&mut buf);
+    if !ids.is_empty() {
+        // Field 1, length-delimited (packed).
+        buf.push(1 << 3 | 2);
+        put_varint(&mut buf, packed as u64);
+        for &id in ids {
+            put_varint(&mut buf, id);
+        }
+    }
+    debug_assert_eq!(buf.len(), HEADER_LEN + body_len);
+    Bytes::from(buf)
+}
+
+/// Appends `value` as a protobuf varint.
+fn put_varint(buf: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        buf.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    buf.push(value as u8);
+}
+
 /// Frames read from `read`, into tokio-util's default 8 KiB buffer. Each
 /// read takes at most the buffer's room: a 512-byte buffer cut the storm
 /// workers' RSS by a quarter but multiplied the fan-out receivers' reads.
@@ -202,6 +242,22 @@ mod tests {
         let frame = FrameCodec::default().decode(&mut BytesMut::from(&bytes[..])).unwrap().unwrap();
         assert_eq!(frame.sequence, 7);
         assert_eq!(frame.decode::<pb::SendSingleRequest>().unwrap(), body);
+    }
+
+    #[test]
+    fn hand_encoded_acks_are_what_prost_encodes() {
+        let cases: [&[u64]; 5] = [
+            &[],
+            &[0],
+            &[1, 127, 128, 16_383, 16_384],
+            &[u64::MAX, 1 << 63, 7_371_234_567_890_123_456],
+            &[300; 1000],
+        ];
+        for ids in cases {
+            let expected =
+                encode(RequestType::AckMessages, 0, &pb::AckMessagesRequest { msg_ids: ids.to_vec() });
+            assert_eq!(encode_ack(ids), expected, "{ids:?}");
+        }
     }
 
     #[test]
