@@ -101,6 +101,11 @@ pub struct Results {
     pub s5: Vec<IdsResult>,
     /// What was not run, and why.
     pub skipped: Vec<String>,
+    /// Written by people, not by the tool: what a target's figure means,
+    /// the profile that shows where the time goes when one is missed,
+    /// rows measured apart from the run. Rendered under the targets.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl Results {
@@ -334,6 +339,13 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         out.push_str(
             "(In a smoke run the sizes are far below the targets' own, so \"not met\" here is expected.)\n\n",
         );
+    }
+
+    if !r.notes.is_empty() {
+        out.push_str("## Notes\n\n");
+        for note in &r.notes {
+            let _ = writeln!(out, "{note}\n");
+        }
     }
 
     out.push_str("## Machine and versions\n\n");
@@ -627,5 +639,21 @@ mod tests {
         assert!(md.contains("| 1:1 vs Mosquitto QoS 1 | ≥ 1.5× | 2.00× | met |"), "{md}");
         assert!(md.contains("3.00 ms at 1400 msgs/s"));
         assert!(md.contains("![fanout.png](bench-results/fanout.png)"));
+        assert!(!md.contains("## Notes"));
+    }
+
+    #[test]
+    fn notes_go_under_the_targets_and_old_files_have_none() {
+        let mut r = sample();
+        r.notes = vec!["First note.".into(), "Second note.".into()];
+        let md = markdown(&r, &[]);
+        let (targets, notes, machine) =
+            (md.find("## Targets").unwrap(), md.find("## Notes").unwrap(), md.find("## Machine").unwrap());
+        assert!(targets < notes && notes < machine);
+        assert!(md.contains("## Notes\n\nFirst note.\n\nSecond note.\n\n"), "{md}");
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json.as_object_mut().unwrap().remove("notes");
+        let old: Results = serde_json::from_value(json).unwrap();
+        assert!(old.notes.is_empty());
     }
 }

@@ -38,6 +38,11 @@ pub struct Profile {
     /// In deliveries/s.
     pub s4_search: Option<(f64, f64)>,
     pub s4_fixed: Option<f64>,
+    /// A group size and a rate in deliveries/s that S4 also measures
+    /// directly when the search stays below it: the fan-out target sets a
+    /// rate but no latency, and the search, which stops at the first rate
+    /// over the latency objective, may never try it.
+    pub s4_target: Option<(u32, f64)>,
     /// Length of a search step and of a measured point.
     pub step: Duration,
     pub point: Duration,
@@ -68,6 +73,7 @@ impl Profile {
             s4_sizes: vec![10, 100],
             s4_search: None,
             s4_fixed: Some(20_000.0),
+            s4_target: None,
             step: Duration::from_secs(2),
             point: Duration::from_secs(3),
             s5: Duration::from_secs(1),
@@ -95,6 +101,7 @@ impl Profile {
             s4_sizes: vec![10, 100, 1000],
             s4_search: Some((100_000.0, 4_000_000.0)),
             s4_fixed: None,
+            s4_target: Some((1000, 1_000_000.0)),
             step: Duration::from_secs(5),
             point: Duration::from_secs(10),
             s5: Duration::from_secs(3),
@@ -125,6 +132,15 @@ impl Profile {
             ("S3 rates (msgs/s)".into(), f(&self.s3_search, &self.s3_fixed)),
             ("S4 group sizes".into(), format!("{:?}", self.s4_sizes)),
             ("S4 rates (deliveries/s)".into(), f(&self.s4_search, &self.s4_fixed)),
+            (
+                "S4 target point".into(),
+                self.s4_target.map_or_else(
+                    || "–".into(),
+                    |(size, rate)| {
+                        format!("groups of {size} at {rate:.0} deliveries/s, when the search stays below it")
+                    },
+                ),
+            ),
             ("search step / measured point".into(), format!("{:?} / {:?}", self.step, self.point)),
             ("payload".into(), format!("{} bytes", self.payload)),
             (
@@ -139,16 +155,29 @@ impl Profile {
         ]
     }
 
+    /// The rate (deliveries/s) of the S4 target point for groups of
+    /// `size`, if there is one and the search (`max`) stayed below it.
+    fn target_point(&self, size: u32, max: Option<&MaxRate>) -> Option<f64> {
+        let (target_size, rate) = self.s4_target?;
+        let reached = max.map_or(0.0, |m| m.max_deliveries_per_s);
+        (target_size == size && reached < rate).then_some(rate)
+    }
+
     /// The profile for the local cluster: its searches start lower. Started
     /// at the standalone rates, the first steps overload the cluster (about
     /// a tenth of standalone's throughput on 2 cores, every role and engine
     /// sharing them), and the broker backlog they leave spoils every later
-    /// step of the search.
+    /// step of the search. For the same reason it gets no S4 target point.
     pub fn for_cluster(&self) -> Profile {
         let lower = |search: Option<(f64, f64)>| {
             search.map(|(start, ceiling)| (start / CLUSTER_SEARCH_DIVISOR, ceiling))
         };
-        Profile { s3_search: lower(self.s3_search), s4_search: lower(self.s4_search), ..self.clone() }
+        Profile {
+            s3_search: lower(self.s3_search),
+            s4_search: lower(self.s4_search),
+            s4_target: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -354,6 +383,12 @@ pub async fn run_s4(
         let mut bed = TernBed::groups(target, users, size, groups).await?;
         let mut runner = TernRunner { bed: &mut bed, profile: p, per_delivery: Some(size - 1) };
         let max = search_and_points(&mut runner, p, p.s4_search, p.s4_fixed, &mut results.s4).await;
+        if let Some(rate) = max.as_ref().ok().and_then(|max| p.target_point(size, max.as_ref())) {
+            match runner.run("at target", rate, p.point).await {
+                Ok(run) => results.s4.push(run),
+                Err(e) => results.skipped.push(format!("S4 {} at target: {e:#}", target.name)),
+            }
+        }
         bed.close().await;
         results.s4_max.extend(max?);
     }
@@ -557,5 +592,23 @@ pub async fn peers_only(p: &Profile, log_dir: &Path, results: &mut Results) {
     for (peer, name) in [(Peer::Mosquitto, "mosquitto"), (Peer::Nats, "nats-server")] {
         let r = run_peer(peer, log_dir, p, results).await;
         note(results, name, r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fan_out_target_is_measured_when_the_search_stays_below_it() {
+        let full = Profile::full();
+        let found = |deliveries: f64| MaxRate { max_deliveries_per_s: deliveries, ..MaxRate::default() };
+        assert_eq!(full.target_point(1000, Some(&found(600_000.0))), Some(1_000_000.0));
+        assert_eq!(full.target_point(1000, None), Some(1_000_000.0));
+        assert_eq!(full.target_point(1000, Some(&found(1_000_000.0))), None);
+        assert_eq!(full.target_point(1000, Some(&found(1_600_000.0))), None);
+        assert_eq!(full.target_point(100, Some(&found(600_000.0))), None);
+        assert_eq!(full.for_cluster().target_point(1000, Some(&found(20_000.0))), None);
+        assert_eq!(Profile::smoke().target_point(100, None), None);
     }
 }
