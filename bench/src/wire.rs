@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use prost::encoding::encoded_len_varint;
 use rustls::pki_types::pem::PemObject;
@@ -101,16 +101,21 @@ pub fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
 pub fn encode(kind: RequestType, sequence: u32, body: &impl prost::Message) -> Bytes {
     let len = body.encoded_len();
     let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
+    put_header(&mut buf, kind, sequence, len);
+    body.encode(&mut buf).expect("buffer has room");
+    buf.freeze()
+}
+
+/// Writes the header of a frame of `kind` with a body of `body_len` bytes.
+fn put_header(buf: &mut impl BufMut, kind: RequestType, sequence: u32, body_len: usize) {
     FrameHeader {
         head_length: HEADER_LEN as u32,
         client_version: PROTOCOL_VERSION,
         request_type: kind as u32,
         sequence,
-        body_length: len as u32,
+        body_length: body_len as u32,
     }
-    .write(&mut buf);
-    body.encode(&mut buf).expect("buffer has room");
-    buf.freeze()
+    .write(buf);
 }
 
 /// An ACK_MESSAGES frame for `ids` with sequence 0 (an ACK the server does
@@ -123,14 +128,7 @@ pub fn encode_ack(ids: &[u64]) -> Bytes {
     // proto3 leaves an empty repeated field out.
     let body_len = if ids.is_empty() { 0 } else { 1 + encoded_len_varint(packed as u64) + packed };
     let mut buf = Vec::with_capacity(HEADER_LEN + body_len);
-    FrameHeader {
-        head_length: HEADER_LEN as u32,
-        client_version: PROTOCOL_VERSION,
-        request_type: RequestType::AckMessages as u32,
-        sequence: 0,
-        body_length: body_len as u32,
-    }
-    .write(&mut buf);
+    put_header(&mut buf, RequestType::AckMessages, 0, body_len);
     if !ids.is_empty() {
         // Field 1, length-delimited (packed).
         buf.push(1 << 3 | 2);
