@@ -38,11 +38,12 @@ pub struct Profile {
     /// In deliveries/s.
     pub s4_search: Option<(f64, f64)>,
     pub s4_fixed: Option<f64>,
-    /// A group size and a rate in deliveries/s that S4 also measures
-    /// directly when the search stays below it: the fan-out target sets a
-    /// rate but no latency, and the search, which stops at the first rate
-    /// over the latency objective, may never try it.
-    pub s4_target: Option<(u32, f64)>,
+    /// A group size whose throughput ceiling S4 also measures, and the
+    /// rate in deliveries/s the ceiling runs start from (see
+    /// [`ceiling_runs`]). The fan-out target sets a rate but no latency,
+    /// and the search, which stops at the first rate over the latency
+    /// objective, never tries the rates where the ceiling is.
+    pub s4_ceiling: Option<(u32, f64)>,
     /// Length of a search step and of a measured point.
     pub step: Duration,
     pub point: Duration,
@@ -73,7 +74,7 @@ impl Profile {
             s4_sizes: vec![10, 100],
             s4_search: None,
             s4_fixed: Some(20_000.0),
-            s4_target: None,
+            s4_ceiling: None,
             step: Duration::from_secs(2),
             point: Duration::from_secs(3),
             s5: Duration::from_secs(1),
@@ -101,7 +102,7 @@ impl Profile {
             s4_sizes: vec![10, 100, 1000],
             s4_search: Some((100_000.0, 4_000_000.0)),
             s4_fixed: None,
-            s4_target: Some((1000, 1_000_000.0)),
+            s4_ceiling: Some((1000, 1_000_000.0)),
             step: Duration::from_secs(5),
             point: Duration::from_secs(10),
             s5: Duration::from_secs(3),
@@ -133,11 +134,17 @@ impl Profile {
             ("S4 group sizes".into(), format!("{:?}", self.s4_sizes)),
             ("S4 rates (deliveries/s)".into(), f(&self.s4_search, &self.s4_fixed)),
             (
-                "S4 target point".into(),
-                self.s4_target.map_or_else(
+                "S4 ceiling runs".into(),
+                self.s4_ceiling.map_or_else(
                     || "–".into(),
                     |(size, rate)| {
-                        format!("groups of {size} at {rate:.0} deliveries/s, when the search stays below it")
+                        format!(
+                            "groups of {size}, from {rate:.0} deliveries/s (or the search's best if higher) \
+                             up by {:.0}% a run while every delivery is made and the run keeps up (counts \
+                             ≥ {:.0}% of the offered rate)",
+                            (CEILING_STEP - 1.0) * 100.0,
+                            CEILING_KEEPS_UP * 100.0
+                        )
                     },
                 ),
             ),
@@ -155,19 +162,20 @@ impl Profile {
         ]
     }
 
-    /// The rate (deliveries/s) of the S4 target point for groups of
-    /// `size`, if there is one and the search (`max`) stayed below it.
-    fn target_point(&self, size: u32, max: Option<&MaxRate>) -> Option<f64> {
-        let (target_size, rate) = self.s4_target?;
-        let reached = max.map_or(0.0, |m| m.max_deliveries_per_s);
-        (target_size == size && reached < rate).then_some(rate)
+    /// The rate (deliveries/s) the ceiling runs for groups of `size` start
+    /// from, if that size has them: the profile's start rate, or one step
+    /// above the search's best (`max`) when that is higher.
+    fn ceiling_start(&self, size: u32, max: Option<&MaxRate>) -> Option<f64> {
+        let (ceiling_size, start) = self.s4_ceiling?;
+        let best = max.map_or(0.0, |m| m.max_deliveries_per_s);
+        (ceiling_size == size).then_some(start.max(best * CEILING_STEP))
     }
 
     /// The profile for the local cluster: its searches start lower. Started
     /// at the standalone rates, the first steps overload the cluster (about
     /// a tenth of standalone's throughput on 2 cores, every role and engine
     /// sharing them), and the broker backlog they leave spoils every later
-    /// step of the search. For the same reason it gets no S4 target point.
+    /// step of the search. For the same reason it gets no S4 ceiling runs.
     pub fn for_cluster(&self) -> Profile {
         let lower = |search: Option<(f64, f64)>| {
             search.map(|(start, ceiling)| (start / CLUSTER_SEARCH_DIVISOR, ceiling))
@@ -175,7 +183,7 @@ impl Profile {
         Profile {
             s3_search: lower(self.s3_search),
             s4_search: lower(self.s4_search),
-            s4_target: None,
+            s4_ceiling: None,
             ..self.clone()
         }
     }
@@ -313,6 +321,45 @@ async fn search_and_points(
     Ok(Some(max))
 }
 
+/// How much each ceiling run offers over the one before.
+const CEILING_STEP: f64 = 1.25;
+
+/// A run keeps up when it counts at least this share of the offered
+/// deliveries/s. Counted from the start to the last delivery, a server
+/// that keeps up loses only its last messages' latency against the run's
+/// length (about 1–3% in 10 s at the latencies of a saturated fan-out); one
+/// that falls behind counts what it can deliver, its ceiling, so an offered
+/// rate further above it only lengthens the backlog.
+const CEILING_KEEPS_UP: f64 = 0.95;
+
+/// Throughput ceiling runs (measured-point length, label `ceiling`): from
+/// `start` deliveries/s, each run offers [`CEILING_STEP`] times the one
+/// before, up to `limit`, until a run fails its verification (a message
+/// lost, duplicated or not delivered within the drain timeout) or no longer
+/// keeps up (see [`CEILING_KEEPS_UP`]). The ceiling is the highest
+/// deliveries/s counted in a verified run; there is no latency objective,
+/// and each run's latency is reported with it.
+async fn ceiling_runs(
+    runner: &mut impl Runner,
+    profile: &Profile,
+    start: f64,
+    limit: f64,
+    runs: &mut Vec<RateRun>,
+) -> anyhow::Result<()> {
+    let mut rate = start;
+    while rate <= limit {
+        let r = runner.run("ceiling", rate, profile.point).await?;
+        let verified = r.verdict.ok && r.drained;
+        let keeps_up = r.deliveries_per_s >= CEILING_KEEPS_UP * rate;
+        runs.push(r);
+        if !verified || !keeps_up {
+            break;
+        }
+        rate *= CEILING_STEP;
+    }
+    Ok(())
+}
+
 /// S1 on a standalone server: prepares the accounts, restarts the server
 /// for a clean memory baseline, then ramps. Returns the restarted server.
 pub async fn run_s1(
@@ -383,10 +430,10 @@ pub async fn run_s4(
         let mut bed = TernBed::groups(target, users, size, groups).await?;
         let mut runner = TernRunner { bed: &mut bed, profile: p, per_delivery: Some(size - 1) };
         let max = search_and_points(&mut runner, p, p.s4_search, p.s4_fixed, &mut results.s4).await;
-        if let Some(rate) = max.as_ref().ok().and_then(|max| p.target_point(size, max.as_ref())) {
-            match runner.run("at target", rate, p.point).await {
-                Ok(run) => results.s4.push(run),
-                Err(e) => results.skipped.push(format!("S4 {} at target: {e:#}", target.name)),
+        if let Some(start) = max.as_ref().ok().and_then(|max| p.ceiling_start(size, max.as_ref())) {
+            let limit = p.s4_search.map_or(start, |(_, limit)| limit);
+            if let Err(e) = ceiling_runs(&mut runner, p, start, limit, &mut results.s4).await {
+                results.skipped.push(format!("S4 {} ceiling: {e:#}", target.name));
             }
         }
         bed.close().await;
@@ -600,15 +647,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fan_out_target_is_measured_when_the_search_stays_below_it() {
+    fn fan_out_ceiling_runs_start_at_the_target_or_above_the_search() {
         let full = Profile::full();
         let found = |deliveries: f64| MaxRate { max_deliveries_per_s: deliveries, ..MaxRate::default() };
-        assert_eq!(full.target_point(1000, Some(&found(600_000.0))), Some(1_000_000.0));
-        assert_eq!(full.target_point(1000, None), Some(1_000_000.0));
-        assert_eq!(full.target_point(1000, Some(&found(1_000_000.0))), None);
-        assert_eq!(full.target_point(1000, Some(&found(1_600_000.0))), None);
-        assert_eq!(full.target_point(100, Some(&found(600_000.0))), None);
-        assert_eq!(full.for_cluster().target_point(1000, Some(&found(20_000.0))), None);
-        assert_eq!(Profile::smoke().target_point(100, None), None);
+        assert_eq!(full.ceiling_start(1000, Some(&found(600_000.0))), Some(1_000_000.0));
+        assert_eq!(full.ceiling_start(1000, None), Some(1_000_000.0));
+        assert_eq!(full.ceiling_start(1000, Some(&found(1_000_000.0))), Some(1_250_000.0));
+        assert_eq!(full.ceiling_start(100, Some(&found(600_000.0))), None);
+        assert_eq!(full.for_cluster().ceiling_start(1000, Some(&found(20_000.0))), None);
+        assert_eq!(Profile::smoke().ceiling_start(100, None), None);
+    }
+
+    /// A server that delivers up to `capacity` deliveries/s: below it a run
+    /// counts 98% of the offered rate (the last messages' latency), above
+    /// it the capacity; past `breaks` a run loses messages.
+    struct ModelServer {
+        capacity: f64,
+        breaks: f64,
+        offered: Vec<f64>,
+    }
+
+    impl Runner for ModelServer {
+        async fn run(&mut self, label: &str, rate: f64, _: Duration) -> anyhow::Result<RateRun> {
+            self.offered.push(rate);
+            let mut r = RateRun { label: label.into(), drained: true, ..RateRun::default() };
+            r.deliveries_per_s = (rate * 0.98).min(self.capacity);
+            r.verdict.ok = rate <= self.breaks;
+            Ok(r)
+        }
+    }
+
+    async fn ceiling_of(capacity: f64, breaks: f64, limit: f64) -> (Vec<f64>, Vec<RateRun>) {
+        let mut server = ModelServer { capacity, breaks, offered: Vec::new() };
+        let mut runs = Vec::new();
+        ceiling_runs(&mut server, &Profile::smoke(), 1_000_000.0, limit, &mut runs).await.unwrap();
+        (server.offered, runs)
+    }
+
+    #[tokio::test]
+    async fn ceiling_runs_go_up_until_the_server_falls_behind() {
+        // Keeps up at 1 M and 1.25 M; at 1.5625 M it counts 1.4 M (90%).
+        let (offered, runs) = ceiling_of(1_400_000.0, f64::MAX, 4_000_000.0).await;
+        assert_eq!(offered, [1_000_000.0, 1_250_000.0, 1_562_500.0]);
+        assert!(runs.iter().all(|r| r.label == "ceiling"));
+        assert_eq!(runs.last().unwrap().deliveries_per_s, 1_400_000.0);
+    }
+
+    #[tokio::test]
+    async fn ceiling_runs_stop_at_a_failed_verification_or_the_limit() {
+        let (offered, _) = ceiling_of(f64::MAX, 1_300_000.0, 4_000_000.0).await;
+        assert_eq!(offered, [1_000_000.0, 1_250_000.0, 1_562_500.0]);
+        let (offered, _) = ceiling_of(f64::MAX, f64::MAX, 1_300_000.0).await;
+        assert_eq!(offered, [1_000_000.0, 1_250_000.0]);
+        // The first run already behind: one run.
+        let (offered, _) = ceiling_of(500_000.0, f64::MAX, 4_000_000.0).await;
+        assert_eq!(offered, [1_000_000.0]);
     }
 }
