@@ -11,9 +11,10 @@
 //!
 //! An ACK that reaches another offline-svc node (or comes after the wait)
 //! goes to the store as usual: it finds no entry and leaves a tombstone,
-//! which drops the late write. A pull writes the device's held copies
-//! before it reads, so a device that reconnects while its copies are held
-//! (its old connection was cut) pulls them with everything else, in order.
+//! which drops the late write. A pull serves the device's held copies with
+//! its stored ones, so a device that reconnects while its copies are held
+//! (its old connection was cut) pulls them with everything else, in order;
+//! the ACK of the pull settles them as the ACK of a push would.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -243,13 +244,14 @@ impl HeldWrites {
         unacked
     }
 
-    /// The copies held for `inbox`, oldest first (a pull writes them before
-    /// it reads, so it never misses a message that is only held).
-    pub(crate) fn held_for(&self, inbox: &str) -> Vec<OfflineEntry> {
-        self.lock()
-            .get(inbox)
-            .map(|set| set.copies.iter().map(|(_, copy)| copy.entry.clone()).collect())
-            .unwrap_or_default()
+    /// The copies held for `inbox` after message `after_msg_id`, oldest
+    /// first (a pull serves them with the stored ones, so it never misses a
+    /// message that is only held).
+    pub(crate) fn held_after(&self, inbox: &str, after_msg_id: u64) -> Vec<OfflineEntry> {
+        let all = self.lock();
+        let Some(set) = all.get(inbox) else { return Vec::new() };
+        let first = set.copies.partition_point(|(msg_id, _)| *msg_id <= after_msg_id);
+        set.copies.range(first..).map(|(_, copy)| copy.entry.clone()).collect()
     }
 
     /// How many copies are held for `inbox`.
@@ -311,8 +313,13 @@ mod tests {
         let batch = Arc::new(BatchHold::default());
         let (holding, _) = held.hold(&batch, vec![copies("bob/phone", &[1, 2]), copies("eve/tab", &[1])]);
         assert_eq!(holding, vec![run("bob/phone", &[1, 2]), run("eve/tab", &[1])]);
-        let held_ids = |inbox| held.held_for(inbox).iter().map(|e| e.msg_id).collect::<Vec<_>>();
+        let held_ids = |inbox| held.held_after(inbox, 0).iter().map(|e| e.msg_id).collect::<Vec<_>>();
         assert_eq!(held_ids("bob/phone"), [1, 2]);
+        let after = |inbox, id| held.held_after(inbox, id).iter().map(|e| e.msg_id).collect::<Vec<_>>();
+        assert_eq!(
+            (after("bob/phone", 1), after("bob/phone", 2), after("nobody/x", 0)),
+            (vec![2], vec![], vec![])
+        );
         assert_eq!(held.settle("bob/phone", &[1, 2, 9]), vec![9], "9 was never held: the store gets it");
         assert!(held_ids("bob/phone").is_empty());
         assert_eq!(held.len(), 1);
@@ -347,7 +354,7 @@ mod tests {
         }
         assert!(held.lock().len() < 64, "{} sets kept", held.lock().len());
         assert_eq!(held.len(), 1, "bob's copy 4 is still held");
-        assert_eq!(held.held_for("bob/phone").iter().map(|e| e.msg_id).collect::<Vec<_>>(), [4]);
+        assert_eq!(held.held_after("bob/phone", 0).iter().map(|e| e.msg_id).collect::<Vec<_>>(), [4]);
     }
 
     #[tokio::test]

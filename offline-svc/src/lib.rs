@@ -23,8 +23,8 @@
 //! Large groups: a device that would get more than
 //! [`OfflineConfig::pull_notice_threshold`] messages of large groups
 //! ([`OfflineConfig::large_group_members`]) in one consumer batch gets one
-//! NOTICE SYNC instead of those pushes, and pulls them (they are written to
-//! its offline set at once).
+//! NOTICE SYNC instead of those pushes, and pulls them (their copies are
+//! held for it, as a pushed device's, and its pull serves them).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -119,11 +119,12 @@ pub struct OfflineConfig {
     /// messages from one consumer batch gets one NOTICE SYNC instead of
     /// those pushes.
     ///
-    /// Pulling costs the server more than pushing: each message is written
-    /// to the device's offline set, read by the pull and deleted by the ACK,
-    /// where a push ACKed in time touches no store. A burst pulled by every
-    /// member of a large group is such a write per member and message, and
-    /// a consumer that falls behind reads bigger batches. With a threshold
+    /// Pulling costs the server more than pushing. It used to cost an
+    /// offline write per member and message (each copy was written to the
+    /// device's set, read by the pull and deleted by the ACK); now the
+    /// copies are held as a pushed device's and the pull serves them, which
+    /// leaves a request per page and a decode and encode per message. And a
+    /// consumer that falls behind reads bigger batches. With a threshold
     /// of the size of an ordinary batch (tens of messages under steady load)
     /// one late batch turned a busy group's traffic into writes that put
     /// the consumer further behind, until nothing was pushed any more (a
@@ -133,7 +134,13 @@ pub struct OfflineConfig {
     /// pushes a batch connection by connection takes a while over a large
     /// group, and the next batch holds what arrived meanwhile (about 220
     /// messages at 1,000 messages/s to 1,000 members, which 200 turned into
-    /// the same collapse); the consumer reads at most 512 at once.
+    /// the same collapse); the consumer reads at most 512 at once, so an
+    /// overloaded consumer (full batches) still crosses 500. With the
+    /// writes, that collapsed it: at 1.95 M deliveries/s offered to 1,000
+    /// members the writer applied batches for 3 to 4 s at a time and sends
+    /// waited behind them (210 k deliveries/s, 12 M not delivered within
+    /// 30 s). Served from held copies, the same run delivered everything at
+    /// 1.94 M/s; at 2.44 M/s, with 46 notices, everything at 674 k/s.
     pub pull_notice_threshold: usize,
     /// How long the offline copy of a device that was pushed a message is
     /// held back waiting for its ACK (then it is not written at all); zero
@@ -147,8 +154,8 @@ pub struct OfflineConfig {
     /// member's p99 was 440-970 ms, maxima up to a second). At 1 s, 2 of 5
     /// such runs collapsed (about 200 k deliveries/s, millions never
     /// delivered); at 4 s none of 5 did. Holding longer costs no delivery
-    /// (a device that reconnects pulls, and a pull writes its held copies
-    /// first) and no durability (the bus keeps the batch until its copies
+    /// (a device that reconnects pulls, and a pull serves its held copies)
+    /// and no durability (the bus keeps the batch until its copies
     /// are settled), only memory while ACKs are late.
     pub ack_wait: Duration,
     /// Most consumer batches waiting for ACKs at once; the consumer stops
@@ -205,21 +212,22 @@ impl OfflineApi for OfflineService {
         let limit = if limit == 0 { self.config.max_pull } else { limit.min(self.config.max_pull) } as usize;
         // One extra row of each set tells whether another page exists.
         let (own_key, shared_key) = (device_inbox(user, device), user_inbox(user));
-        // Copies held back for this device (pushed, not ACKed yet) are
-        // written first: a device pulling now may never have received the
-        // push (its connection was cut), and must find them in order.
-        let held = self.held.held_for(&own_key);
-        if !held.is_empty() {
-            let own = std::slice::from_ref(&own_key);
-            let writes = held.iter().map(|entry| self.store.insert(own, entry));
-            futures::future::try_join_all(writes).await.map_err(ServiceError::backend)?;
-            let ids: Vec<u64> = held.iter().map(|e| e.msg_id).collect();
-            self.held.settle(&own_key, &ids);
-        }
+        // Copies held back for this device (pushed or announced by a SYNC
+        // notice, not ACKed yet) are served from memory with the stored
+        // ones: a device pulling now may never have received the push (its
+        // connection was cut), and must find them in order. They stay held
+        // until the ACK of this pull settles them, as the ACK of a push
+        // would, so a pulled copy costs no write either (writing them first
+        // made a large group's SYNC notices an offline write per member and
+        // message, which under overload stalled every commit for seconds).
+        let mut held = self.held.held_after(&own_key, after_msg_id);
         let own = self.store.pull(&own_key, after_msg_id, limit + 1);
         let shared = self.store.pull(&shared_key, after_msg_id, limit + 1);
         let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
-        let mut entries: Vec<OfflineEntry> = own.into_iter().chain(shared).collect();
+        // A copy the consumer writes meanwhile (its wait ended) can be in
+        // both; the dedup below keeps one.
+        held.truncate(limit + 1);
+        let mut entries: Vec<OfflineEntry> = held.into_iter().chain(own).chain(shared).collect();
         entries.sort_by_key(|e| e.msg_id);
         entries.dedup_by_key(|e| e.msg_id);
         let more = tern_proto::cut_page(&mut entries, limit, |e| e.payload.len());
@@ -416,6 +424,9 @@ struct Plan<'a> {
     /// Connections that pull their large-group messages of the batch
     /// instead, each with the reason of its NOTICE SYNC.
     notices: Vec<(&'a Placement, String)>,
+    /// The (message, connection) pairs those notices stand for: by
+    /// connection, in message order within each.
+    pulled: Vec<(&'a Delivery, &'a Placement)>,
     /// The placements planned for.
     placements: &'a HashMap<String, Vec<Placement>>,
     /// The connections of `notices`, by (node, connection id).
@@ -435,14 +446,15 @@ impl Plan<'_> {
         d.pushed_to(user, placement) && !pulled_instead
     }
 
-    /// Whether `d` is pushed to a connection of `device` of `user`. Asked
+    /// Whether `d` reaches a connection of `device` of `user` now: pushed,
+    /// or pulled after a SYNC notice (the copies of both are held). Asked
     /// for every receiver device of every message, so it looks at the
     /// user's few placements: a set of every push of a batch of a hundred
     /// messages to a thousand members did not fit in the cache, and probing
     /// it was a tenth of the server's time.
-    fn pushes_to_device(&self, d: &Delivery, user: &str, device: &str) -> bool {
+    fn reaches_device(&self, d: &Delivery, user: &str, device: &str) -> bool {
         let placements = self.placements.get(user).into_iter().flatten();
-        placements.filter(|p| p.device_id == device).any(|p| self.pushes_to(d, user, p))
+        placements.filter(|p| p.device_id == device).any(|p| d.pushed_to(user, p))
     }
 }
 
@@ -489,11 +501,19 @@ fn plan<'a>(
             }
         }
     }
-    let mut plan = Plan { pushes: Vec::new(), notices, placements, notified, large_group_members };
-    let mut pushes: Vec<(&Delivery, &Placement)> = connections_of(decoded, placements)
-        .filter(|&(d, user, placement)| plan.pushes_to(d, user, placement))
-        .map(|(d, _, placement)| (d, placement))
-        .collect();
+    let mut plan =
+        Plan { pushes: Vec::new(), notices, pulled: Vec::new(), placements, notified, large_group_members };
+    let mut pushes: Vec<(&Delivery, &Placement)> = Vec::new();
+    let mut pulled: Vec<(&Delivery, &Placement)> = Vec::new();
+    for (d, user, placement) in connections_of(decoded, placements) {
+        if plan.pushes_to(d, user, placement) {
+            pushes.push((d, placement));
+        } else if d.pushed_to(user, placement) {
+            // Not the sending device: replaced by the connection's notice.
+            pulled.push((d, placement));
+        }
+    }
+    pulled.sort_by(|(_, a), (_, b)| by_connection(a, b));
     if decoded.len() > 1 {
         // A connection's messages of the batch are queued one after the
         // other, so its task finds them all at once and sends them in one
@@ -502,18 +522,21 @@ fn plan<'a>(
         // a large group a connection's task ran between two of its
         // messages, and each message cost a wake-up, a write and an ACK of
         // its own however many the batch held. (Stable: the order within a
-        // connection stays the message order. A connection's pushes share
-        // its placement, so they compare equal without a comparison of
-        // node ids.)
-        pushes.sort_by(|(_, a), (_, b)| {
-            if std::ptr::eq(*a, *b) {
-                return std::cmp::Ordering::Equal;
-            }
-            a.connection_id.cmp(&b.connection_id).then_with(|| a.node_id.cmp(&b.node_id))
-        });
+        // connection stays the message order.)
+        pushes.sort_by(|(_, a), (_, b)| by_connection(a, b));
     }
     plan.pushes = pushes;
+    plan.pulled = pulled;
     plan
+}
+
+/// Orders placements by connection. A connection's pushes share its
+/// placement, so they compare equal without a comparison of node ids.
+fn by_connection(a: &Placement, b: &Placement) -> std::cmp::Ordering {
+    if std::ptr::eq(a, b) {
+        return std::cmp::Ordering::Equal;
+    }
+    a.connection_id.cmp(&b.connection_id).then_with(|| a.node_id.cmp(&b.node_id))
 }
 
 /// Each message of the batch with each connection in `placements` of each
@@ -764,7 +787,16 @@ pub async fn run_consumer(
             let hold = Arc::new(BatchHold::default());
             let deadline = tokio::time::Instant::now() + config.ack_wait;
             let holds = !config.ack_wait.is_zero() && backends.holding.allowed();
-            let copies = if holds { held_copies(&early.pushes, &devices) } else { Vec::new() };
+            // A device told to pull has its large-group copies held too: its
+            // pull serves them from memory and its ACK settles them, where
+            // writing them was an offline write per member and message.
+            let copies = if holds {
+                let mut copies = held_copies(&early.pushes, &devices);
+                copies.extend(held_copies(&early.pulled, &devices));
+                copies
+            } else {
+                Vec::new()
+            };
             // Every copy in `copies` is held, by this batch or by one that
             // holds the same message already (within the wait).
             let (holding, _held_elsewhere) = backends.held.hold(&hold, copies);
@@ -782,7 +814,7 @@ pub async fn run_consumer(
             let unheld =
                 (holds && early.notices.is_empty()).then(|| unheld_inboxes(&users, &devices, &before));
             let writes = decoded.iter().map(|d| {
-                let held = |user: &str, device: &str| holds && early.pushes_to_device(d, user, device);
+                let held = |user: &str, device: &str| holds && early.reaches_device(d, user, device);
                 let keys = d.inboxes(&devices, held, unheld.as_ref());
                 let store = backends.store.clone();
                 async move { insert_skipping_corrupt(&store, &keys, &d.entry).await }
@@ -900,16 +932,17 @@ struct Held {
     deadline: tokio::time::Instant,
 }
 
-/// The copies held back for the pushes (which are by connection): those
-/// of recorded devices (never a user's shared set: a user online has a
-/// recorded device), as runs by device offline set.
+/// The copies held back for `delivered` (pushes, or pulls announced by a
+/// notice; by connection): those of recorded devices (never a user's
+/// shared set: a user online has a recorded device), as runs by device
+/// offline set.
 fn held_copies(
-    pushes: &[(&Delivery, &Placement)],
+    delivered: &[(&Delivery, &Placement)],
     devices: &tern_store::DevicesByUser,
 ) -> Vec<HeldRun<OfflineEntry>> {
     let mut runs: Vec<HeldRun<OfflineEntry>> = Vec::new();
     let mut current: Option<&Placement> = None;
-    for &(d, p) in pushes {
+    for &(d, p) in delivered {
         let same_device = current.is_some_and(|c| c.user_id == p.user_id && c.device_id == p.device_id);
         if !same_device {
             if !devices.get(&p.user_id).is_some_and(|list| list.contains(&p.device_id)) {
@@ -1233,9 +1266,9 @@ mod tests {
             .map(|(inbox, entries)| (inbox, entries.iter().map(|e| e.msg_id).collect()))
             .collect();
         assert_eq!(runs, [("bob/phone".to_owned(), vec![1, 2]), ("carol/phone".to_owned(), vec![1, 2])]);
-        assert!(plan.pushes_to_device(&batch[0], "bob", "web"));
-        assert!(!plan.pushes_to_device(&batch[0], "bob", "tablet"), "no connection");
-        assert!(!plan.pushes_to_device(&batch[0], "dave", "phone"), "not online");
+        assert!(plan.reaches_device(&batch[0], "bob", "web"));
+        assert!(!plan.reaches_device(&batch[0], "bob", "tablet"), "no connection");
+        assert!(!plan.reaches_device(&batch[0], "dave", "phone"), "not online");
     }
 
     #[test]
@@ -1276,7 +1309,7 @@ mod tests {
         let unheld = unheld_inboxes(&users, &devices, &placements);
         assert!(!unheld.contains_key("alice"), "every device of alice's has a connection");
         for d in &batch {
-            let held = |user: &str, device: &str| plan.pushes_to_device(d, user, device);
+            let held = |user: &str, device: &str| plan.reaches_device(d, user, device);
             let mut per_message = d.inboxes(&devices, held, None);
             let mut from_map = d.inboxes(&devices, held, Some(&unheld));
             per_message.sort();
@@ -1284,12 +1317,12 @@ mod tests {
             assert_eq!(from_map, per_message, "message {}", d.entry.msg_id);
         }
         let mut first =
-            batch[0].inboxes(&devices, |u, dev| plan.pushes_to_device(&batch[0], u, dev), Some(&unheld));
+            batch[0].inboxes(&devices, |u, dev| plan.reaches_device(&batch[0], u, dev), Some(&unheld));
         first.sort();
         assert_eq!(first, ["bob/laptop", "carol/phone", "dave/phone", "erin/"]);
         assert!(
             batch[2]
-                .inboxes(&devices, |u, dev| plan.pushes_to_device(&batch[2], u, dev), Some(&unheld))
+                .inboxes(&devices, |u, dev| plan.reaches_device(&batch[2], u, dev), Some(&unheld))
                 .is_empty()
         );
         // With every receiver online on its recorded devices, nothing.

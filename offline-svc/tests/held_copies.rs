@@ -2,8 +2,8 @@
 //! and `OfflineService::ack` on the embedded backends: an ACK within
 //! `ack_wait` means the copy is never written; without one it is written
 //! once the wait is over; the batch's offset is committed only then, so a
-//! consumer that dies while holding is replayed; a pull writes the held
-//! copies of its device first.
+//! consumer that dies while holding is replayed; a pull serves the held
+//! copies of its device from memory, and its ACK settles them.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -166,28 +166,35 @@ async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batc
 }
 
 /// A device whose connection was cut while its copies were held pulls them
-/// at once (the pull writes them first), and that settles the batch.
+/// at once, in order and page by page, from memory: nothing is written, and
+/// the ACK of the pull settles them as the ACK of a push would.
 #[tokio::test]
-async fn a_pull_writes_the_held_copies_of_its_device_first() {
+async fn a_pull_serves_the_held_copies_of_its_device_and_its_ack_settles_them() {
     let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
-    for id in [1, 2] {
+    for id in [1, 2, 3] {
         publish(&backends, id, "bob").await;
     }
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
     let gateway = Arc::new(Recorder::default());
     let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
-    eventually("both pushes", || gateway.pushed(BOB, 1) && gateway.pushed(BOB, 2)).await;
+    eventually("the pushes", || (1..=3).all(|id| gateway.pushed(BOB, id))).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "held, not written");
-    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 2, "held copies count as pending");
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 3, "held copies count as pending");
 
-    let (pulled, more) = offline.pull("bob", "phone", 0, 10).await.unwrap();
-    assert_eq!((pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), more), (vec![1, 2], false));
-    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 2, "the pull wrote them");
-    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 2, "and counts them once");
-    eventually("the batch to be stored once its copies are written", || gateway.stored() >= 1).await;
-    offline.ack("bob", "phone", &[1, 2]).await.unwrap();
+    let ids = |page: &[tern_proto::pb::Message]| page.iter().map(|m| m.msg_id).collect::<Vec<_>>();
+    let (first, more) = offline.pull("bob", "phone", 0, 2).await.unwrap();
+    assert_eq!((ids(&first), more), (vec![1, 2], true));
+    let (rest, more) = offline.pull("bob", "phone", 2, 2).await.unwrap();
+    assert_eq!((ids(&rest), more), (vec![3], false));
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "the pull wrote nothing");
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 3, "still held until ACKed");
+    assert_eq!(gateway.stored(), 0, "the batch waits for the ACK");
+
+    offline.ack("bob", "phone", &[1, 2, 3]).await.unwrap();
+    eventually("the batch to be stored once the pull was ACKed", || gateway.stored() >= 1).await;
     assert_eq!(offline.pending("bob", "phone").await.unwrap(), 0);
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for ACKed copies");
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

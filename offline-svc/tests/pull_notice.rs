@@ -1,6 +1,6 @@
 //! The consumer's push decision for large groups, end to end through
-//! `run_consumer` on the embedded backends: every message goes to the
-//! offline sets; per connection, a batch with more than
+//! `run_consumer` on the embedded backends: every copy not held back for an
+//! online device goes to the offline sets; per connection, a batch with more than
 //! `pull_notice_threshold` large-group messages becomes one SYNC notice
 //! instead of their pushes, while 1:1 and small-group messages (and a large
 //! group at or under the threshold) are pushed as before.
@@ -13,7 +13,7 @@ use prost::Message as _;
 use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::{BusNames, pb};
 use tern_store::embedded::EmbeddedBackends;
-use tern_store::{Bus, MetaStore, Placement, SessionStore};
+use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
 
 mod common;
 use common::{envelope, placement, start_consumer};
@@ -164,6 +164,62 @@ async fn steady_large_group_traffic_is_pushed_with_the_default_threshold() {
 
     let pushed: Vec<Sent> = ids.iter().map(|&msg_id| Sent::Push { connection: BOB, msg_id }).collect();
     assert_eq!(sent, pushed);
+}
+
+/// A device told to pull has its copies of the burst held, like a pushed
+/// device's: its pull serves them from memory and its ACK settles them, so
+/// the burst costs no offline write for an online member (writing them was
+/// a write per member and message, which under a large group's overload
+/// stalled every commit for seconds). The offline member's copies are
+/// written as ever.
+#[tokio::test]
+async fn a_device_told_to_pull_is_served_its_held_copies_without_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = EmbeddedBackends::open(dir.path()).unwrap();
+    for (user, device) in [("bob", "phone"), ("carol", "desk")] {
+        backends.meta.add_device(user, device).await.unwrap();
+    }
+    backends.sessions.put(&placement("bob", "phone", BOB)).await.unwrap();
+    let config = OfflineConfig {
+        large_group_members: 4,
+        pull_notice_threshold: 3,
+        ack_wait: Duration::from_secs(600),
+        ..OfflineConfig::default()
+    };
+    let names = BusNames::default();
+    let ids: Vec<u64> = (1..=5).collect();
+    for &id in &ids {
+        let record = envelope(id, "big", "alice", &["bob", "carol", "dave"]);
+        backends.bus.publish(&names.messages_topic, Bytes::from_static(b"k"), record).await.unwrap();
+    }
+    let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let recorder = Arc::new(Recorder::default());
+    let consumer_backends = ConsumerBackends {
+        meta: backends.meta.clone(),
+        store: backends.offline.clone(),
+        sessions: backends.sessions.clone(),
+        held: offline.held_writes(),
+        holding: Holding::Always,
+    };
+    let (consumer, stop_tx) =
+        start_consumer(backends.bus.clone(), consumer_backends, recorder.clone(), config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while recorder.sent().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let notice = Sent::Sync { connection: BOB, reason: "5 new messages in group big; pull".into() };
+    assert_eq!(recorder.sent(), [notice]);
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "held, not written");
+    assert_eq!(backends.offline.count("carol/desk").await.unwrap(), 5, "offline: written");
+    assert_eq!(backends.offline.count("dave/").await.unwrap(), 5, "no device yet: the shared set");
+
+    let (pulled, more) = offline.pull("bob", "phone", 0, 100).await.unwrap();
+    assert_eq!((pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), more), (ids.clone(), false));
+    offline.ack("bob", "phone", &ids).await.unwrap();
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 0);
+    let _ = stop_tx.send(());
+    consumer.await.unwrap().unwrap();
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for bob");
 }
 
 /// Runs the consumer on `backends` (every pushed copy held) until the
