@@ -391,10 +391,11 @@ pub fn user_inbox(user: &str) -> String {
 }
 
 /// The offline sets each receiver's copies of a batch go to, where that
-/// does not depend on the message: while copies are held and no connection
-/// is told to pull instead, every connection of a receiver is pushed every
-/// message it receives, so the receiver's copy for a device is held exactly
-/// when the device has a connection in `placements` (the plan's). Only
+/// does not depend on the message: while copies are held, every connection
+/// of a receiver is pushed every message it receives or told to pull it
+/// (and the copies of both are held), so the receiver's copy for a device
+/// is held exactly when the device has a connection in `placements` (the
+/// plan's). Only
 /// the sender's own devices depend on the message, and are left to
 /// [`Delivery::inboxes`]. Users whose every copy is held are left out: in a
 /// batch whose receivers are all online the map is empty, and writing
@@ -811,8 +812,7 @@ pub async fn run_consumer(
             // ACKed and deleted independently; held copies wait (and those
             // another batch holds, the same message again within the wait,
             // are that batch's to write).
-            let unheld =
-                (holds && early.notices.is_empty()).then(|| unheld_inboxes(&users, &devices, &before));
+            let unheld = holds.then(|| unheld_inboxes(&users, &devices, &before));
             let writes = decoded.iter().map(|d| {
                 let held = |user: &str, device: &str| holds && early.reaches_device(d, user, device);
                 let keys = d.inboxes(&devices, held, unheld.as_ref());
@@ -1308,13 +1308,21 @@ mod tests {
         let users = batch_push_targets(&batch);
         let unheld = unheld_inboxes(&users, &devices, &placements);
         assert!(!unheld.contains_key("alice"), "every device of alice's has a connection");
-        for d in &batch {
-            let held = |user: &str, device: &str| plan.reaches_device(d, user, device);
-            let mut per_message = d.inboxes(&devices, held, None);
-            let mut from_map = d.inboxes(&devices, held, Some(&unheld));
-            per_message.sort();
-            from_map.sort();
-            assert_eq!(from_map, per_message, "message {}", d.entry.msg_id);
+        // The same with SYNC notices: a notified device's copies are held
+        // too, so the map stands for them as well.
+        let bursts =
+            OfflineConfig { large_group_members: 2, pull_notice_threshold: 1, ..OfflineConfig::default() };
+        let notifying = super::plan(&batch, &placements, &bursts);
+        assert!(!notifying.notices.is_empty());
+        for plan in [&plan, &notifying] {
+            for d in &batch {
+                let held = |user: &str, device: &str| plan.reaches_device(d, user, device);
+                let mut per_message = d.inboxes(&devices, held, None);
+                let mut from_map = d.inboxes(&devices, held, Some(&unheld));
+                per_message.sort();
+                from_map.sort();
+                assert_eq!(from_map, per_message, "message {}", d.entry.msg_id);
+            }
         }
         let mut first =
             batch[0].inboxes(&devices, |u, dev| plan.reaches_device(&batch[0], u, dev), Some(&unheld));
