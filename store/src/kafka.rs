@@ -28,20 +28,33 @@
 //! consumer received but had not committed when its partition moved are
 //! delivered again to the partition's new owner (at least once).
 //!
-//! Against tansu 0.6 (the broker `scripts/engines.sh` runs) two things
+//! Against tansu 0.6 (the broker `scripts/engines.sh` runs) three things
 //! differ from Kafka: a fetch held by the broker is not woken by new data,
 //! so a record reaches a waiting consumer after up to
-//! [`KafkaOptions::fetch_wait`]; and a fetch from an offset inside a record
+//! [`KafkaOptions::fetch_wait`]; a fetch from an offset inside a record
 //! batch skips the rest of that batch, which
-//! [`KafkaOptions::single_record_batches`] (on by default) avoids.
+//! [`KafkaOptions::single_record_batches`] (on by default) avoids; and a
+//! partition's high watermark rises before the record batch it counts is
+//! stored, so with two producers on one partition (two dispatchers) a fetch
+//! can find the later record but not the earlier one. librdkafka then skips
+//! the missing offset and hands the later record out twice: one message
+//! lost for its consumer, another repeated. [`KafkaConsumer`] therefore
+//! checks that each partition's offsets follow each other: a repeat is
+//! dropped, and a gap is read again (a seek back to the offset expected)
+//! until it fills, or for [`GAP_PATIENCE`] before it is taken as real
+//! (offsets of a Kafka topic tern writes have no gaps: no transactions, no
+//! compaction). The first record after a (re)assignment has nothing to be
+//! checked against.
 //!
 //! librdkafka's log lines and errors go to `tracing` under the target
 //! `librdkafka` (informational lines at `debug`, so it is quiet by default;
 //! partition assignments and revocations at `info`).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -162,7 +175,7 @@ impl KafkaBus {
         let producer = producer(brokers, &options)?;
         let admin: AdminClient<TracingContext> = base_config(brokers)
             .set("client.id", format!("{}-admin", options.client_id))
-            .create_with_context(TracingContext)
+            .create_with_context(TracingContext::default())
             .map_err(|e| kafka_err("create admin client", e))?;
         let probe = producer.clone();
         let timeout = options.request_timeout;
@@ -351,7 +364,7 @@ impl Bus for KafkaBus {
             .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
             .set("fetch.wait.max.ms", self.options.fetch_wait.as_millis().to_string())
             .set("allow.auto.create.topics", "false")
-            .create_with_context(TracingContext)
+            .create_with_context(TracingContext::default())
             .map_err(|e| kafka_err("create consumer", e))?;
         consumer.subscribe(&[topic]).map_err(|e| kafka_err(&format!("subscribe to {topic}"), e))?;
         Ok(Box::new(KafkaConsumer {
@@ -367,6 +380,8 @@ impl Bus for KafkaBus {
                 .map(|after| after.max(self.options.session_timeout * 2)),
             unassigned_since: None,
             next_assignment_check: tokio::time::Instant::now(),
+            continuity: Continuity::default(),
+            rebalances_seen: 0,
         }))
     }
 }
@@ -386,9 +401,66 @@ pub struct KafkaConsumer {
     rejoin_when_unassigned: Option<Duration>,
     unassigned_since: Option<tokio::time::Instant>,
     next_assignment_check: tokio::time::Instant,
+    /// Whether each partition's offsets follow each other.
+    continuity: Continuity,
+    /// The consumer's rebalance count when `continuity` was last valid.
+    rebalances_seen: u64,
 }
 
 impl KafkaConsumer {
+    /// Takes `record` into the buffer if it is the next of its partition
+    /// (see [`Continuity`]). A repeat is dropped; a gap makes the consumer
+    /// seek back to the offset expected, which discards what librdkafka
+    /// fetched of that partition meanwhile.
+    fn admit(&mut self, consumer: &StreamConsumer<TracingContext>, record: BusRecord) {
+        let rebalances = consumer.context().rebalances.load(Ordering::Acquire);
+        if rebalances != self.rebalances_seen {
+            // The partitions may have been read elsewhere meanwhile: what
+            // comes next is wherever the group's committed offsets say.
+            self.rebalances_seen = rebalances;
+            self.continuity.forget();
+        }
+        match self.continuity.check(record.partition, record.offset, Instant::now()) {
+            Continuation::Next => self.buffer.push_back(record),
+            Continuation::GapAccepted { missing } => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = record.partition,
+                    ?missing,
+                    "kafka offsets missing from a partition for {GAP_PATIENCE:?}; going on without them"
+                );
+                self.buffer.push_back(record);
+            }
+            Continuation::Repeat => {
+                tracing::debug!(topic = %self.topic, partition = record.partition, offset = record.offset, "kafka record repeated by the broker; dropped");
+            }
+            Continuation::Gap { expected } => {
+                tracing::debug!(
+                    topic = %self.topic,
+                    partition = record.partition,
+                    expected,
+                    got = record.offset,
+                    "kafka fetch skipped an offset; reading the partition again from it"
+                );
+                let (Ok(partition), Ok(offset)) = (i32::try_from(record.partition), i64::try_from(expected))
+                else {
+                    return;
+                };
+                // Timeout zero: the seek is started, not awaited; records
+                // fetched before it are dropped by librdkafka, and any that
+                // still arrive are checked here again.
+                if let Err(e) = consumer.seek(
+                    &self.topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Timeout::After(Duration::ZERO),
+                ) {
+                    tracing::warn!(topic = %self.topic, partition, error = %e, "kafka seek back to a skipped offset failed");
+                }
+            }
+        }
+    }
+
     fn consumer(&self) -> StoreResult<&Arc<StreamConsumer<TracingContext>>> {
         self.consumer.as_ref().ok_or_else(|| StoreError::Backend("kafka consumer closed".to_owned()))
     }
@@ -419,6 +491,68 @@ impl KafkaConsumer {
         self.unassigned_since = None;
         consumer.unsubscribe();
         consumer.subscribe(&[&self.topic]).map_err(|e| kafka_err(&format!("subscribe to {}", self.topic), e))
+    }
+}
+
+/// How long a gap in a partition's offsets is read again before the
+/// consumer goes on without the missing records (see the module docs).
+pub const GAP_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The offset each partition is expected to continue at, from the records
+/// a consumer took; catches a broker answer that skipped or repeated an
+/// offset (see the module docs).
+#[derive(Debug, Default)]
+struct Continuity {
+    /// Per partition, the offset after the last record taken.
+    next: HashMap<u32, u64>,
+    /// Per partition, a gap being read again: the offset expected and when
+    /// the gap was first seen.
+    gaps: HashMap<u32, (u64, Instant)>,
+}
+
+/// What [`Continuity::check`] makes of a record.
+#[derive(Debug, PartialEq, Eq)]
+enum Continuation {
+    /// The partition's next record (or its first one): take it.
+    Next,
+    /// Already taken: drop it.
+    Repeat,
+    /// Records before it are missing: read the partition again from
+    /// `expected`.
+    Gap { expected: u64 },
+    /// A gap that stayed open for [`GAP_PATIENCE`]: take the record and go
+    /// on without the `missing` offsets.
+    GapAccepted { missing: Range<u64> },
+}
+
+impl Continuity {
+    fn check(&mut self, partition: u32, offset: u64, now: Instant) -> Continuation {
+        let Some(&next) = self.next.get(&partition) else {
+            self.next.insert(partition, offset + 1);
+            return Continuation::Next;
+        };
+        if offset < next {
+            return Continuation::Repeat;
+        }
+        let mut verdict = Continuation::Next;
+        if offset > next {
+            let (expected, since) = self.gaps.entry(partition).or_insert((next, now));
+            if *expected != next {
+                (*expected, *since) = (next, now);
+            }
+            if now.duration_since(*since) < GAP_PATIENCE {
+                return Continuation::Gap { expected: next };
+            }
+            verdict = Continuation::GapAccepted { missing: next..offset };
+        }
+        self.gaps.remove(&partition);
+        self.next.insert(partition, offset + 1);
+        verdict
+    }
+
+    fn forget(&mut self) {
+        self.next.clear();
+        self.gaps.clear();
     }
 }
 
@@ -470,7 +604,7 @@ impl BusConsumer for KafkaConsumer {
             while self.buffer.len() < max {
                 let Some(result) = consumer.recv().now_or_never() else { break };
                 match event(result) {
-                    Event::Record(record) => self.buffer.push_back(record),
+                    Event::Record(record) => self.admit(&consumer, record),
                     Event::Nothing => {}
                     // librdkafka retries by itself; the records already taken
                     // are still good, so the error only matters when there
@@ -490,7 +624,7 @@ impl BusConsumer for KafkaConsumer {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Err(_elapsed) => return Ok(Vec::new()),
                 Ok(result) => match event(result) {
-                    Event::Record(record) => self.buffer.push_back(record),
+                    Event::Record(record) => self.admit(&consumer, record),
                     Event::Nothing => {}
                     Event::Failed(e) => return Err(e),
                 },
@@ -581,13 +715,16 @@ fn producer(brokers: &str, options: &KafkaOptions) -> StoreResult<FutureProducer
         // Topics are created with the configured partition count, never by
         // a metadata request.
         .set("allow.auto.create.topics", "false")
-        .create_with_context(TracingContext)
+        .create_with_context(TracingContext::default())
         .map_err(|e| kafka_err("create producer", e))
 }
 
-/// Routes librdkafka's logs and errors to `tracing`.
-#[derive(Debug, Clone, Copy, Default)]
-struct TracingContext;
+/// Routes librdkafka's logs and errors to `tracing`, and counts a
+/// consumer's rebalances (see [`Continuity`]).
+#[derive(Debug, Clone, Default)]
+struct TracingContext {
+    rebalances: Arc<AtomicU64>,
+}
 
 impl ClientContext for TracingContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -624,6 +761,7 @@ impl ClientContext for TracingContext {
 // the log is where such a repeat can be traced back to.
 impl ConsumerContext for TracingContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalances.fetch_add(1, Ordering::Release);
         match rebalance {
             Rebalance::Assign(partitions) => {
                 tracing::info!(target: "librdkafka", assigned = %partition_names(partitions), "kafka partitions assigned");
@@ -710,6 +848,47 @@ fn join_err(error: tokio::task::JoinError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn continuity_takes_each_offset_once_and_reads_a_gap_again() {
+        let start = Instant::now();
+        let mut seen = Continuity::default();
+        assert_eq!(seen.check(0, 40, start), Continuation::Next, "a partition's first record");
+        assert_eq!(seen.check(0, 41, start), Continuation::Next);
+        assert_eq!(seen.check(1, 7, start), Continuation::Next, "partitions are apart");
+        // tansu's race: 42 not stored yet, 43 is; librdkafka repeats 43.
+        assert_eq!(seen.check(0, 43, start), Continuation::Gap { expected: 42 });
+        assert_eq!(seen.check(0, 43, start), Continuation::Gap { expected: 42 });
+        assert_eq!(seen.check(0, 41, start), Continuation::Repeat);
+        // Read again from 42 after the seek.
+        assert_eq!(seen.check(0, 42, start), Continuation::Next);
+        assert_eq!(seen.check(0, 43, start), Continuation::Next);
+        assert_eq!(seen.check(0, 43, start), Continuation::Repeat);
+        assert_eq!(seen.check(1, 8, start), Continuation::Next);
+    }
+
+    #[test]
+    fn continuity_goes_on_past_a_gap_that_stays_open() {
+        let start = Instant::now();
+        let mut seen = Continuity::default();
+        assert_eq!(seen.check(2, 10, start), Continuation::Next);
+        assert_eq!(seen.check(2, 13, start), Continuation::Gap { expected: 11 });
+        let almost = start + GAP_PATIENCE - Duration::from_millis(1);
+        assert_eq!(
+            seen.check(2, 13, almost),
+            Continuation::Gap { expected: 11 },
+            "patience counts from the first sight"
+        );
+        assert_eq!(seen.check(2, 13, start + GAP_PATIENCE), Continuation::GapAccepted { missing: 11..13 });
+        assert_eq!(seen.check(2, 14, start + GAP_PATIENCE), Continuation::Next);
+        // A new gap gets its own patience.
+        let later = start + GAP_PATIENCE * 3;
+        assert_eq!(seen.check(2, 16, later), Continuation::Gap { expected: 15 });
+        assert_eq!(seen.check(2, 15, later), Continuation::Next);
+        // After a rebalance anything goes first.
+        seen.forget();
+        assert_eq!(seen.check(2, 3, later), Continuation::Next);
+    }
 
     #[test]
     fn partition_names_group_by_topic_in_order() {
