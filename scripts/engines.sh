@@ -98,10 +98,21 @@ CFG
     log "running: redis :$redis_port, zookeeper :$zk_port, kafka (tansu) :$kafka_port"
 }
 
+# Waits for each engine to exit (SIGKILL after 10 s): a start right after a
+# stop was otherwise answered by the dying process on its port, declared the
+# engine up, and was left with none once it exited (its successor had found
+# the port taken).
 stop() {
     for name in tansu zookeeper redis; do
         if running "$name"; then
-            kill "$(cat "$state/$name.pid")" 2>/dev/null || true
+            local pid
+            pid="$(cat "$state/$name.pid")"
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 1 100); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            kill -9 "$pid" 2>/dev/null || true
         fi
         rm -f "$state/$name.pid"
     done
