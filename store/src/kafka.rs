@@ -39,12 +39,16 @@
 //! can find the later record but not the earlier one. librdkafka then skips
 //! the missing offset and hands the later record out twice: one message
 //! lost for its consumer, another repeated. [`KafkaConsumer`] therefore
-//! checks that each partition's offsets follow each other: a repeat is
-//! dropped, and a gap is read again (a seek back to the offset expected)
-//! until it fills, or for [`GAP_PATIENCE`] before it is taken as real
-//! (offsets of a Kafka topic tern writes have no gaps: no transactions, no
-//! compaction). The first record after a (re)assignment has nothing to be
-//! checked against.
+//! checks that each partition's offsets follow each other: the last record
+//! handed out again is dropped, and a gap is read again (a seek back to the
+//! offset expected) until it fills, or for [`GAP_PATIENCE`] before it is
+//! taken as real (offsets of a Kafka topic tern writes have no gaps: no
+//! transactions, no compaction). The first record of a partition after a
+//! (re)assignment is checked against the group's committed offset, where
+//! reading resumes; in a group that has committed nothing yet it is taken
+//! as it comes. A partition read again from further back (librdkafka resets
+//! to the earliest offset when the log was truncated or recreated) is
+//! followed from there, with a warning.
 //!
 //! librdkafka's log lines and errors go to `tracing` under the target
 //! `librdkafka` (informational lines at `debug`, so it is quiet by default;
@@ -198,6 +202,45 @@ impl KafkaBus {
         &self.options
     }
 
+    /// [`Bus::subscribe`], returning the consumer itself.
+    pub async fn consumer(&self, topic: &str, group: &str) -> StoreResult<KafkaConsumer> {
+        self.ensure_topics(&[topic]).await?;
+        let session_ms = self.options.session_timeout.as_millis().max(1);
+        let consumer: StreamConsumer<TracingContext> = base_config(&self.brokers)
+            .set("client.id", format!("{}-consumer", self.options.client_id))
+            .set("group.id", group)
+            // Offsets move only through `commit`, with what was processed.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // A new group reads the topic from its first record, as the
+            // embedded bus does.
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
+            .set("fetch.wait.max.ms", self.options.fetch_wait.as_millis().to_string())
+            .set("allow.auto.create.topics", "false")
+            .create_with_context(TracingContext::default())
+            .map_err(|e| kafka_err("create consumer", e))?;
+        consumer.subscribe(&[topic]).map_err(|e| kafka_err(&format!("subscribe to {topic}"), e))?;
+        Ok(KafkaConsumer {
+            consumer: Some(Arc::new(consumer)),
+            topic: topic.to_owned(),
+            buffer: VecDeque::new(),
+            commit_timeout: self.options.request_timeout,
+            // Never less than two sessions: a first join, or a takeover
+            // from a crashed member, legitimately takes about one.
+            rejoin_when_unassigned: self
+                .options
+                .rejoin_when_unassigned
+                .map(|after| after.max(self.options.session_timeout * 2)),
+            unassigned_since: None,
+            next_assignment_check: tokio::time::Instant::now(),
+            continuity: Continuity::default(),
+            rebalances_seen: 0,
+            gaps_read_again: 0,
+        })
+    }
+
     /// Creates the topics that do not exist yet (with
     /// [`KafkaOptions::partitions`] and
     /// [`KafkaOptions::replication_factor`]) and waits until the cluster
@@ -349,40 +392,7 @@ impl Bus for KafkaBus {
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> StoreResult<Box<dyn BusConsumer>> {
-        self.ensure_topics(&[topic]).await?;
-        let session_ms = self.options.session_timeout.as_millis().max(1);
-        let consumer: StreamConsumer<TracingContext> = base_config(&self.brokers)
-            .set("client.id", format!("{}-consumer", self.options.client_id))
-            .set("group.id", group)
-            // Offsets move only through `commit`, with what was processed.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // A new group reads the topic from its first record, as the
-            // embedded bus does.
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
-            .set("fetch.wait.max.ms", self.options.fetch_wait.as_millis().to_string())
-            .set("allow.auto.create.topics", "false")
-            .create_with_context(TracingContext::default())
-            .map_err(|e| kafka_err("create consumer", e))?;
-        consumer.subscribe(&[topic]).map_err(|e| kafka_err(&format!("subscribe to {topic}"), e))?;
-        Ok(Box::new(KafkaConsumer {
-            consumer: Some(Arc::new(consumer)),
-            topic: topic.to_owned(),
-            buffer: VecDeque::new(),
-            commit_timeout: self.options.request_timeout,
-            // Never less than two sessions: a first join, or a takeover
-            // from a crashed member, legitimately takes about one.
-            rejoin_when_unassigned: self
-                .options
-                .rejoin_when_unassigned
-                .map(|after| after.max(self.options.session_timeout * 2)),
-            unassigned_since: None,
-            next_assignment_check: tokio::time::Instant::now(),
-            continuity: Continuity::default(),
-            rebalances_seen: 0,
-        }))
+        Ok(Box::new(self.consumer(topic, group).await?))
     }
 }
 
@@ -405,6 +415,8 @@ pub struct KafkaConsumer {
     continuity: Continuity,
     /// The consumer's rebalance count when `continuity` was last valid.
     rebalances_seen: u64,
+    /// See [`KafkaConsumer::gaps_read_again`].
+    gaps_read_again: u64,
 }
 
 impl KafkaConsumer {
@@ -420,45 +432,86 @@ impl KafkaConsumer {
             self.rebalances_seen = rebalances;
             self.continuity.forget();
         }
-        match self.continuity.check(record.partition, record.offset, Instant::now()) {
-            Continuation::Next => self.buffer.push_back(record),
-            Continuation::GapAccepted { missing } => {
-                tracing::warn!(
-                    topic = %self.topic,
-                    partition = record.partition,
-                    ?missing,
-                    "kafka offsets missing from a partition for {GAP_PATIENCE:?}; going on without them"
-                );
-                self.buffer.push_back(record);
-            }
+        if !self.continuity.expects(record.partition)
+            && let Some(committed) = self.committed_offset(consumer, record.partition)
+        {
+            self.continuity.start_at(record.partition, committed);
+        }
+        let (topic, partition, offset) = (&self.topic, record.partition, record.offset);
+        match self.continuity.check(partition, offset, &record.payload, Instant::now()) {
+            Continuation::Next => {}
             Continuation::Repeat => {
-                tracing::debug!(topic = %self.topic, partition = record.partition, offset = record.offset, "kafka record repeated by the broker; dropped");
+                tracing::debug!(%topic, partition, offset, "kafka record handed out again; dropped");
+                return;
             }
+            Continuation::Rewound { expected } => tracing::warn!(
+                %topic,
+                partition,
+                expected,
+                offset,
+                "kafka partition read again from an earlier offset (reset after its log was truncated or recreated?)"
+            ),
+            Continuation::GapAccepted { missing } => tracing::warn!(
+                %topic,
+                partition,
+                ?missing,
+                "kafka offsets missing from a partition for {GAP_PATIENCE:?}; going on without them"
+            ),
             Continuation::Gap { expected } => {
-                tracing::debug!(
-                    topic = %self.topic,
-                    partition = record.partition,
-                    expected,
-                    got = record.offset,
-                    "kafka fetch skipped an offset; reading the partition again from it"
-                );
-                let (Ok(partition), Ok(offset)) = (i32::try_from(record.partition), i64::try_from(expected))
-                else {
-                    return;
-                };
+                tracing::debug!(%topic, partition, expected, offset, "kafka fetch skipped an offset; reading the partition again from it");
+                self.gaps_read_again += 1;
                 // Timeout zero: the seek is started, not awaited; records
                 // fetched before it are dropped by librdkafka, and any that
                 // still arrive are checked here again.
-                if let Err(e) = consumer.seek(
-                    &self.topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Timeout::After(Duration::ZERO),
-                ) {
-                    tracing::warn!(topic = %self.topic, partition, error = %e, "kafka seek back to a skipped offset failed");
+                let seek = match (i32::try_from(partition), i64::try_from(expected)) {
+                    (Ok(p), Ok(o)) => consumer
+                        .seek(topic, p, Offset::Offset(o), Timeout::After(Duration::ZERO))
+                        .map_err(|e| e.to_string()),
+                    _ => Err("partition or offset out of range".to_owned()),
+                };
+                match seek {
+                    Ok(()) => return,
+                    // Nothing would be read again: go on without the gap.
+                    Err(error) => {
+                        tracing::warn!(%topic, partition, expected, offset, %error, "kafka seek back to a skipped offset failed; going on without it");
+                        self.continuity.take(partition, offset, &record.payload);
+                    }
                 }
             }
         }
+        self.buffer.push_back(record);
+    }
+
+    /// The group's committed offset of `partition` (where its reading
+    /// resumed after an assignment), if it has one and it can be read. A
+    /// coordinator round trip, made once per partition and assignment.
+    fn committed_offset(&self, consumer: &StreamConsumer<TracingContext>, partition: u32) -> Option<u64> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, i32::try_from(partition).ok()?);
+        let lookup = move || consumer.committed_offsets(list, Timeout::After(self.commit_timeout));
+        let committed = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(lookup)
+            }
+            _ => lookup(),
+        };
+        let committed = match committed {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, partition, error = %e, "kafka committed offset not read; the partition's first record is taken unchecked");
+                return None;
+            }
+        };
+        match committed.find_partition(&self.topic, i32::try_from(partition).ok()?)?.offset() {
+            Offset::Offset(offset) => u64::try_from(offset).ok(),
+            _ => None,
+        }
+    }
+
+    /// Offsets a fetch skipped that this consumer read again (a seek back
+    /// each time): how often the broker's race was met.
+    pub fn gaps_read_again(&self) -> u64 {
+        self.gaps_read_again
     }
 
     fn consumer(&self) -> StoreResult<&Arc<StreamConsumer<TracingContext>>> {
@@ -503,8 +556,10 @@ pub const GAP_PATIENCE: Duration = Duration::from_secs(2);
 /// offset (see the module docs).
 #[derive(Debug, Default)]
 struct Continuity {
-    /// Per partition, the offset after the last record taken.
-    next: HashMap<u32, u64>,
+    /// Per partition, the last record taken: its offset and payload.
+    last: HashMap<u32, (u64, Bytes)>,
+    /// Per partition with no record taken yet, the offset reading starts at.
+    start: HashMap<u32, u64>,
     /// Per partition, a gap being read again: the offset expected and when
     /// the gap was first seen.
     gaps: HashMap<u32, (u64, Instant)>,
@@ -513,45 +568,72 @@ struct Continuity {
 /// What [`Continuity::check`] makes of a record.
 #[derive(Debug, PartialEq, Eq)]
 enum Continuation {
-    /// The partition's next record (or its first one): take it.
+    /// The partition's next record (or its first one, with no start
+    /// known): taken.
     Next,
-    /// Already taken: drop it.
+    /// The last record taken, handed out again: drop it.
     Repeat,
+    /// From before the offset `expected`, and not a repeat: the partition
+    /// is read again from further back; taken, and followed from there.
+    Rewound { expected: u64 },
     /// Records before it are missing: read the partition again from
-    /// `expected`.
+    /// `expected`. Not taken.
     Gap { expected: u64 },
-    /// A gap that stayed open for [`GAP_PATIENCE`]: take the record and go
-    /// on without the `missing` offsets.
+    /// A gap that stayed open for [`GAP_PATIENCE`]: taken, going on without
+    /// the `missing` offsets.
     GapAccepted { missing: Range<u64> },
 }
 
 impl Continuity {
-    fn check(&mut self, partition: u32, offset: u64, now: Instant) -> Continuation {
-        let Some(&next) = self.next.get(&partition) else {
-            self.next.insert(partition, offset + 1);
-            return Continuation::Next;
+    /// Whether the offset `partition` should continue at is known.
+    fn expects(&self, partition: u32) -> bool {
+        self.last.contains_key(&partition) || self.start.contains_key(&partition)
+    }
+
+    /// Reading of `partition` starts at `offset` (its committed offset).
+    fn start_at(&mut self, partition: u32, offset: u64) {
+        self.start.insert(partition, offset);
+    }
+
+    /// Checks the record at `offset` of `partition`; takes it unless the
+    /// verdict says otherwise.
+    fn check(&mut self, partition: u32, offset: u64, payload: &Bytes, now: Instant) -> Continuation {
+        let expected = match self.last.get(&partition) {
+            Some((last, last_payload)) if *last == offset && last_payload == payload => {
+                return Continuation::Repeat;
+            }
+            Some((last, _)) => Some(last + 1),
+            None => self.start.get(&partition).copied(),
         };
-        if offset < next {
-            return Continuation::Repeat;
-        }
-        let mut verdict = Continuation::Next;
-        if offset > next {
-            let (expected, since) = self.gaps.entry(partition).or_insert((next, now));
-            if *expected != next {
-                (*expected, *since) = (next, now);
+        let verdict = match expected {
+            None => Continuation::Next,
+            Some(expected) if offset == expected => Continuation::Next,
+            Some(expected) if offset < expected => Continuation::Rewound { expected },
+            Some(expected) => {
+                let (gap_at, since) = self.gaps.entry(partition).or_insert((expected, now));
+                if *gap_at != expected {
+                    (*gap_at, *since) = (expected, now);
+                }
+                if now.duration_since(*since) < GAP_PATIENCE {
+                    return Continuation::Gap { expected };
+                }
+                Continuation::GapAccepted { missing: expected..offset }
             }
-            if now.duration_since(*since) < GAP_PATIENCE {
-                return Continuation::Gap { expected: next };
-            }
-            verdict = Continuation::GapAccepted { missing: next..offset };
-        }
-        self.gaps.remove(&partition);
-        self.next.insert(partition, offset + 1);
+        };
+        self.take(partition, offset, payload);
         verdict
     }
 
+    /// Notes the record at `offset` of `partition` as taken.
+    fn take(&mut self, partition: u32, offset: u64, payload: &Bytes) {
+        self.last.insert(partition, (offset, payload.clone()));
+        self.start.remove(&partition);
+        self.gaps.remove(&partition);
+    }
+
     fn forget(&mut self) {
-        self.next.clear();
+        self.last.clear();
+        self.start.clear();
         self.gaps.clear();
     }
 }
@@ -849,45 +931,80 @@ fn join_err(error: tokio::task::JoinError) -> StoreError {
 mod tests {
     use super::*;
 
+    fn payload(offset: u64) -> Bytes {
+        Bytes::from(format!("record {offset}"))
+    }
+
     #[test]
     fn continuity_takes_each_offset_once_and_reads_a_gap_again() {
         let start = Instant::now();
         let mut seen = Continuity::default();
-        assert_eq!(seen.check(0, 40, start), Continuation::Next, "a partition's first record");
-        assert_eq!(seen.check(0, 41, start), Continuation::Next);
-        assert_eq!(seen.check(1, 7, start), Continuation::Next, "partitions are apart");
-        // tansu's race: 42 not stored yet, 43 is; librdkafka repeats 43.
-        assert_eq!(seen.check(0, 43, start), Continuation::Gap { expected: 42 });
-        assert_eq!(seen.check(0, 43, start), Continuation::Gap { expected: 42 });
-        assert_eq!(seen.check(0, 41, start), Continuation::Repeat);
+        let mut check = |partition, offset| seen.check(partition, offset, &payload(offset), start);
+        assert_eq!(check(0, 40), Continuation::Next, "a partition's first record, no start known");
+        assert_eq!(check(0, 41), Continuation::Next);
+        assert_eq!(check(1, 7), Continuation::Next, "partitions are apart");
+        // tansu's race: 42 not stored yet, 43 is, and librdkafka hands 43
+        // out twice.
+        assert_eq!(check(0, 43), Continuation::Gap { expected: 42 });
+        assert_eq!(check(0, 43), Continuation::Gap { expected: 42 });
         // Read again from 42 after the seek.
-        assert_eq!(seen.check(0, 42, start), Continuation::Next);
-        assert_eq!(seen.check(0, 43, start), Continuation::Next);
-        assert_eq!(seen.check(0, 43, start), Continuation::Repeat);
-        assert_eq!(seen.check(1, 8, start), Continuation::Next);
+        assert_eq!(check(0, 42), Continuation::Next);
+        assert_eq!(check(0, 43), Continuation::Next);
+        assert_eq!(check(0, 43), Continuation::Repeat, "the last record again");
+        assert_eq!(check(1, 8), Continuation::Next);
+    }
+
+    #[test]
+    fn continuity_follows_a_partition_read_again_from_further_back() {
+        let now = Instant::now();
+        let mut seen = Continuity::default();
+        for offset in 10..13 {
+            assert_eq!(seen.check(0, offset, &payload(offset), now), Continuation::Next);
+        }
+        // Offset 12 again, with other content: a log recreated since.
+        let other = Bytes::from_static(b"another record");
+        assert_eq!(seen.check(0, 12, &other, now), Continuation::Rewound { expected: 13 });
+        assert_eq!(seen.check(0, 12, &other, now), Continuation::Repeat);
+        // Reset to the earliest offset: followed from there.
+        assert_eq!(seen.check(0, 0, &payload(0), now), Continuation::Rewound { expected: 13 });
+        assert_eq!(seen.check(0, 1, &payload(1), now), Continuation::Next);
+    }
+
+    #[test]
+    fn continuity_checks_a_first_record_against_the_start_offset() {
+        let now = Instant::now();
+        let mut seen = Continuity::default();
+        assert!(!seen.expects(3));
+        seen.start_at(3, 100);
+        assert!(seen.expects(3));
+        assert_eq!(seen.check(3, 101, &payload(101), now), Continuation::Gap { expected: 100 });
+        assert_eq!(seen.check(3, 100, &payload(100), now), Continuation::Next);
+        assert_eq!(seen.check(3, 101, &payload(101), now), Continuation::Next);
     }
 
     #[test]
     fn continuity_goes_on_past_a_gap_that_stays_open() {
         let start = Instant::now();
         let mut seen = Continuity::default();
-        assert_eq!(seen.check(2, 10, start), Continuation::Next);
-        assert_eq!(seen.check(2, 13, start), Continuation::Gap { expected: 11 });
+        let mut check = |offset, at| seen.check(2, offset, &payload(offset), at);
+        assert_eq!(check(10, start), Continuation::Next);
+        assert_eq!(check(13, start), Continuation::Gap { expected: 11 });
         let almost = start + GAP_PATIENCE - Duration::from_millis(1);
         assert_eq!(
-            seen.check(2, 13, almost),
+            check(13, almost),
             Continuation::Gap { expected: 11 },
             "patience counts from the first sight"
         );
-        assert_eq!(seen.check(2, 13, start + GAP_PATIENCE), Continuation::GapAccepted { missing: 11..13 });
-        assert_eq!(seen.check(2, 14, start + GAP_PATIENCE), Continuation::Next);
+        assert_eq!(check(13, start + GAP_PATIENCE), Continuation::GapAccepted { missing: 11..13 });
+        assert_eq!(check(14, start + GAP_PATIENCE), Continuation::Next);
         // A new gap gets its own patience.
         let later = start + GAP_PATIENCE * 3;
-        assert_eq!(seen.check(2, 16, later), Continuation::Gap { expected: 15 });
-        assert_eq!(seen.check(2, 15, later), Continuation::Next);
+        assert_eq!(check(16, later), Continuation::Gap { expected: 15 });
+        assert_eq!(check(15, later), Continuation::Next);
         // After a rebalance anything goes first.
         seen.forget();
-        assert_eq!(seen.check(2, 3, later), Continuation::Next);
+        assert!(!seen.expects(2));
+        assert_eq!(seen.check(2, 3, &payload(3), later), Continuation::Next);
     }
 
     #[test]
