@@ -29,7 +29,10 @@ role_args() {
     esac
 }
 
-running() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+# A process killed but not yet reaped (a zombie: here PID 1 may never reap
+# the orphans this script leaves) still answers kill -0; it is not running.
+alive() { kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" != "Z" ]; }
+running() { [ -f "$dir/$1.pid" ] && alive "$(cat "$dir/$1.pid")"; }
 
 up() {
     "$repo/scripts/engines.sh" start

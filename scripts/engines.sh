@@ -54,7 +54,10 @@ wait_for() {
     return 1
 }
 
-running() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
+# A process killed but not yet reaped (a zombie: here PID 1 may never reap
+# the orphans this script leaves) still answers kill -0; it is not running.
+alive() { kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" != "Z" ]; }
+running() { [ -f "$state/$1.pid" ] && alive "$(cat "$state/$1.pid")"; }
 
 zk_ok() { [ "$(exec 3<>/dev/tcp/127.0.0.1/"$zk_port"; echo ruok >&3; timeout 2 cat <&3)" = "imok" ]; }
 kafka_ok() { (exec 3<>/dev/tcp/127.0.0.1/"$kafka_port") 2>/dev/null; }
@@ -109,7 +112,7 @@ stop() {
             pid="$(cat "$state/$name.pid")"
             kill "$pid" 2>/dev/null || true
             for _ in $(seq 1 100); do
-                kill -0 "$pid" 2>/dev/null || break
+                alive "$pid" || break
                 sleep 0.1
             done
             kill -9 "$pid" 2>/dev/null || true
