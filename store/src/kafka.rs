@@ -44,11 +44,11 @@
 //! offset expected) until it fills, or for [`GAP_PATIENCE`] before it is
 //! taken as real (offsets of a Kafka topic tern writes have no gaps: no
 //! transactions, no compaction). The first record of a partition after a
-//! (re)assignment is checked against the group's committed offset, where
-//! reading resumes; in a group that has committed nothing yet it is taken
-//! as it comes. A partition read again from further back (librdkafka resets
-//! to the earliest offset when the log was truncated or recreated) is
-//! followed from there, with a warning.
+//! (re)assignment is checked against where reading resumes: the group's
+//! committed offset, or the partition's first offset in a group that has
+//! committed nothing yet. A partition read again from further back
+//! (librdkafka resets to the earliest offset when the log was truncated or
+//! recreated) is followed from there, with a warning.
 //!
 //! librdkafka's log lines and errors go to `tracing` under the target
 //! `librdkafka` (informational lines at `debug`, so it is quiet by default;
@@ -433,9 +433,9 @@ impl KafkaConsumer {
             self.continuity.forget();
         }
         if !self.continuity.expects(record.partition)
-            && let Some(committed) = self.committed_offset(consumer, record.partition)
+            && let Some(start) = self.start_offset(consumer, record.partition)
         {
-            self.continuity.start_at(record.partition, committed);
+            self.continuity.start_at(record.partition, start);
         }
         let (topic, partition, offset) = (&self.topic, record.partition, record.offset);
         match self.continuity.check(partition, offset, &record.payload, Instant::now()) {
@@ -482,29 +482,35 @@ impl KafkaConsumer {
         self.buffer.push_back(record);
     }
 
-    /// The group's committed offset of `partition` (where its reading
-    /// resumed after an assignment), if it has one and it can be read. A
-    /// coordinator round trip, made once per partition and assignment.
-    fn committed_offset(&self, consumer: &StreamConsumer<TracingContext>, partition: u32) -> Option<u64> {
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&self.topic, i32::try_from(partition).ok()?);
-        let lookup = move || consumer.committed_offsets(list, Timeout::After(self.commit_timeout));
-        let committed = match tokio::runtime::Handle::try_current() {
+    /// Where reading of `partition` resumed after an assignment: the
+    /// group's committed offset, or, for a group that has committed none,
+    /// the partition's first offset (`auto.offset.reset` is `earliest`).
+    /// `None` if it cannot be read. One or two round trips to the broker,
+    /// made once per partition and assignment.
+    fn start_offset(&self, consumer: &StreamConsumer<TracingContext>, partition: u32) -> Option<u64> {
+        let number = i32::try_from(partition).ok()?;
+        let timeout = Timeout::After(self.commit_timeout);
+        let lookup = || -> Result<i64, KafkaError> {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&self.topic, number);
+            let committed = consumer.committed_offsets(list, timeout)?;
+            match committed.find_partition(&self.topic, number).map(|element| element.offset()) {
+                Some(Offset::Offset(offset)) => Ok(offset),
+                _ => consumer.fetch_watermarks(&self.topic, number, timeout).map(|(low, _high)| low),
+            }
+        };
+        let start = match tokio::runtime::Handle::try_current() {
             Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(lookup)
             }
             _ => lookup(),
         };
-        let committed = match committed {
-            Ok(list) => list,
+        match start {
+            Ok(offset) => u64::try_from(offset).ok(),
             Err(e) => {
-                tracing::warn!(topic = %self.topic, partition, error = %e, "kafka committed offset not read; the partition's first record is taken unchecked");
-                return None;
+                tracing::warn!(topic = %self.topic, partition, error = %e, "kafka start offset not read; the partition's first record is taken unchecked");
+                None
             }
-        };
-        match committed.find_partition(&self.topic, i32::try_from(partition).ok()?)?.offset() {
-            Offset::Offset(offset) => u64::try_from(offset).ok(),
-            _ => None,
         }
     }
 
