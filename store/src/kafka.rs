@@ -499,13 +499,7 @@ impl KafkaConsumer {
                 _ => consumer.fetch_watermarks(&self.topic, number, timeout).map(|(low, _high)| low),
             }
         };
-        let start = match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(lookup)
-            }
-            _ => lookup(),
-        };
-        match start {
+        match blocking(lookup) {
             Ok(offset) => u64::try_from(offset).ok(),
             Err(e) => {
                 tracing::warn!(topic = %self.topic, partition, error = %e, "kafka start offset not read; the partition's first record is taken unchecked");
@@ -633,8 +627,13 @@ impl Continuity {
     /// Notes the record at `offset` of `partition` as taken.
     fn take(&mut self, partition: u32, offset: u64, payload: &Bytes) {
         self.last.insert(partition, (offset, payload.clone()));
-        self.start.remove(&partition);
-        self.gaps.remove(&partition);
+        // Called for every record: the two maps are nearly always empty.
+        if !self.start.is_empty() {
+            self.start.remove(&partition);
+        }
+        if !self.gaps.is_empty() {
+            self.gaps.remove(&partition);
+        }
     }
 
     fn forget(&mut self) {
@@ -757,18 +756,23 @@ impl BusConsumer for KafkaConsumer {
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         let Some(consumer) = self.consumer.take() else { return };
-        // Closing leaves the group and waits for the broker; on a
-        // multi-threaded runtime let other tasks move to another worker
-        // meanwhile. (A current-thread runtime cannot; closing is short.)
-        // Closing synchronously, rather than in a detached task, means a
-        // consumer subscribed right after this drop joins a group this one
-        // has already left.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(move || drop(consumer));
-            }
-            _ => drop(consumer),
+        // Closing leaves the group and waits for the broker. Closing
+        // synchronously, rather than in a detached task, means a consumer
+        // subscribed right after this drop joins a group this one has
+        // already left.
+        blocking(move || drop(consumer));
+    }
+}
+
+/// Runs `work`, which waits for the broker, on the current thread; on a
+/// multi-threaded runtime the worker's other tasks move to another worker
+/// meanwhile. (A current-thread runtime cannot; the waits are short.)
+fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
         }
+        _ => work(),
     }
 }
 
