@@ -14,7 +14,11 @@
 //! which drops the late write. A pull serves the device's held copies with
 //! its stored ones, so a device that reconnects while its copies are held
 //! (its old connection was cut) pulls them with everything else, in order;
-//! the ACK of the pull settles them as the ACK of a push would.
+//! the ACK of the pull settles them as the ACK of a push would. A copy
+//! whose wait is over stays held until its write is done, so there is no
+//! moment when a pull finds it neither held nor stored; that is what lets
+//! a connection whose push was dropped be told to pull at once rather than
+//! after the wait.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,6 +68,11 @@ impl BatchHold {
 struct HeldCopy {
     batch: Arc<BatchHold>,
     entry: OfflineEntry,
+    /// The wait is over and the copy is being written. It stays held
+    /// until the write is done, so a pull in between still finds it; an
+    /// ACK meanwhile settles it and also goes to the store (the write may
+    /// have landed already).
+    writing: bool,
 }
 
 /// The copies held for one device offline set, in message id order.
@@ -104,6 +113,10 @@ impl HeldSet {
         self.position(msg_id).ok().map(|at| &self.copies[at].1)
     }
 
+    fn get_mut(&mut self, msg_id: u64) -> Option<&mut HeldCopy> {
+        self.position(msg_id).ok().map(|at| &mut self.copies[at].1)
+    }
+
     fn remove(&mut self, msg_id: u64) -> Option<HeldCopy> {
         let at = self.position(msg_id).ok()?;
         self.copies.remove(at).map(|(_, copy)| copy)
@@ -132,7 +145,7 @@ const KEPT_ROOM: usize = 128;
 /// Every copy held back in this process, by device offline set and
 /// message id; shared by the consumer (which holds and releases) and
 /// [`crate::OfflineService`] (whose ACKs settle copies and whose pulls
-/// write them first).
+/// serve them).
 ///
 /// The map is looked up at least twice per delivery (hold, ACK), so it
 /// hashes with foldhash rather than SipHash; foldhash is seeded per
@@ -180,7 +193,7 @@ impl HeldWrites {
             let (mut fresh, mut repeated) = (Vec::with_capacity(entries.len()), Vec::new());
             for entry in entries {
                 let msg_id = entry.msg_id;
-                if set.insert(msg_id, || HeldCopy { batch: batch.clone(), entry }) {
+                if set.insert(msg_id, || HeldCopy { batch: batch.clone(), entry, writing: false }) {
                     fresh.push(msg_id);
                 } else {
                     repeated.push(msg_id);
@@ -198,28 +211,55 @@ impl HeldWrites {
         (held, elsewhere)
     }
 
-    /// `msg_ids` of `inbox` are ACKed (or written by a pull): settles the
-    /// held copies among them and returns the ids that were not held.
+    /// `msg_ids` of `inbox` are ACKed: settles the held copies among them
+    /// and returns the ids the store must be told of: those that were not
+    /// held, and those being written ([`HeldWrites::start_writing`]).
     pub(crate) fn settle(&self, inbox: &str, msg_ids: &[u64]) -> Vec<u64> {
         let mut all = self.lock();
         let Some(set) = all.get_mut(inbox) else {
             return msg_ids.to_vec();
         };
-        let mut not_held = Vec::new();
+        let mut for_the_store = Vec::new();
         for &msg_id in msg_ids {
             match set.remove(msg_id) {
-                Some(copy) => copy.batch.acked_one(),
-                None => not_held.push(msg_id),
+                Some(copy) => {
+                    copy.batch.acked_one();
+                    if copy.writing {
+                        for_the_store.push(msg_id);
+                    }
+                }
+                None => for_the_store.push(msg_id),
             }
         }
         if set.is_empty() {
             set.emptied();
         }
-        not_held
+        for_the_store
     }
 
-    /// The wait is over: takes back the copies of `batch` still held
-    /// (to be written).
+    /// The wait is over: marks the copies of `batch` still held as being
+    /// written and returns them. They stay held (a pull keeps finding them
+    /// while the write is under way) until [`HeldWrites::release`].
+    pub(crate) fn start_writing(&self, batch: &Arc<BatchHold>, keys: &[HeldRun<u64>]) -> Vec<HeldKey> {
+        if batch.unacked.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut all = self.lock();
+        let mut writing = Vec::new();
+        for (inbox, msg_ids) in keys {
+            let Some(set) = all.get_mut(inbox.as_str()) else { continue };
+            for &msg_id in msg_ids {
+                if let Some(copy) = set.get_mut(msg_id).filter(|copy| Arc::ptr_eq(&copy.batch, batch)) {
+                    copy.writing = true;
+                    writing.push((inbox.clone(), msg_id));
+                }
+            }
+        }
+        writing
+    }
+
+    /// Takes back the copies of `batch` still held (written by now, or
+    /// dropped with a batch that failed and is retried); returns them.
     pub(crate) fn release(&self, batch: &Arc<BatchHold>, keys: Vec<HeldRun<u64>>) -> Vec<HeldKey> {
         // Every copy of the batch was ACKed (the usual case): none is left
         // to look up. Copies leave the map only through `settle`, which
@@ -292,6 +332,7 @@ mod tests {
         let copy = |id: u64| HeldCopy {
             batch: batch.clone(),
             entry: OfflineEntry { msg_id: id, payload: bytes::Bytes::new() },
+            writing: false,
         };
         let mut set = HeldSet::default();
         for id in [5, 9, 7, 1, 9, 12] {
@@ -330,6 +371,28 @@ mod tests {
         );
         assert!(held.is_empty());
         assert_eq!(held.settle("eve/tab", &[1]), vec![1], "after the release an ACK goes to the store");
+    }
+
+    #[test]
+    fn copies_being_written_stay_held_and_their_acks_also_go_to_the_store() {
+        let held = HeldWrites::default();
+        let batch = Arc::new(BatchHold::default());
+        let (holding, _) = held.hold(&batch, vec![copies("bob/phone", &[1, 2, 3])]);
+        assert_eq!(held.settle("bob/phone", &[1]), Vec::<u64>::new(), "ACKed within the wait");
+
+        let writing = held.start_writing(&batch, &holding);
+        assert_eq!(writing, vec![key("bob/phone", 2), key("bob/phone", 3)]);
+        let ids =
+            |held: &HeldWrites| held.held_after("bob/phone", 0).iter().map(|e| e.msg_id).collect::<Vec<_>>();
+        assert_eq!(ids(&held), [2, 3], "a pull still finds them");
+        assert_eq!(held.count_for("bob/phone"), 2);
+        assert_eq!(held.settle("bob/phone", &[2, 7]), vec![2, 7], "the write of 2 may have landed");
+        assert_eq!(ids(&held), [3]);
+
+        assert_eq!(held.release(&batch, holding), vec![key("bob/phone", 3)], "written: no longer held");
+        assert!(held.is_empty());
+        let other = Arc::new(BatchHold::default());
+        assert!(held.start_writing(&other, &[run("bob/phone", &[3])]).is_empty(), "nothing of that batch");
     }
 
     #[test]

@@ -74,14 +74,15 @@ pub trait PushGateway: Send + Sync + 'static {
     fn batch_started(&self) -> u64 {
         0
     }
-    /// Every message batch `number` pushed is stored in the offline sets
-    /// of the devices that have not ACKed it (or the attempt failed and its
-    /// messages will be pushed again under a new number). Once this holds
-    /// for a batch and every batch before it, a gateway that dropped pushes
-    /// of those batches may tell their connections to pull: before, the
-    /// pull could run ahead of the write and miss them. In-process delivery
-    /// drops nothing, so the default does nothing.
-    fn batch_stored(&self, _number: u64) {}
+    /// A pull finds every message batch `number` pushed: its copies are
+    /// stored in the offline sets, or held where the pull serves them from
+    /// memory until they are ACKed or written (or the attempt failed and
+    /// its messages will be pushed again under a new number). Once this
+    /// holds for a batch and every batch before it, a gateway that dropped
+    /// pushes of those batches may tell their connections to pull: before,
+    /// the pull could run ahead of the write and miss them. In-process
+    /// delivery drops nothing, so the default does nothing.
+    fn batch_pullable(&self, _number: u64) {}
 }
 
 /// What access nodes call for pulls and ACKs.
@@ -282,8 +283,9 @@ impl OfflineApi for OfflineService {
         let own = self.store.count(&own_key);
         let shared = self.store.count(&shared_key);
         let (own, shared) = futures::future::try_join(own, shared).await.map_err(ServiceError::backend)?;
-        // A held copy is not in the store yet (nor counted twice: a copy is
-        // written and then no longer held).
+        // A held copy is not in the store yet, except while its write after
+        // the wait is under way: then, for a moment, it counts twice (a
+        // count too high is the safe side: the device pulls, finds one).
         let held = self.held.count_for(&own_key) as u64;
         Ok(own + shared + held)
     }
@@ -823,9 +825,14 @@ pub async fn run_consumer(
                 // The batch is retried from the start: it holds and
                 // pushes again, under a new number.
                 backends.held.release(&hold, holding);
-                pushes.batch_stored(number);
+                pushes.batch_pullable(number);
                 return Err(e);
             }
+            // Every copy is written or held now, and a held copy stays
+            // findable until it is ACKed or written: a connection whose
+            // push was dropped may be told to pull at once, not after
+            // `ack_wait`.
+            pushes.batch_pullable(number);
             // After the write: the SYNC notices (a device told to pull must
             // find the entries), and everything for the connections that
             // appeared since the first lookup. Such a device logged in
@@ -852,7 +859,7 @@ pub async fn run_consumer(
                 }
                 None => before,
             };
-            let held = Held { number, hold, holding, deadline };
+            let held = Held { hold, holding, deadline };
             let finish = finish_held(backends, pushes, config, decoded, Seen { placements, epoch }, held);
             Ok(tokio::spawn(finish))
         }
@@ -880,6 +887,10 @@ struct Seen {
 /// (retrying until the store takes them: the batch's offset is not
 /// committed before), and pushes to the connections that appeared since
 /// `seen`, whose login-time pull may have missed those late writes.
+///
+/// The copies stay held while they are written ([`HeldWrites::start_writing`]),
+/// so a pull meanwhile serves them from memory: connections whose pushes
+/// were dropped were told to pull before the wait was over.
 async fn finish_held(
     backends: ConsumerBackends,
     pushes: Arc<dyn PushGateway>,
@@ -888,44 +899,68 @@ async fn finish_held(
     seen: Seen,
     held: Held,
 ) {
-    let Held { number, hold, holding, deadline } = held;
-    if !holding.is_empty() {
-        let _ = tokio::time::timeout_at(deadline, hold.all_acked()).await;
-        let unacked = backends.held.release(&hold, holding);
-        if !unacked.is_empty() {
-            tracing::debug!(copies = unacked.len(), "copies not ACKed within ack_wait: writing them");
-            let mut by_message: HashMap<u64, Vec<String>> = HashMap::new();
-            for (inbox, msg_id) in unacked {
-                by_message.entry(msg_id).or_default().push(inbox);
-            }
-            let entries: HashMap<u64, &OfflineEntry> =
-                decoded.iter().map(|d| (d.entry.msg_id, &d.entry)).collect();
-            loop {
-                let writes = by_message.iter().filter_map(|(msg_id, inboxes)| {
-                    let entry = entries.get(msg_id)?;
-                    Some(insert_skipping_corrupt(&backends.store, inboxes, entry))
-                });
-                match futures::future::try_join_all(writes).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "writing unacknowledged copies failed; retrying");
-                        tokio::time::sleep(HELD_WRITE_RETRY).await;
-                    }
+    let Held { hold, holding, deadline } = held;
+    if holding.is_empty() {
+        return;
+    }
+    let _ = tokio::time::timeout_at(deadline, hold.all_acked()).await;
+    let unacked = backends.held.start_writing(&hold, &holding);
+    if !unacked.is_empty() {
+        tracing::debug!(copies = unacked.len(), "copies not ACKed within ack_wait: writing them");
+        let mut by_message: HashMap<u64, Vec<String>> = HashMap::new();
+        for (inbox, msg_id) in unacked {
+            by_message.entry(msg_id).or_default().push(inbox);
+        }
+        let entries: HashMap<u64, &OfflineEntry> =
+            decoded.iter().map(|d| (d.entry.msg_id, &d.entry)).collect();
+        loop {
+            let writes = by_message.iter().filter_map(|(msg_id, inboxes)| {
+                let entry = entries.get(msg_id)?;
+                Some(insert_skipping_corrupt(&backends.store, inboxes, entry))
+            });
+            match futures::future::try_join_all(writes).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "writing unacknowledged copies failed; retrying");
+                    tokio::time::sleep(HELD_WRITE_RETRY).await;
                 }
             }
-            let (now, _) = placements_after_writes(&backends.sessions, &decoded, seen.epoch).await;
-            if let Some(now) = now {
-                push_to_newcomers(&*pushes, &decoded, &now, &seen.placements, &config);
-            }
+        }
+        if !backends.holding.allowed() {
+            // Another offline-svc node started while the copies were held:
+            // a pull that reached it found none of them. Their devices'
+            // connections are told to pull again, now that they are stored.
+            notice_written_copies(&*pushes, &by_message, &seen.placements);
+        }
+        let (now, _) = placements_after_writes(&backends.sessions, &decoded, seen.epoch).await;
+        if let Some(now) = now {
+            push_to_newcomers(&*pushes, &decoded, &now, &seen.placements, &config);
         }
     }
-    pushes.batch_stored(number);
+    backends.held.release(&hold, holding);
 }
 
-/// What a batch holds back: its number (for the push gateway), its hold,
-/// and the keys of its held copies.
+/// Reason of the NOTICE SYNC sent after held copies were written because
+/// another offline-svc node started while they were held.
+const WRITTEN_AFTER_HOLD_REASON: &str = "messages held for this device are stored now; pull";
+
+/// Tells every connection in `placements` of a device with a copy in
+/// `written` (message id → device offline sets) to pull.
+fn notice_written_copies(
+    pushes: &dyn PushGateway,
+    written: &HashMap<u64, Vec<String>>,
+    placements: &HashMap<String, Vec<Placement>>,
+) {
+    let inboxes: HashSet<&str> = written.values().flatten().map(String::as_str).collect();
+    for placement in placements.values().flatten() {
+        if inboxes.contains(device_inbox(&placement.user_id, &placement.device_id).as_str()) {
+            pushes.sync_notice(placement, WRITTEN_AFTER_HOLD_REASON);
+        }
+    }
+}
+
+/// What a batch holds back: its hold and the keys of its held copies.
 struct Held {
-    number: u64,
     hold: Arc<BatchHold>,
     holding: Vec<HeldRun<u64>>,
     /// `ack_wait` after the copies were held (before the pushes went out).

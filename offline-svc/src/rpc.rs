@@ -2,7 +2,7 @@
 //! access nodes use, and [`RemotePushGateway`], which delivers pushes to the
 //! access node holding each connection.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -110,10 +110,11 @@ impl OfflineApi for RemoteOffline {
 /// items of the same batches.
 ///
 /// A push that cannot be delivered (queue full, node not keeping up, call
-/// failed) is not retried: the message is in the offline store. Instead its
-/// connection is remembered, and once the consumer has stored the batch of
-/// the dropped push and every batch before it ([`PushGateway::batch_stored`]), it gets
-/// one NOTICE SYNC and pulls what it missed. Waiting for the store matters:
+/// failed) is not retried: the message is in the offline store, or held
+/// where a pull finds it. Instead its connection is remembered, and once a
+/// pull finds everything of the batch of the dropped push and of every
+/// batch before it ([`PushGateway::batch_pullable`]: written, or held), it
+/// gets one NOTICE SYNC and pulls what it missed. Waiting for that matters:
 /// pushes go out before the offline write, and a pull that ran ahead of the
 /// write would find nothing and never be repeated.
 pub struct RemotePushGateway {
@@ -121,14 +122,42 @@ pub struct RemotePushGateway {
     owed: Arc<OwedNotices>,
 }
 
+/// The limits of a [`RemotePushGateway`].
+#[derive(Debug, Clone, Copy)]
+pub struct PushLimits {
+    /// Most pushes and notices waiting for one access node (beyond, a
+    /// batch is dropped and its connections told to pull).
+    pub node_queue_items: usize,
+}
+
+impl Default for PushLimits {
+    fn default() -> Self {
+        Self { node_queue_items: NODE_QUEUE_ITEMS }
+    }
+}
+
 /// Pushes waiting to be sent; a push finding the queue full is dropped.
 const PUSH_QUEUE: usize = 65_536;
-/// Most pushes and bytes in one batch to one access node.
+/// Most pushes and bytes the deliver loop puts in one batch to one access
+/// node.
 const MAX_BATCH: usize = 1_024;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Batches queued per access node; a batch finding the queue full is
-/// dropped and its connections are told to pull.
-const NODE_QUEUE: usize = 64;
+/// Most pushes and notices waiting for one access node, by default; a
+/// batch that would go past it is dropped and its connections are told to
+/// pull.
+///
+/// Counted in items, not batches: under load the deliver loop often takes
+/// pushes one at a time as the consumer queues them, and a limit of 64
+/// batches dropped single pushes by the hundred (a cluster fan-out to
+/// groups of 100 at 1,100 deliveries/s) while the node was idle between
+/// calls. Batches waiting behind a call go out together in the next one.
+const NODE_QUEUE_ITEMS: usize = 65_536;
+/// Most items and bytes of waiting batches merged into one call.
+const MAX_CALL_ITEMS: usize = 8_192;
+const MAX_CALL_BYTES: usize = 8 * 1024 * 1024;
+/// A node's sender task ends after this long without anything to send (a
+/// new one starts with the next batch).
+const SENDER_IDLE: Duration = Duration::from_secs(60);
 /// How often connections owed a SYNC notice are looked at.
 const OWED_NOTICE_INTERVAL: Duration = Duration::from_millis(100);
 /// Reason of the NOTICE SYNC that replaces dropped pushes.
@@ -148,6 +177,106 @@ struct NodeBatch {
     epoch: u64,
 }
 
+impl NodeBatch {
+    fn bytes(&self) -> usize {
+        self.items.iter().map(|item| item.message.len()).sum()
+    }
+}
+
+/// The batches waiting for one access node, taken in order by its sender
+/// task ([`RemotePushGateway::send_to_node`]), several per call when they
+/// queued up behind the one in flight.
+struct NodeQueue {
+    waiting: Mutex<NodeWaiting>,
+    ready: tokio::sync::Notify,
+    /// Most items waiting ([`NODE_QUEUE_ITEMS`] unless a test sets less).
+    limit: usize,
+}
+
+#[derive(Default)]
+struct NodeWaiting {
+    batches: VecDeque<NodeBatch>,
+    items: usize,
+    /// The sender task has ended (idle); the next batch starts a new one.
+    closed: bool,
+}
+
+/// Why a node's queue did not take a batch.
+enum Refused {
+    /// Its sender task has ended: start a new queue.
+    Closed(NodeBatch),
+    /// Its limit of items is reached.
+    Full(NodeBatch),
+}
+
+impl NodeQueue {
+    fn new(limit: usize) -> Self {
+        Self { waiting: Mutex::default(), ready: tokio::sync::Notify::new(), limit }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NodeWaiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn offer(&self, batch: NodeBatch) -> Result<(), Refused> {
+        let mut waiting = self.lock();
+        if waiting.closed {
+            return Err(Refused::Closed(batch));
+        }
+        // An empty queue takes any batch, however large.
+        if !waiting.batches.is_empty() && waiting.items + batch.items.len() > self.limit {
+            return Err(Refused::Full(batch));
+        }
+        waiting.items += batch.items.len();
+        waiting.batches.push_back(batch);
+        drop(waiting);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next call's items: the oldest batch and those waiting behind
+    /// it, up to [`MAX_CALL_ITEMS`] and [`MAX_CALL_BYTES`]. `None` once the
+    /// queue has been empty for [`SENDER_IDLE`] (it is closed then).
+    async fn next_call(&self) -> Option<NodeBatch> {
+        loop {
+            // Created before looking, so a batch offered in between wakes
+            // it (`notify_one` also keeps a wake-up for a later waiter).
+            let offered = self.ready.notified();
+            {
+                let mut waiting = self.lock();
+                if let Some(mut call) = waiting.batches.pop_front() {
+                    let mut bytes = call.bytes();
+                    while let Some(next) = waiting.batches.front() {
+                        let next_bytes = next.bytes();
+                        let fits = call.items.len() + next.items.len() <= MAX_CALL_ITEMS
+                            && bytes + next_bytes <= MAX_CALL_BYTES;
+                        if !fits {
+                            break;
+                        }
+                        let next = waiting.batches.pop_front().expect("looked at above");
+                        bytes += next_bytes;
+                        call.epoch = call.epoch.max(next.epoch);
+                        call.items.extend(next.items);
+                    }
+                    waiting.items -= call.items.len();
+                    return Some(call);
+                }
+            }
+            if tokio::time::timeout(SENDER_IDLE, offered).await.is_err() {
+                let mut waiting = self.lock();
+                if waiting.batches.is_empty() {
+                    waiting.closed = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
 /// A connection, as the access node holding it knows it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Target {
@@ -161,15 +290,15 @@ struct Target {
 /// Epochs order drops against the consumer's offline writes: an item
 /// carries the number of the newest consumer batch started when it was
 /// queued (`started`), and a connection may be told to pull once that batch
-/// and every one before it are stored (`stored_upto`).
+/// and every one before it are pullable (`pullable_upto`).
 #[derive(Default)]
 struct OwedNotices {
     started: AtomicU64,
-    /// Every batch up to this number is stored.
-    stored_upto: AtomicU64,
-    /// Batches reported stored above `stored_upto` (they finished out of
+    /// A pull finds everything of every batch up to this number.
+    pullable_upto: AtomicU64,
+    /// Batches reported pullable above `pullable_upto` (they finished out of
     /// order).
-    stored_above: Mutex<BTreeSet<u64>>,
+    pullable_above: Mutex<BTreeSet<u64>>,
     by_node: Mutex<HashMap<String, HashMap<Target, u64>>>,
 }
 
@@ -179,9 +308,9 @@ impl OwedNotices {
         self.started.load(Ordering::Acquire)
     }
 
-    fn stored(&self, number: u64) {
-        let mut above = self.stored_above.lock().unwrap_or_else(|e| e.into_inner());
-        let mut upto = self.stored_upto.load(Ordering::Acquire);
+    fn pullable(&self, number: u64) {
+        let mut above = self.pullable_above.lock().unwrap_or_else(|e| e.into_inner());
+        let mut upto = self.pullable_upto.load(Ordering::Acquire);
         if number <= upto {
             return;
         }
@@ -189,7 +318,7 @@ impl OwedNotices {
         while above.remove(&(upto + 1)) {
             upto += 1;
         }
-        self.stored_upto.store(upto, Ordering::Release);
+        self.pullable_upto.store(upto, Ordering::Release);
     }
 
     fn record<'a>(&self, node: &str, items: impl IntoIterator<Item = &'a PushItem>, epoch: u64) {
@@ -206,16 +335,16 @@ impl OwedNotices {
         }
     }
 
-    /// Takes, per node, the connections whose dropped messages are all
-    /// stored now.
+    /// Takes, per node, the connections whose dropped messages a pull
+    /// finds now.
     fn take_ready(&self) -> Vec<(String, Vec<Target>)> {
-        let stored = self.stored_upto.load(Ordering::Acquire);
+        let pullable = self.pullable_upto.load(Ordering::Acquire);
         let mut by_node = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
         let mut ready = Vec::new();
         for (node, owed) in by_node.iter_mut() {
             let mut targets = Vec::new();
             owed.retain(|target, epoch| {
-                let keep = *epoch > stored;
+                let keep = *epoch > pullable;
                 if !keep {
                     targets.push(target.clone());
                 }
@@ -239,17 +368,27 @@ impl RemotePushGateway {
     /// `access_nodes` follows the access-node role (pushes go to their
     /// internal address).
     pub fn start(access_nodes: Arc<Peers>) -> Arc<Self> {
+        Self::start_with(access_nodes, PushLimits::default())
+    }
+
+    /// [`RemotePushGateway::start`] with other limits.
+    pub fn start_with(access_nodes: Arc<Peers>, limits: PushLimits) -> Arc<Self> {
         let (queue, rx) = mpsc::channel(PUSH_QUEUE);
         let owed = Arc::new(OwedNotices::default());
-        tokio::spawn(Self::deliver(access_nodes, rx, owed.clone()));
+        tokio::spawn(Self::deliver(access_nodes, rx, owed.clone(), limits));
         Arc::new(Self { queue, owed })
     }
 
     /// Sorts queued pushes into per-node batches and hands each batch to
     /// that node's sender task; between batches, turns owed notices that
     /// are ready into batches of their own.
-    async fn deliver(access_nodes: Arc<Peers>, mut rx: mpsc::Receiver<Queued>, owed: Arc<OwedNotices>) {
-        let mut senders: HashMap<String, mpsc::Sender<NodeBatch>> = HashMap::new();
+    async fn deliver(
+        access_nodes: Arc<Peers>,
+        mut rx: mpsc::Receiver<Queued>,
+        owed: Arc<OwedNotices>,
+        limits: PushLimits,
+    ) {
+        let mut senders = NodeSenders { access_nodes, owed: owed.clone(), limits, queues: HashMap::new() };
         let mut owed_check = tokio::time::interval(OWED_NOTICE_INTERVAL);
         owed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -261,8 +400,7 @@ impl RemotePushGateway {
                 _ = owed_check.tick() => {
                     for (node, targets) in owed.take_ready() {
                         let items = targets.into_iter().map(owed_notice).collect();
-                        let batch = NodeBatch { items, epoch: owed.epoch() };
-                        Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
+                        senders.hand_over(node, NodeBatch { items, epoch: owed.epoch() });
                     }
                     continue;
                 }
@@ -281,47 +419,28 @@ impl RemotePushGateway {
                 if *bytes >= MAX_BATCH_BYTES
                     && let Some((batch, _)) = batches.remove(&node)
                 {
-                    Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
+                    senders.hand_over(node, batch);
                 }
                 if taken < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
             for (node, (batch, _)) in batches {
-                Self::hand_over(&access_nodes, &owed, &mut senders, node, batch);
+                senders.hand_over(node, batch);
             }
         }
     }
 
-    fn hand_over(
-        access_nodes: &Arc<Peers>,
-        owed: &Arc<OwedNotices>,
-        senders: &mut HashMap<String, mpsc::Sender<NodeBatch>>,
-        node: String,
-        batch: NodeBatch,
-    ) {
-        senders.retain(|_, tx| !tx.is_closed());
-        let tx = senders.entry(node.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(NODE_QUEUE);
-            tokio::spawn(Self::send_to_node(access_nodes.clone(), owed.clone(), node.clone(), rx));
-            tx
-        });
-        if let Err(e) = tx.try_send(batch) {
-            let batch = e.into_inner();
-            tracing::warn!(%node, pushes = batch.items.len(), "access node is not keeping up; push batch dropped (its connections will be told to pull)");
-            owed.record(&node, &batch.items, batch.epoch);
-        }
-    }
-
-    /// Sends one node's batches in order; ends when the node has been gone
-    /// from the registry for a while and nothing is queued for it.
+    /// Sends one node's batches in order, those that queued up behind a
+    /// call together in the next; ends once nothing was queued for
+    /// [`SENDER_IDLE`].
     async fn send_to_node(
         access_nodes: Arc<Peers>,
         owed: Arc<OwedNotices>,
         node: String,
-        mut batches: mpsc::Receiver<NodeBatch>,
+        queue: Arc<NodeQueue>,
     ) {
-        while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(60), batches.recv()).await {
+        while let Some(batch) = queue.next_call().await {
             let channel = match access_nodes.node(&node, Dial::Internal) {
                 Ok(Some(channel)) => channel,
                 // Gone: its clients reconnect elsewhere and pull.
@@ -345,6 +464,51 @@ impl RemotePushGateway {
             tracing::warn!(%node, pushes = request.items.len(), "{failure}; its connections will be told to pull");
             owed.record(&node, &request.items, epoch);
         }
+    }
+}
+
+/// The per-node queues of the deliver loop, each with its sender task.
+struct NodeSenders {
+    access_nodes: Arc<Peers>,
+    owed: Arc<OwedNotices>,
+    limits: PushLimits,
+    queues: HashMap<String, Arc<NodeQueue>>,
+}
+
+impl NodeSenders {
+    /// Queues `batch` for `node`, starting its sender task if it has none;
+    /// drops it if the node's queue is full (its connections are owed a
+    /// SYNC notice).
+    fn hand_over(&mut self, node: String, batch: NodeBatch) {
+        self.queues.retain(|_, queue| !queue.is_closed());
+        let mut batch = batch;
+        loop {
+            let queue = self.queues.entry(node.clone()).or_insert_with(|| {
+                let queue = Arc::new(NodeQueue::new(self.limits.node_queue_items));
+                let (access_nodes, owed) = (self.access_nodes.clone(), self.owed.clone());
+                tokio::spawn(RemotePushGateway::send_to_node(
+                    access_nodes,
+                    owed,
+                    node.clone(),
+                    queue.clone(),
+                ));
+                queue
+            });
+            match queue.offer(batch) {
+                Ok(()) => return,
+                Err(Refused::Full(refused)) => {
+                    batch = refused;
+                    break;
+                }
+                Err(Refused::Closed(refused)) => {
+                    // Its sender ended since the retain above: start another.
+                    self.queues.remove(&node);
+                    batch = refused;
+                }
+            }
+        }
+        tracing::warn!(%node, pushes = batch.items.len(), "access node is not keeping up; push batch dropped (its connections will be told to pull)");
+        self.owed.record(&node, &batch.items, batch.epoch);
     }
 }
 
@@ -407,8 +571,8 @@ impl PushGateway for RemotePushGateway {
         self.owed.started.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    fn batch_stored(&self, number: u64) {
-        self.owed.stored(number);
+    fn batch_pullable(&self, number: u64) {
+        self.owed.pullable(number);
     }
 }
 
@@ -417,17 +581,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_count_as_stored_only_once_every_earlier_one_is() {
+    fn batches_count_as_pullable_only_once_every_earlier_one_is() {
         let owed = OwedNotices::default();
-        let upto = |owed: &OwedNotices| owed.stored_upto.load(Ordering::Acquire);
-        owed.stored(2);
-        owed.stored(4);
+        let upto = |owed: &OwedNotices| owed.pullable_upto.load(Ordering::Acquire);
+        owed.pullable(2);
+        owed.pullable(4);
         assert_eq!(upto(&owed), 0, "batch 1 is still under way");
-        owed.stored(1);
+        owed.pullable(1);
         assert_eq!(upto(&owed), 2);
-        owed.stored(3);
+        owed.pullable(3);
         assert_eq!(upto(&owed), 4);
-        owed.stored(3);
+        owed.pullable(3);
         assert_eq!(upto(&owed), 4, "a repeated report changes nothing");
     }
 }

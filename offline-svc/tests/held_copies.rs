@@ -1,9 +1,11 @@
 //! Copies held back for pushed devices, end to end through `run_consumer`
 //! and `OfflineService::ack` on the embedded backends: an ACK within
 //! `ack_wait` means the copy is never written; without one it is written
-//! once the wait is over; the batch's offset is committed only then, so a
-//! consumer that dies while holding is replayed; a pull serves the held
-//! copies of its device from memory, and its ACK settles them.
+//! once the wait is over, and stays held until that write is done; the
+//! batch's offset is committed only then, so a consumer that dies while
+//! holding is replayed; a pull serves the held copies of its device from
+//! memory, and its ACK settles them. The push gateway hears that a pull
+//! finds the batch once it is written or held, without waiting for ACKs.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,11 +22,14 @@ use tokio::time::Instant;
 mod common;
 use common::{envelope, placement, start_consumer};
 
-/// Records pushes (connection, message) and counts stored batches.
+/// Records pushes (connection, message) and counts the batches reported
+/// pullable.
 #[derive(Default)]
 struct Recorder {
     pushes: Mutex<Vec<(u64, u64)>>,
-    stored: AtomicU64,
+    /// Connections sent a SYNC notice.
+    notices: Mutex<Vec<u64>>,
+    pullable: AtomicU64,
 }
 
 impl PushGateway for Recorder {
@@ -32,10 +37,12 @@ impl PushGateway for Recorder {
         self.pushes.lock().unwrap().push((placement.connection_id, msg_id));
     }
 
-    fn sync_notice(&self, _placement: &Placement, _reason: &str) {}
+    fn sync_notice(&self, placement: &Placement, _reason: &str) {
+        self.notices.lock().unwrap().push(placement.connection_id);
+    }
 
-    fn batch_stored(&self, _number: u64) {
-        self.stored.fetch_add(1, Ordering::SeqCst);
+    fn batch_pullable(&self, _number: u64) {
+        self.pullable.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -44,9 +51,21 @@ impl Recorder {
         self.pushes.lock().unwrap().contains(&(connection, msg_id))
     }
 
-    fn stored(&self) -> u64 {
-        self.stored.load(Ordering::SeqCst)
+    fn pullable(&self) -> u64 {
+        self.pullable.load(Ordering::SeqCst)
     }
+}
+
+/// Stops the consumer and waits for it. A graceful stop finishes the
+/// batches under way first, so with an `ack_wait` far longer than the
+/// test this returns in time only if no copy is waiting any more.
+async fn stop_promptly(
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+) {
+    let _ = stop.send(());
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task).await;
+    stopped.expect("the consumer still waits for a held copy").unwrap().unwrap();
 }
 
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
@@ -107,9 +126,10 @@ async fn an_acked_copy_is_never_written_and_an_unacked_one_after_the_wait() {
     let ack_wait = Duration::from_millis(1_500);
     let config = OfflineConfig { ack_wait, ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
+    let held = offline.held_writes();
     let gateway = Arc::new(Recorder::default());
     let started = Instant::now();
-    let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
+    let (task, stop) = consumer(&backends, held.clone(), Holding::Always, gateway.clone(), config);
     let count = |inbox: &'static str| {
         let store = backends.offline.clone();
         async move { store.count(inbox).await.unwrap() }
@@ -125,12 +145,14 @@ async fn an_acked_copy_is_never_written_and_an_unacked_one_after_the_wait() {
     offline.ack("bob", "phone", &[1]).await.unwrap();
     assert_eq!(count("bob/phone").await, 0, "bob ACKed within the wait: nothing written");
     assert_eq!(count("carol/desk").await, 0, "carol's copy waits for her ACK");
-    assert_eq!(gateway.stored(), 0, "the batch is not done while carol's copy waits");
+    eventually("the batch to be reported pullable", || gateway.pullable() == 1).await;
+    assert_eq!(held.len(), 1, "reported while carol's copy is still held: a pull finds it");
 
-    eventually("the batch to be stored", || gateway.stored() == 1).await;
-    assert!(started.elapsed() >= ack_wait, "stored before the wait was over");
+    eventually("carol's copy to be written and released", || held.is_empty()).await;
+    assert!(started.elapsed() >= ack_wait, "written before the wait was over");
     assert_eq!(count("carol/desk").await, 1, "carol did not ACK: her copy is written after the wait");
     assert_eq!(count("bob/phone").await, 0, "bob's ACKed copy is never written");
+    assert!(gateway.notices.lock().unwrap().is_empty(), "carol's connection is not told to pull");
     let (pulled, _) = offline.pull("carol", "desk", 0, 10).await.unwrap();
     assert_eq!(pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [2]);
     let _ = stop.send(());
@@ -157,12 +179,10 @@ async fn a_consumer_that_dies_while_holding_is_replayed_and_acks_settle_the_batc
     let second = Arc::new(Recorder::default());
     let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, second.clone(), config);
     eventually("the replayed push", || second.pushed(BOB, 1)).await;
-    assert_eq!(second.stored(), 0);
+    assert_eq!(offline.held_writes().len(), 1);
     offline.ack("bob", "phone", &[1]).await.unwrap();
-    eventually("the batch to be stored once bob ACKed", || second.stored() == 1).await;
+    stop_promptly(task, stop).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for an ACKed copy");
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
 }
 
 /// A device whose connection was cut while its copies were held pulls them
@@ -189,14 +209,105 @@ async fn a_pull_serves_the_held_copies_of_its_device_and_its_ack_settles_them() 
     assert_eq!((ids(&rest), more), (vec![3], false));
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "the pull wrote nothing");
     assert_eq!(offline.pending("bob", "phone").await.unwrap(), 3, "still held until ACKed");
-    assert_eq!(gateway.stored(), 0, "the batch waits for the ACK");
 
     offline.ack("bob", "phone", &[1, 2, 3]).await.unwrap();
-    eventually("the batch to be stored once the pull was ACKed", || gateway.stored() >= 1).await;
     assert_eq!(offline.pending("bob", "phone").await.unwrap(), 0);
+    stop_promptly(task, stop).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for ACKed copies");
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+}
+
+/// An offline store whose inserts wait until the test opens the gate, and
+/// which records what it was asked to ACK.
+struct GatedStore {
+    inner: Arc<dyn OfflineStore>,
+    gate: tokio::sync::Semaphore,
+    inserting: AtomicU32,
+    acked: Mutex<Vec<u64>>,
+}
+
+#[async_trait::async_trait]
+impl OfflineStore for GatedStore {
+    async fn insert(
+        &self,
+        receivers: &[String],
+        entry: &tern_store::OfflineEntry,
+    ) -> tern_store::StoreResult<()> {
+        self.inserting.fetch_add(1, Ordering::SeqCst);
+        let _open = self.gate.acquire().await.expect("the gate is never closed");
+        self.inner.insert(receivers, entry).await
+    }
+
+    async fn pull(
+        &self,
+        receiver: &str,
+        after: u64,
+        limit: usize,
+    ) -> tern_store::StoreResult<Vec<tern_store::OfflineEntry>> {
+        self.inner.pull(receiver, after, limit).await
+    }
+
+    async fn ack(
+        &self,
+        receiver: &str,
+        msg_ids: &[u64],
+        tombstone_ttl: Duration,
+    ) -> tern_store::StoreResult<()> {
+        self.acked.lock().unwrap().extend(msg_ids);
+        self.inner.ack(receiver, msg_ids, tombstone_ttl).await
+    }
+
+    async fn count(&self, receiver: &str) -> tern_store::StoreResult<u64> {
+        self.inner.count(receiver).await
+    }
+}
+
+/// Once the wait is over, an unACKed copy stays held until its write is
+/// done: a pull during the write still finds it (released first, it was
+/// neither held nor stored, and a connection told to pull then found
+/// nothing), and an ACK during the write reaches the store, whose
+/// tombstone drops the write.
+#[tokio::test]
+async fn a_copy_being_written_is_still_pulled_and_an_ack_meanwhile_reaches_the_store() {
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
+    publish(&backends, 1, "bob").await;
+    let config = OfflineConfig { ack_wait: Duration::from_millis(200), ..OfflineConfig::default() };
+    let gated = Arc::new(GatedStore {
+        inner: backends.offline.clone(),
+        gate: tokio::sync::Semaphore::new(0),
+        inserting: AtomicU32::new(0),
+        acked: Mutex::default(),
+    });
+    let offline = OfflineService::new(gated.clone(), config.clone());
+    let gateway = Arc::new(Recorder::default());
+    let consumer_backends = ConsumerBackends {
+        meta: backends.meta.clone(),
+        store: gated.clone(),
+        sessions: backends.sessions.clone(),
+        held: offline.held_writes(),
+        holding: Holding::Always,
+    };
+    let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
+    eventually("the push to bob", || gateway.pushed(BOB, 1)).await;
+    // bob does not ACK: after the wait his copy is written (and the write
+    // waits at the gate).
+    eventually("the write of bob's copy", || gated.inserting.load(Ordering::SeqCst) == 1).await;
+
+    let (pulled, _) = offline.pull("bob", "phone", 0, 10).await.unwrap();
+    assert_eq!(pulled.iter().map(|m| m.msg_id).collect::<Vec<_>>(), [1], "found while being written");
+    assert_eq!(offline.pending("bob", "phone").await.unwrap(), 1);
+    offline.ack("bob", "phone", &[1]).await.unwrap();
+    assert_eq!(*gated.acked.lock().unwrap(), [1], "the ACK during the write went to the store");
+
+    gated.gate.add_permits(1);
+    eventually("the write to be done and the copy released", || offline.held_writes().is_empty()).await;
+    assert_eq!(
+        backends.offline.count("bob/phone").await.unwrap(),
+        0,
+        "the ACK's tombstone dropped the write"
+    );
+    let (pulled, _) = offline.pull("bob", "phone", 0, 10).await.unwrap();
+    assert!(pulled.is_empty(), "an ACKed message comes back: {pulled:?}");
+    stop_promptly(task, stop).await;
 }
 
 /// With several offline-svc nodes an ACK may reach one that does not hold
@@ -226,7 +337,7 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
     let gateway = Arc::new(Recorder::default());
     let holding = Holding::WhileSoleNode(peers);
     let (task, stop) = consumer(&backends, held.clone(), holding, gateway.clone(), config);
-    eventually("the batch of two nodes to be stored", || gateway.stored() == 1).await;
+    eventually("the batch of two nodes to be written", || gateway.pullable() == 1).await;
     assert!(gateway.pushed(BOB, 1));
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1, "two nodes: written at once");
     assert!(held.is_empty());
@@ -240,6 +351,44 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
     // Not stopped gracefully: that would wait out the held copy's 600 s.
     drop(stop);
     task.abort();
+}
+
+/// A pull that reaches another offline-svc node does not find the copies
+/// this one holds. If another node started while copies were held, their
+/// devices' connections are told to pull once the copies are written.
+#[tokio::test]
+async fn copies_written_after_another_node_started_are_announced() {
+    use tern_store::discovery::Peers;
+    use tern_store::embedded::InProcessRegistry;
+    use tern_store::{NodeInfo, Registry};
+
+    let registry = InProcessRegistry::new();
+    let node = |id: &str| NodeInfo {
+        node_id: id.into(),
+        role: "offline-svc".into(),
+        addr: "127.0.0.1:1".into(),
+        internal_addr: String::new(),
+        connections: 0,
+    };
+    registry.register(&node("offline-1")).await.unwrap();
+    let peers = Peers::follow(&registry, "offline-svc").await.unwrap();
+
+    let (_dir, backends) = backends_with(&[("bob", "phone")], 1).await;
+    publish(&backends, 1, "bob").await;
+    let config = OfflineConfig { ack_wait: Duration::from_secs(1), ..OfflineConfig::default() };
+    let held = Arc::new(HeldWrites::default());
+    let gateway = Arc::new(Recorder::default());
+    let holding = Holding::WhileSoleNode(peers.clone());
+    let (task, stop) = consumer(&backends, held.clone(), holding, gateway.clone(), config);
+    eventually("the push", || gateway.pushed(BOB, 1)).await;
+    assert_eq!(held.len(), 1, "alone: bob's copy is held");
+
+    registry.register(&node("offline-2")).await.unwrap();
+    eventually("the second node to be seen", || peers.nodes().len() == 2).await;
+    eventually("bob's copy to be written", || held.is_empty()).await;
+    assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1);
+    eventually("bob's connection to be told to pull", || *gateway.notices.lock().unwrap() == [BOB]).await;
+    stop_promptly(task, stop).await;
 }
 
 /// An offline store that counts the calls made to it.
@@ -309,20 +458,20 @@ async fn an_ack_of_held_copies_asks_the_store_nothing() {
     let offline = OfflineService::new(counting.clone(), config.clone());
     let gateway = Arc::new(Recorder::default());
     let (task, stop) = consumer(&backends, offline.held_writes(), Holding::Always, gateway.clone(), config);
-    // dave's message first, in a batch of its own (stored once written).
+    // dave's message first, in a batch of its own.
     publish(&backends, 2, "dave").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while backends.offline.count("dave/").await.unwrap() == 0 {
         assert!(Instant::now() < deadline, "dave's copy was not written to his shared set");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    eventually("dave's batch to be stored", || gateway.stored() == 1).await;
+    eventually("dave's batch to be written", || gateway.pullable() == 1).await;
     publish(&backends, 1, "bob").await;
     eventually("the push to bob", || gateway.pushed(BOB, 1)).await;
 
     offline.ack("bob", "phone", &[1]).await.unwrap();
     assert_eq!(counting.calls(), 0, "a held copy's ACK is settled in memory");
-    eventually("bob's batch to be stored once he ACKed", || gateway.stored() == 2).await;
+    assert!(offline.held_writes().is_empty());
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 0, "nothing written for an ACKed copy");
 
     backends.meta.add_device("dave", "tab").await.unwrap();
