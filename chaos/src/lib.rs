@@ -264,7 +264,11 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
             (dir.clone(), None)
         }
         None => {
-            let temp = tempfile::Builder::new().prefix("tern-chaos-").tempdir()?;
+            let mut temp = tempfile::Builder::new().prefix("tern-chaos-").tempdir()?;
+            // Removed only once the run has passed: a deployment that fails
+            // to start, or a run that fails, leaves its process logs to read
+            // (the errors name them).
+            temp.disable_cleanup(true);
             (temp.path().to_owned(), Some(temp))
         }
     };
@@ -391,8 +395,11 @@ pub async fn run(options: ChaosOptions, progress: impl Fn(&str)) -> anyhow::Resu
     };
     // Keep the logs of a failed run.
     report.work_dir = match temp {
-        Some(temp) if !report.passed() => Some(temp.keep()),
-        Some(_) => None,
+        Some(mut temp) if report.passed() => {
+            temp.disable_cleanup(false);
+            None
+        }
+        Some(temp) => Some(temp.keep()),
         None => Some(work_dir),
     };
     Ok(report)

@@ -62,6 +62,28 @@ fn standalone_restarts_lose_nothing() {
     assert!(figure(&report, "kills: ") >= 2, "{report}");
 }
 
+/// A deployment that cannot start fails the run with an error naming the
+/// process log, and that log is kept to be read (the temporary work
+/// directory used to go with the error).
+#[test]
+fn a_deployment_that_fails_to_start_keeps_the_log_its_error_names() {
+    // `false` exits at once, before anything is ready.
+    let output = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["chaos", "standalone", "--tern-bin", "false", "--duration-secs", "5"])
+        .env("TERN_LOG", "warn")
+        .output()
+        .expect("run tern chaos");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let named = stderr
+        .split_whitespace()
+        .find(|word| word.contains("tern-chaos-") && word.ends_with(".log"))
+        .unwrap_or_else(|| panic!("no log named in:\n{stderr}"));
+    let log = std::path::Path::new(named);
+    assert!(log.exists(), "{} is gone:\n{stderr}", log.display());
+    std::fs::remove_dir_all(log.parent().expect("the work directory")).unwrap();
+}
+
 #[test]
 fn cluster_kills_of_every_role_lose_nothing() {
     let Some(redis) = tern_store::conformance::engine_from_env("TERN_REDIS_URL") else { return };
