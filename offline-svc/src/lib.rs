@@ -735,15 +735,58 @@ pub enum Holding {
     /// unwritten entry, so holding with several nodes would cost a tombstone
     /// per delivery instead of saving writes. Routing each ACK to the node
     /// that pushed the message would lift this.
-    WhileSoleNode(Arc<tern_store::discovery::Peers>),
+    WhileSoleNode(Arc<SoleNode>),
 }
 
 impl Holding {
     fn allowed(&self) -> bool {
         match self {
             Holding::Always => true,
-            Holding::WhileSoleNode(peers) => peers.nodes().len() <= 1,
+            Holding::WhileSoleNode(sole) => sole.peers.nodes().len() <= 1,
         }
+    }
+
+    /// How many times the role's membership has changed so far (0 for
+    /// [`Holding::Always`]); compare with a later reading to learn whether
+    /// another node may have served pulls in between.
+    fn membership_changes(&self) -> u64 {
+        match self {
+            Holding::Always => 0,
+            Holding::WhileSoleNode(sole) => sole.changes.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+}
+
+/// The offline-svc role followed for [`Holding::WhileSoleNode`]: its live
+/// nodes, and a count of the changes to their ids. A pull reaches any
+/// node, so one made while another node was live (even one that has left
+/// again) may have missed the copies this node held; the count tells.
+pub struct SoleNode {
+    peers: Arc<tern_store::discovery::Peers>,
+    changes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SoleNode {
+    /// Follows `peers` (the offline-svc role) until it is dropped.
+    pub fn follow(peers: Arc<tern_store::discovery::Peers>) -> Arc<Self> {
+        let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut membership = peers.subscribe();
+        let counted = changes.clone();
+        let ids =
+            |nodes: &[tern_store::NodeInfo]| nodes.iter().map(|n| n.node_id.clone()).collect::<Vec<_>>();
+        let mut known = ids(&membership.borrow_and_update());
+        // Ends when the registry watch ends (the `Peers` are dropped).
+        tokio::spawn(async move {
+            while membership.changed().await.is_ok() {
+                let now = ids(&membership.borrow_and_update());
+                // Load reports change a node's entry, not the membership.
+                if now != known {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    known = now;
+                }
+            }
+        });
+        Arc::new(Self { peers, changes })
     }
 }
 
@@ -789,6 +832,9 @@ pub async fn run_consumer(
             // pushes go out, so that no ACK can come first.
             let hold = Arc::new(BatchHold::default());
             let deadline = tokio::time::Instant::now() + config.ack_wait;
+            // Read before `allowed`, so a node that appears in between counts
+            // as a change during the hold.
+            let membership = backends.holding.membership_changes();
             let holds = !config.ack_wait.is_zero() && backends.holding.allowed();
             // A device told to pull has its large-group copies held too: its
             // pull serves them from memory and its ACK settles them, where
@@ -839,8 +885,9 @@ pub async fn run_consumer(
             // meanwhile, and its login-time pull may have run before the
             // write; a login after this lookup finds the entries itself.
             if !early.notices.is_empty() {
-                // Each such connection's copies were written instead of
-                // held: worth knowing when a busy group slows the server.
+                // Each such connection pulls instead of being pushed (a
+                // request per page): worth knowing when a busy group slows
+                // the server.
                 tracing::info!(
                     connections = early.notices.len(),
                     messages = decoded.len(),
@@ -859,7 +906,7 @@ pub async fn run_consumer(
                 }
                 None => before,
             };
-            let held = Held { hold, holding, deadline };
+            let held = Held { hold, holding, deadline, membership };
             let finish = finish_held(backends, pushes, config, decoded, Seen { placements, epoch }, held);
             Ok(tokio::spawn(finish))
         }
@@ -899,7 +946,7 @@ async fn finish_held(
     seen: Seen,
     held: Held,
 ) {
-    let Held { hold, holding, deadline } = held;
+    let Held { hold, holding, deadline, membership } = held;
     if holding.is_empty() {
         return;
     }
@@ -926,10 +973,11 @@ async fn finish_held(
                 }
             }
         }
-        if !backends.holding.allowed() {
-            // Another offline-svc node started while the copies were held:
-            // a pull that reached it found none of them. Their devices'
-            // connections are told to pull again, now that they are stored.
+        if backends.holding.membership_changes() != membership || !backends.holding.allowed() {
+            // Another offline-svc node was live at some point while the
+            // copies were held: a pull that reached it found none of them.
+            // Their devices' connections are told to pull again, now that
+            // they are stored.
             notice_written_copies(&*pushes, &by_message, &seen.placements);
         }
         let (now, _) = placements_after_writes(&backends.sessions, &decoded, seen.epoch).await;
@@ -941,7 +989,7 @@ async fn finish_held(
 }
 
 /// Reason of the NOTICE SYNC sent after held copies were written because
-/// another offline-svc node started while they were held.
+/// another offline-svc node was live while they were held.
 const WRITTEN_AFTER_HOLD_REASON: &str = "messages held for this device are stored now; pull";
 
 /// Tells every connection in `placements` of a device with a copy in
@@ -965,6 +1013,8 @@ struct Held {
     holding: Vec<HeldRun<u64>>,
     /// `ack_wait` after the copies were held (before the pushes went out).
     deadline: tokio::time::Instant,
+    /// [`Holding::membership_changes`] when the copies were held.
+    membership: u64,
 }
 
 /// The copies held back for `delivered` (pushes, or pulls announced by a

@@ -125,14 +125,17 @@ pub struct RemotePushGateway {
 /// The limits of a [`RemotePushGateway`].
 #[derive(Debug, Clone, Copy)]
 pub struct PushLimits {
-    /// Most pushes and notices waiting for one access node (beyond, a
-    /// batch is dropped and its connections told to pull).
+    /// Most pushes and notices, and most bytes of their messages, waiting
+    /// for one access node: a batch that would go past either is dropped
+    /// and its connections are told to pull. Not counted: the call under
+    /// way, and a batch offered to an empty queue (taken whatever its size).
     pub node_queue_items: usize,
+    pub node_queue_bytes: usize,
 }
 
 impl Default for PushLimits {
     fn default() -> Self {
-        Self { node_queue_items: NODE_QUEUE_ITEMS }
+        Self { node_queue_items: NODE_QUEUE_ITEMS, node_queue_bytes: NODE_QUEUE_BYTES }
     }
 }
 
@@ -152,6 +155,9 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// groups of 100 at 1,100 deliveries/s) while the node was idle between
 /// calls. Batches waiting behind a call go out together in the next one.
 const NODE_QUEUE_ITEMS: usize = 65_536;
+/// Most bytes of messages waiting for one access node, by default (the
+/// bound the 64 batches of up to 4 MiB had).
+const NODE_QUEUE_BYTES: usize = 256 * 1024 * 1024;
 /// Most items and bytes of waiting batches merged into one call.
 const MAX_CALL_ITEMS: usize = 8_192;
 const MAX_CALL_BYTES: usize = 8 * 1024 * 1024;
@@ -189,15 +195,16 @@ impl NodeBatch {
 struct NodeQueue {
     waiting: Mutex<NodeWaiting>,
     ready: tokio::sync::Notify,
-    /// Most items waiting ([`NODE_QUEUE_ITEMS`] unless a test sets less).
-    limit: usize,
+    limits: PushLimits,
 }
 
 #[derive(Default)]
 struct NodeWaiting {
     batches: VecDeque<NodeBatch>,
     items: usize,
-    /// The sender task has ended (idle); the next batch starts a new one.
+    bytes: usize,
+    /// The sender task has ended (idle, or it failed); the next batch
+    /// starts a new one.
     closed: bool,
 }
 
@@ -205,13 +212,13 @@ struct NodeWaiting {
 enum Refused {
     /// Its sender task has ended: start a new queue.
     Closed(NodeBatch),
-    /// Its limit of items is reached.
+    /// Its limit of items or bytes is reached.
     Full(NodeBatch),
 }
 
 impl NodeQueue {
-    fn new(limit: usize) -> Self {
-        Self { waiting: Mutex::default(), ready: tokio::sync::Notify::new(), limit }
+    fn new(limits: PushLimits) -> Self {
+        Self { waiting: Mutex::default(), ready: tokio::sync::Notify::new(), limits }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NodeWaiting> {
@@ -223,11 +230,15 @@ impl NodeQueue {
         if waiting.closed {
             return Err(Refused::Closed(batch));
         }
+        let bytes = batch.bytes();
+        let over = waiting.items + batch.items.len() > self.limits.node_queue_items
+            || waiting.bytes + bytes > self.limits.node_queue_bytes;
         // An empty queue takes any batch, however large.
-        if !waiting.batches.is_empty() && waiting.items + batch.items.len() > self.limit {
+        if over && !waiting.batches.is_empty() {
             return Err(Refused::Full(batch));
         }
         waiting.items += batch.items.len();
+        waiting.bytes += bytes;
         waiting.batches.push_back(batch);
         drop(waiting);
         self.ready.notify_one();
@@ -239,8 +250,9 @@ impl NodeQueue {
     /// queue has been empty for [`SENDER_IDLE`] (it is closed then).
     async fn next_call(&self) -> Option<NodeBatch> {
         loop {
-            // Created before looking, so a batch offered in between wakes
-            // it (`notify_one` also keeps a wake-up for a later waiter).
+            // A batch offered after the look below is not missed:
+            // `notify_one` with nobody waiting keeps a wake-up for the next
+            // wait.
             let offered = self.ready.notified();
             {
                 let mut waiting = self.lock();
@@ -259,6 +271,7 @@ impl NodeQueue {
                         call.items.extend(next.items);
                     }
                     waiting.items -= call.items.len();
+                    waiting.bytes -= bytes;
                     return Some(call);
                 }
             }
@@ -274,6 +287,32 @@ impl NodeQueue {
 
     fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Closes the queue and takes what was waiting (its sender task
+    /// ended without sending it).
+    fn close(&self) -> Vec<NodeBatch> {
+        let mut waiting = self.lock();
+        waiting.closed = true;
+        (waiting.items, waiting.bytes) = (0, 0);
+        waiting.batches.drain(..).collect()
+    }
+}
+
+/// Held by a node's sender task: however the task ends, even by a panic,
+/// its queue is closed (the next batch starts a new task) and the
+/// connections of batches left in it are owed a SYNC notice.
+struct CloseOnExit {
+    queue: Arc<NodeQueue>,
+    owed: Arc<OwedNotices>,
+    node: String,
+}
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        for batch in self.queue.close() {
+            self.owed.record(&self.node, &batch.items, batch.epoch);
+        }
     }
 }
 
@@ -440,6 +479,7 @@ impl RemotePushGateway {
         node: String,
         queue: Arc<NodeQueue>,
     ) {
+        let _close_on_exit = CloseOnExit { queue: queue.clone(), owed: owed.clone(), node: node.clone() };
         while let Some(batch) = queue.next_call().await {
             let channel = match access_nodes.node(&node, Dial::Internal) {
                 Ok(Some(channel)) => channel,
@@ -484,7 +524,7 @@ impl NodeSenders {
         let mut batch = batch;
         loop {
             let queue = self.queues.entry(node.clone()).or_insert_with(|| {
-                let queue = Arc::new(NodeQueue::new(self.limits.node_queue_items));
+                let queue = Arc::new(NodeQueue::new(self.limits));
                 let (access_nodes, owed) = (self.access_nodes.clone(), self.owed.clone());
                 tokio::spawn(RemotePushGateway::send_to_node(
                     access_nodes,
@@ -579,6 +619,86 @@ impl PushGateway for RemotePushGateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn item(user: &str, message: &'static [u8]) -> PushItem {
+        PushItem {
+            user_id: user.to_owned(),
+            device_id: "phone".to_owned(),
+            connection_id: 1,
+            msg_id: 1,
+            message: Bytes::from_static(message),
+            sync_notice: None,
+        }
+    }
+
+    fn batch(users: &[&str], epoch: u64) -> NodeBatch {
+        NodeBatch { items: users.iter().map(|u| item(u, b"hello")).collect(), epoch }
+    }
+
+    fn users(batch: &NodeBatch) -> Vec<&str> {
+        batch.items.iter().map(|i| i.user_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn batches_waiting_behind_a_call_go_out_together_in_order() {
+        let queue = NodeQueue::new(PushLimits::default());
+        assert!(queue.offer(batch(&["a"], 1)).is_ok());
+        assert!(queue.offer(batch(&["b", "c"], 3)).is_ok());
+        assert!(queue.offer(batch(&["d"], 2)).is_ok());
+        let call = queue.next_call().await.unwrap();
+        assert_eq!((users(&call), call.epoch), (vec!["a", "b", "c", "d"], 3));
+        let counted = |queue: &NodeQueue| {
+            let waiting = queue.lock();
+            (waiting.items, waiting.bytes)
+        };
+        assert_eq!(counted(&queue), (0, 0));
+
+        // A call stops at MAX_CALL_ITEMS; the rest waits for the next.
+        let many = vec!["x"; MAX_CALL_ITEMS];
+        assert!(queue.offer(batch(&many, 4)).is_ok());
+        assert!(queue.offer(batch(&["y"], 5)).is_ok());
+        assert_eq!(queue.next_call().await.unwrap().items.len(), MAX_CALL_ITEMS);
+        assert_eq!(users(&queue.next_call().await.unwrap()), ["y"]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_a_batch_and_an_empty_one_takes_any() {
+        let queue = NodeQueue::new(PushLimits { node_queue_items: 3, node_queue_bytes: 12 });
+        assert!(queue.offer(batch(&["a", "b", "c", "d"], 1)).is_ok(), "empty: taken whatever its size");
+        assert!(matches!(queue.offer(batch(&["e"], 1)), Err(Refused::Full(_))), "items");
+        queue.close();
+        let queue = NodeQueue::new(PushLimits { node_queue_items: 100, node_queue_bytes: 12 });
+        assert!(queue.offer(batch(&["a", "b"], 1)).is_ok());
+        assert!(matches!(queue.offer(batch(&["c"], 1)), Err(Refused::Full(_))), "15 bytes > 12");
+        assert!(
+            queue.offer(NodeBatch { items: vec![item("n", b"")], epoch: 1 }).is_ok(),
+            "a notice has none"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_queue_closes_and_refuses_batches_then() {
+        let queue = NodeQueue::new(PushLimits::default());
+        let started = tokio::time::Instant::now();
+        assert!(queue.next_call().await.is_none());
+        assert!(started.elapsed() >= SENDER_IDLE);
+        assert!(queue.is_closed());
+        assert!(matches!(queue.offer(batch(&["a"], 1)), Err(Refused::Closed(_))));
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_ends_closes_its_queue_and_owes_what_it_left() {
+        let queue = Arc::new(NodeQueue::new(PushLimits::default()));
+        let owed = Arc::new(OwedNotices::default());
+        assert!(queue.offer(batch(&["a", "b"], 1)).is_ok());
+        drop(CloseOnExit { queue: queue.clone(), owed: owed.clone(), node: "access-1".to_owned() });
+        assert!(queue.is_closed());
+        owed.pullable(1);
+        let ready = owed.take_ready();
+        let mut owed_users: Vec<&str> = ready[0].1.iter().map(|t| t.user_id.as_str()).collect();
+        owed_users.sort();
+        assert_eq!((ready.len(), ready[0].0.as_str(), owed_users), (1, "access-1", vec!["a", "b"]));
+    }
 
     #[test]
     fn batches_count_as_pullable_only_once_every_earlier_one_is() {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_offline_svc::held::HeldWrites;
-use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_offline_svc::{
+    ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway, SoleNode,
+};
 use tern_proto::BusNames;
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore, StoreError};
@@ -335,7 +337,7 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let held = Arc::new(HeldWrites::default());
     let gateway = Arc::new(Recorder::default());
-    let holding = Holding::WhileSoleNode(peers);
+    let holding = Holding::WhileSoleNode(SoleNode::follow(peers));
     let (task, stop) = consumer(&backends, held.clone(), holding, gateway.clone(), config);
     eventually("the batch of two nodes to be written", || gateway.pullable() == 1).await;
     assert!(gateway.pushed(BOB, 1));
@@ -354,10 +356,11 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
 }
 
 /// A pull that reaches another offline-svc node does not find the copies
-/// this one holds. If another node started while copies were held, their
-/// devices' connections are told to pull once the copies are written.
+/// this one holds. If another node was live at any time while copies were
+/// held (here it started and stopped again), their devices' connections
+/// are told to pull once the copies are written.
 #[tokio::test]
-async fn copies_written_after_another_node_started_are_announced() {
+async fn copies_written_after_another_node_was_live_are_announced() {
     use tern_store::discovery::Peers;
     use tern_store::embedded::InProcessRegistry;
     use tern_store::{NodeInfo, Registry};
@@ -378,13 +381,15 @@ async fn copies_written_after_another_node_started_are_announced() {
     let config = OfflineConfig { ack_wait: Duration::from_secs(1), ..OfflineConfig::default() };
     let held = Arc::new(HeldWrites::default());
     let gateway = Arc::new(Recorder::default());
-    let holding = Holding::WhileSoleNode(peers.clone());
+    let holding = Holding::WhileSoleNode(SoleNode::follow(peers.clone()));
     let (task, stop) = consumer(&backends, held.clone(), holding, gateway.clone(), config);
     eventually("the push", || gateway.pushed(BOB, 1)).await;
     assert_eq!(held.len(), 1, "alone: bob's copy is held");
 
     registry.register(&node("offline-2")).await.unwrap();
     eventually("the second node to be seen", || peers.nodes().len() == 2).await;
+    registry.deregister("offline-2").await.unwrap();
+    eventually("the second node to be gone", || peers.nodes().len() == 1).await;
     eventually("bob's copy to be written", || held.is_empty()).await;
     assert_eq!(backends.offline.count("bob/phone").await.unwrap(), 1);
     eventually("bob's connection to be told to pull", || *gateway.notices.lock().unwrap() == [BOB]).await;

@@ -104,7 +104,7 @@ async fn sync_notices_travel_in_order_with_pushes() {
 }
 
 /// A node queue of 64 items, so that 150 pushes overflow it.
-const SMALL_QUEUE: PushLimits = PushLimits { node_queue_items: 64 };
+const SMALL_QUEUE: PushLimits = PushLimits { node_queue_items: 64, node_queue_bytes: usize::MAX };
 
 /// Pushes that queue up while a call to the node is under way go out
 /// together in the next call: none is dropped, and the node is called a

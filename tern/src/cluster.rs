@@ -22,7 +22,7 @@ use tern_group_svc::rpc::{GROUP_ROLE, RemoteHistory};
 use tern_idgen::Snowflake;
 use tern_idgen::rpc::{IDGEN_ROLE, IdGenService};
 use tern_offline_svc::rpc::{OFFLINE_ROLE, RemoteOffline, RemotePushGateway};
-use tern_offline_svc::{ConsumerBackends, Holding, OfflineService};
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineService, SoleNode};
 use tern_proto::BusNames;
 use tern_router_auth::rpc::{ROUTER_AUTH_ROLE, RemoteSessionAuthority};
 use tern_router_auth::{ACCESS_TCP_ROLE, AccessSelection, AuthConfig, AuthService, TokenSigner};
@@ -515,7 +515,9 @@ pub async fn run_role(
                     store: engines.redis.offline.clone(),
                     sessions: engines.redis.sessions.clone(),
                     held: offline.held_writes(),
-                    holding: Holding::WhileSoleNode(Peers::follow(&*registry, OFFLINE_ROLE).await?),
+                    holding: Holding::WhileSoleNode(SoleNode::follow(
+                        Peers::follow(&*registry, OFFLINE_ROLE).await?,
+                    )),
                 },
                 RemotePushGateway::start(access_nodes),
                 offline_config,
