@@ -767,7 +767,8 @@ pub struct SoleNode {
 }
 
 impl SoleNode {
-    /// Follows `peers` (the offline-svc role) until it is dropped.
+    /// Follows `peers` (the offline-svc role) for as long as the registry
+    /// watches it.
     pub fn follow(peers: Arc<tern_store::discovery::Peers>) -> Arc<Self> {
         let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut membership = peers.subscribe();
@@ -775,7 +776,7 @@ impl SoleNode {
         let ids =
             |nodes: &[tern_store::NodeInfo]| nodes.iter().map(|n| n.node_id.clone()).collect::<Vec<_>>();
         let mut known = ids(&membership.borrow_and_update());
-        // Ends when the registry watch ends (the `Peers` are dropped).
+        // Ends when the registry's watch of the role ends.
         tokio::spawn(async move {
             while membership.changed().await.is_ok() {
                 let now = ids(&membership.borrow_and_update());
