@@ -177,15 +177,30 @@ struct Queued {
     epoch: u64,
 }
 
-/// A batch for one access node; `epoch` is the newest epoch among its items.
+/// A batch for one access node; `epoch` is the newest epoch among its
+/// items, `bytes` the size of their messages.
 struct NodeBatch {
     items: Vec<PushItem>,
     epoch: u64,
+    bytes: usize,
 }
 
 impl NodeBatch {
-    fn bytes(&self) -> usize {
-        self.items.iter().map(|item| item.message.len()).sum()
+    fn new(epoch: u64) -> Self {
+        Self { items: Vec::new(), epoch, bytes: 0 }
+    }
+
+    fn push(&mut self, item: PushItem, epoch: u64) {
+        self.bytes += item.message.len();
+        self.items.push(item);
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    /// Takes `other`'s items after its own.
+    fn append(&mut self, other: NodeBatch) {
+        self.bytes += other.bytes;
+        self.items.extend(other.items);
+        self.epoch = self.epoch.max(other.epoch);
     }
 }
 
@@ -230,15 +245,14 @@ impl NodeQueue {
         if waiting.closed {
             return Err(Refused::Closed(batch));
         }
-        let bytes = batch.bytes();
         let over = waiting.items + batch.items.len() > self.limits.node_queue_items
-            || waiting.bytes + bytes > self.limits.node_queue_bytes;
+            || waiting.bytes + batch.bytes > self.limits.node_queue_bytes;
         // An empty queue takes any batch, however large.
         if over && !waiting.batches.is_empty() {
             return Err(Refused::Full(batch));
         }
         waiting.items += batch.items.len();
-        waiting.bytes += bytes;
+        waiting.bytes += batch.bytes;
         waiting.batches.push_back(batch);
         drop(waiting);
         self.ready.notify_one();
@@ -257,21 +271,16 @@ impl NodeQueue {
             {
                 let mut waiting = self.lock();
                 if let Some(mut call) = waiting.batches.pop_front() {
-                    let mut bytes = call.bytes();
                     while let Some(next) = waiting.batches.front() {
-                        let next_bytes = next.bytes();
                         let fits = call.items.len() + next.items.len() <= MAX_CALL_ITEMS
-                            && bytes + next_bytes <= MAX_CALL_BYTES;
+                            && call.bytes + next.bytes <= MAX_CALL_BYTES;
                         if !fits {
                             break;
                         }
-                        let next = waiting.batches.pop_front().expect("looked at above");
-                        bytes += next_bytes;
-                        call.epoch = call.epoch.max(next.epoch);
-                        call.items.extend(next.items);
+                        call.append(waiting.batches.pop_front().expect("looked at above"));
                     }
                     waiting.items -= call.items.len();
-                    waiting.bytes -= bytes;
+                    waiting.bytes -= call.bytes;
                     return Some(call);
                 }
             }
@@ -439,24 +448,20 @@ impl RemotePushGateway {
                 _ = owed_check.tick() => {
                     for (node, targets) in owed.take_ready() {
                         let items = targets.into_iter().map(owed_notice).collect();
-                        senders.hand_over(node, NodeBatch { items, epoch: owed.epoch() });
+                        senders.hand_over(node, NodeBatch { items, epoch: owed.epoch(), bytes: 0 });
                     }
                     continue;
                 }
             };
-            let mut batches: HashMap<String, (NodeBatch, usize)> = HashMap::new();
+            let mut batches: HashMap<String, NodeBatch> = HashMap::new();
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(Queued { node, item, epoch }) = next.take() {
-                let (batch, bytes) = batches
-                    .entry(node.clone())
-                    .or_insert_with(|| (NodeBatch { items: Vec::new(), epoch }, 0));
-                *bytes += item.message.len();
-                batch.items.push(item);
-                batch.epoch = batch.epoch.max(epoch);
+                let batch = batches.entry(node.clone()).or_insert_with(|| NodeBatch::new(epoch));
+                batch.push(item, epoch);
                 taken += 1;
-                if *bytes >= MAX_BATCH_BYTES
-                    && let Some((batch, _)) = batches.remove(&node)
+                if batch.bytes >= MAX_BATCH_BYTES
+                    && let Some(batch) = batches.remove(&node)
                 {
                     senders.hand_over(node, batch);
                 }
@@ -464,7 +469,7 @@ impl RemotePushGateway {
                     next = rx.try_recv().ok();
                 }
             }
-            for (node, (batch, _)) in batches {
+            for (node, batch) in batches {
                 senders.hand_over(node, batch);
             }
         }
@@ -492,7 +497,7 @@ impl RemotePushGateway {
             let mut client = AccessPushClient::new(channel)
                 .max_decoding_message_size(MAX_RPC_MESSAGE)
                 .max_encoding_message_size(MAX_RPC_MESSAGE);
-            let NodeBatch { items, epoch } = batch;
+            let NodeBatch { items, epoch, .. } = batch;
             // A clone shares the message buffers; it is kept so that a
             // failed call can record the batch's connections.
             let request = PushBatch { items };
@@ -632,7 +637,11 @@ mod tests {
     }
 
     fn batch(users: &[&str], epoch: u64) -> NodeBatch {
-        NodeBatch { items: users.iter().map(|u| item(u, b"hello")).collect(), epoch }
+        let mut batch = NodeBatch::new(epoch);
+        for user in users {
+            batch.push(item(user, b"hello"), epoch);
+        }
+        batch
     }
 
     fn users(batch: &NodeBatch) -> Vec<&str> {
@@ -671,7 +680,7 @@ mod tests {
         assert!(queue.offer(batch(&["a", "b"], 1)).is_ok());
         assert!(matches!(queue.offer(batch(&["c"], 1)), Err(Refused::Full(_))), "15 bytes > 12");
         assert!(
-            queue.offer(NodeBatch { items: vec![item("n", b"")], epoch: 1 }).is_ok(),
+            queue.offer(NodeBatch { items: vec![item("n", b"")], epoch: 1, bytes: 0 }).is_ok(),
             "a notice has none"
         );
     }
