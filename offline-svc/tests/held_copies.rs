@@ -17,12 +17,13 @@ use tern_offline_svc::{
     ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway, SoleNode,
 };
 use tern_proto::BusNames;
-use tern_store::embedded::EmbeddedBackends;
-use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore, StoreError};
+use tern_store::discovery::Peers;
+use tern_store::embedded::{EmbeddedBackends, InProcessRegistry};
+use tern_store::{Bus, MetaStore, NodeInfo, OfflineStore, Placement, Registry, SessionStore, StoreError};
 use tokio::time::Instant;
 
 mod common;
-use common::{envelope, placement, start_consumer};
+use common::{consumer_backends, envelope, placement, start_consumer};
 
 /// Records pushes (connection, message) and counts the batches reported
 /// pullable.
@@ -108,14 +109,7 @@ fn consumer(
     gateway: Arc<Recorder>,
     config: OfflineConfig,
 ) -> (tokio::task::JoinHandle<Result<(), tern_store::StoreError>>, tokio::sync::oneshot::Sender<()>) {
-    let backends_of_consumer = ConsumerBackends {
-        meta: backends.meta.clone(),
-        store: backends.offline.clone(),
-        sessions: backends.sessions.clone(),
-        held,
-        holding,
-    };
-    start_consumer(backends.bus.clone(), backends_of_consumer, gateway, config)
+    start_consumer(backends.bus.clone(), consumer_backends(backends, held, holding), gateway, config)
 }
 
 #[tokio::test]
@@ -312,22 +306,22 @@ async fn a_copy_being_written_is_still_pulled_and_an_ack_meanwhile_reaches_the_s
     stop_promptly(task, stop).await;
 }
 
-/// With several offline-svc nodes an ACK may reach one that does not hold
-/// the copy, so the consumer writes every copy at once; alone, it holds.
-#[tokio::test]
-async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
-    use tern_store::discovery::Peers;
-    use tern_store::embedded::InProcessRegistry;
-    use tern_store::{NodeInfo, Registry};
-
-    let registry = InProcessRegistry::new();
-    let node = |id: &str| NodeInfo {
+/// An offline-svc node as the registry lists it.
+fn node(id: &str) -> NodeInfo {
+    NodeInfo {
         node_id: id.into(),
         role: "offline-svc".into(),
         addr: "127.0.0.1:1".into(),
         internal_addr: String::new(),
         connections: 0,
-    };
+    }
+}
+
+/// With several offline-svc nodes an ACK may reach one that does not hold
+/// the copy, so the consumer writes every copy at once; alone, it holds.
+#[tokio::test]
+async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
+    let registry = InProcessRegistry::new();
     registry.register(&node("offline-1")).await.unwrap();
     registry.register(&node("offline-2")).await.unwrap();
     let peers = Peers::follow(&registry, "offline-svc").await.unwrap();
@@ -361,18 +355,7 @@ async fn copies_are_held_only_while_this_is_the_sole_offline_node() {
 /// are told to pull once the copies are written.
 #[tokio::test]
 async fn copies_written_after_another_node_was_live_are_announced() {
-    use tern_store::discovery::Peers;
-    use tern_store::embedded::InProcessRegistry;
-    use tern_store::{NodeInfo, Registry};
-
     let registry = InProcessRegistry::new();
-    let node = |id: &str| NodeInfo {
-        node_id: id.into(),
-        role: "offline-svc".into(),
-        addr: "127.0.0.1:1".into(),
-        internal_addr: String::new(),
-        connections: 0,
-    };
     registry.register(&node("offline-1")).await.unwrap();
     let peers = Peers::follow(&registry, "offline-svc").await.unwrap();
 

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_offline_svc::{Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::{BusNames, pb};
 use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, MetaStore, OfflineStore, Placement, SessionStore};
 
 mod common;
-use common::{envelope, placement, start_consumer};
+use common::{consumer_backends, envelope, placement, start_consumer};
 
 /// What the consumer handed to the gateway, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,15 +194,8 @@ async fn a_device_told_to_pull_is_served_its_held_copies_without_a_write() {
     }
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
     let recorder = Arc::new(Recorder::default());
-    let consumer_backends = ConsumerBackends {
-        meta: backends.meta.clone(),
-        store: backends.offline.clone(),
-        sessions: backends.sessions.clone(),
-        held: offline.held_writes(),
-        holding: Holding::Always,
-    };
-    let (consumer, stop_tx) =
-        start_consumer(backends.bus.clone(), consumer_backends, recorder.clone(), config);
+    let stores = consumer_backends(&backends, offline.held_writes(), Holding::Always);
+    let (consumer, stop_tx) = start_consumer(backends.bus.clone(), stores, recorder.clone(), config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while recorder.sent().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -229,13 +222,7 @@ async fn consume_recorded(backends: &EmbeddedBackends, config: OfflineConfig, ev
     let recorder = Arc::new(Recorder::default());
     let (consumer, stop_tx) = start_consumer(
         backends.bus.clone(),
-        ConsumerBackends {
-            meta: backends.meta.clone(),
-            store: backends.offline.clone(),
-            sessions: backends.sessions.clone(),
-            held: Arc::default(),
-            holding: Holding::Always,
-        },
+        consumer_backends(backends, Arc::default(), Holding::Always),
         recorder.clone(),
         config,
     );

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_offline_svc::rpc::{PushLimits, RemotePushGateway};
-use tern_offline_svc::{ConsumerBackends, Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
+use tern_offline_svc::{Holding, OfflineApi, OfflineConfig, OfflineService, PushGateway};
 use tern_proto::BusNames;
 use tern_proto::rpc::internal::access_push_server::{AccessPush, AccessPushServer};
 use tern_proto::rpc::internal::{Empty, KickRequest, PushBatch, PushItem};
@@ -20,7 +20,7 @@ use tern_store::{Bus, MetaStore, NodeInfo, OfflineStore, Placement, Registry, Se
 use tonic::{Request, Response, Status};
 
 mod common;
-use common::{envelope, start_consumer};
+use common::{consumer_backends, envelope, start_consumer};
 
 /// An access node's push endpoint that records what it receives. While
 /// the test holds `busy` for writing, every push call waits.
@@ -29,6 +29,22 @@ struct FakeAccessNode {
     received: Arc<Mutex<Vec<PushItem>>>,
     calls: Arc<AtomicUsize>,
     busy: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl FakeAccessNode {
+    /// The users the node has received a push or notice for, once that is
+    /// every one of `expected` or after 10 s.
+    async fn users_reached(&self, expected: &BTreeSet<String>) -> BTreeSet<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let reached: BTreeSet<String> =
+                self.received.lock().unwrap().iter().map(|i| i.user_id.clone()).collect();
+            if &reached == expected || tokio::time::Instant::now() > deadline {
+                return reached;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -170,15 +186,7 @@ async fn dropped_pushes_are_replaced_by_a_sync_notice_once_pullable() {
 
     gateway.batch_pullable(batch);
     let everyone: BTreeSet<String> = (0..USERS).map(|i| format!("u{i}")).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let reached = loop {
-        let reached: BTreeSet<String> =
-            node.received.lock().unwrap().iter().map(|i| i.user_id.clone()).collect();
-        if reached == everyone || tokio::time::Instant::now() > deadline {
-            break reached;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let reached = node.users_reached(&everyone).await;
     assert_eq!(reached, everyone, "every connection gets its push or a SYNC notice");
     let items = node.received.lock().unwrap().clone();
     for item in &items[before_pullable.len()..] {
@@ -212,14 +220,8 @@ async fn a_dropped_push_is_noticed_at_once_while_its_copy_is_held() {
     }
     let config = OfflineConfig { ack_wait: Duration::from_secs(600), ..OfflineConfig::default() };
     let offline = OfflineService::new(backends.offline.clone(), config.clone());
-    let consumer_backends = ConsumerBackends {
-        meta: backends.meta.clone(),
-        store: backends.offline.clone(),
-        sessions: backends.sessions.clone(),
-        held: offline.held_writes(),
-        holding: Holding::Always,
-    };
-    let (task, stop) = start_consumer(backends.bus.clone(), consumer_backends, gateway.clone(), config);
+    let stores = consumer_backends(&backends, offline.held_writes(), Holding::Always);
+    let (task, stop) = start_consumer(backends.bus.clone(), stores, gateway.clone(), config);
 
     let busy = node.busy.write().await;
     let topic = BusNames::default().messages_topic;
@@ -238,15 +240,7 @@ async fn a_dropped_push_is_noticed_at_once_while_its_copy_is_held() {
     drop(busy);
 
     let everyone: BTreeSet<String> = (0..USERS).map(|i| format!("u{i}")).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let reached = loop {
-        let reached: BTreeSet<String> =
-            node.received.lock().unwrap().iter().map(|i| i.user_id.clone()).collect();
-        if reached == everyone || tokio::time::Instant::now() > deadline {
-            break reached;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let reached = node.users_reached(&everyone).await;
     assert_eq!(reached, everyone, "every connection gets its push or a SYNC notice within the wait");
     let noticed: Vec<String> = node
         .received

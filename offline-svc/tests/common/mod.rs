@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tern_offline_svc::{ConsumerBackends, OfflineConfig, PushGateway};
+use tern_offline_svc::held::HeldWrites;
+use tern_offline_svc::{ConsumerBackends, Holding, OfflineConfig, PushGateway};
 use tern_proto::{BusNames, pb};
+use tern_store::embedded::EmbeddedBackends;
 use tern_store::{Bus, Placement, StoreError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -40,6 +42,21 @@ pub fn envelope(msg_id: u64, group: &str, sender: &str, receivers: &[&str]) -> B
 
 pub fn placement(user: &str, device: &str, connection_id: u64) -> Placement {
     Placement { user_id: user.into(), device_id: device.into(), node_id: "n1".into(), connection_id }
+}
+
+/// The consumer's stores, all those of `backends`.
+pub fn consumer_backends(
+    backends: &EmbeddedBackends,
+    held: Arc<HeldWrites>,
+    holding: Holding,
+) -> ConsumerBackends {
+    ConsumerBackends {
+        meta: backends.meta.clone(),
+        store: backends.offline.clone(),
+        sessions: backends.sessions.clone(),
+        held,
+        holding,
+    }
 }
 
 /// `run_consumer` on the messages topic of the default bus names, as a
